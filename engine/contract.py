@@ -1,0 +1,192 @@
+"""The model folder contract shared by the exporter, the engine and the tests.
+
+An exported folder describes itself: `manifest.json` holds the model dimensions, the dtype,
+every graph input/output with its named dims, special token ids and where the weights came
+from. The engine reads only this file and never branches on model names.
+
+Graph inputs and outputs (one graph serves prefill and decode; past_seq may be 0):
+
+    input_ids        int64   (batch, seq)
+    position_ids     int64   (batch, seq)            caller-provided, so left padding works
+    attention_mask   int64   (batch, total_seq)      1 = attend, 0 = padding; total_seq = past_seq + seq
+    logits_to_keep   int64   ()                      1 <= n <= seq: logits for the last n positions
+    past_key_{i}     float   (batch, n_head, past_seq, head_dim)    for each layer i
+    past_value_{i}   float   (batch, n_head, past_seq, head_dim)
+  ->
+    logits           float   (batch, kept, vocab)    kept = logits_to_keep
+    present_key_{i}  float   (batch, n_head, total_seq, head_dim)
+    present_value_{i} float  (batch, n_head, total_seq, head_dim)
+
+"float" is the manifest's dtype (float32 or float16); logits are always float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+DTYPES = ("fp32", "fp16")
+ONNX_ELEM_TYPE = {"fp32": "float32", "fp16": "float16"}
+
+
+class UserError(Exception):
+    """Bad input from the user: the CLI prints the message as one line, without a traceback."""
+
+
+class ModelFolderError(UserError, ValueError):
+    """A model folder is missing, incomplete or of an unknown version."""
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2 dimensions and the few architecture switches GPT-2 checkpoints use."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_positions: int = 1024
+    vocab_size: int = 50257
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd, as in GPT-2
+    layer_norm_epsilon: float = 1e-5
+    activation: str = "gelu_tanh"  # "gelu_tanh" (GPT-2's gelu_new) or "gelu" (erf)
+    scale_attn_by_inverse_layer_idx: bool = False
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count with the tied wte / lm_head weight counted once."""
+        C, F = self.n_embd, self.mlp_dim
+        per_layer = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * F + F) + (F * C + C)
+        return self.vocab_size * C + self.n_positions * C + self.n_layer * per_layer + 2 * C
+
+
+def past_names(n_layer: int) -> list[str]:
+    """Graph input names of the KV cache, key then value for each layer."""
+    return [f"past_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
+
+
+def present_names(n_layer: int) -> list[str]:
+    """Graph output names of the KV cache, in the same order as `past_names`."""
+    return [f"present_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
+
+
+def input_names(n_layer: int) -> list[str]:
+    return ["input_ids", "position_ids", "attention_mask", "logits_to_keep", *past_names(n_layer)]
+
+
+def output_names(n_layer: int) -> list[str]:
+    return ["logits", *present_names(n_layer)]
+
+
+def io_spec(config: GPT2Config, dtype: str) -> dict[str, dict[str, dict]]:
+    """Every graph input/output with its element type and named dims (the manifest's `io`)."""
+    kv = ONNX_ELEM_TYPE[dtype]
+    nh, hd = config.n_head, config.head_dim
+    inputs = {
+        "input_ids": {"dtype": "int64", "dims": ["batch", "seq"]},
+        "position_ids": {"dtype": "int64", "dims": ["batch", "seq"]},
+        "attention_mask": {"dtype": "int64", "dims": ["batch", "total_seq"]},
+        "logits_to_keep": {"dtype": "int64", "dims": []},
+    }
+    for name in past_names(config.n_layer):
+        inputs[name] = {"dtype": kv, "dims": ["batch", nh, "past_seq", hd]}
+    outputs = {"logits": {"dtype": "float32", "dims": ["batch", "kept", config.vocab_size]}}
+    for name in present_names(config.n_layer):
+        outputs[name] = {"dtype": kv, "dims": ["batch", nh, "total_seq", hd]}
+    return {"inputs": inputs, "outputs": outputs}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the weights came from."""
+
+    checkpoint: str  # a folder path, a hub id, or "random-init:<size>"
+    weights_sha256: str | None  # sha256 of the weights file(s); None for random init
+    random_init: bool = False
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    config: GPT2Config
+    dtype: str
+    source: Source
+    opset: int
+    exporter_version: str
+    io: dict = field(default_factory=dict)
+    model_file: str = MODEL_FILE
+    external_data: str | None = None
+    tokenizer_file: str = TOKENIZER_FILE
+    check: dict | None = None  # the export-time comparison with PyTorch
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ModelFolderError(
+                f"manifest schema_version {version!r} is not supported (this gpt2-onnx reads "
+                f"version {SCHEMA_VERSION}); re-export the model with this version of gpt2-onnx"
+            )
+        try:
+            return cls(
+                **{
+                    **data,
+                    "config": GPT2Config(**data["config"]),
+                    "source": Source(**data["source"]),
+                }
+            )
+        except (KeyError, TypeError) as e:
+            raise ModelFolderError(f"manifest is malformed ({e}); re-export the model") from e
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """Read and validate `manifest.json`. Raises ModelFolderError with the fix in its message."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(
+            f"model folder {str(folder)!r} does not exist; export one with "
+            f"`gpt2-onnx export --model gpt2 --output {folder}`"
+        )
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise ModelFolderError(
+            f"{str(folder)!r} has no {MANIFEST_FILE}, so it is not a gpt2-onnx model folder; "
+            "export one with `gpt2-onnx export --model SRC --output DIR`"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{path} is not valid JSON ({e}); re-export the model") from e
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path} is not a JSON object; re-export the model")
+    manifest = Manifest.from_dict(data)
+    if manifest.dtype not in DTYPES:
+        raise ModelFolderError(f"{path}: unknown dtype {manifest.dtype!r}; expected one of {DTYPES}")
+    for name in (manifest.model_file, manifest.external_data, manifest.tokenizer_file):
+        if name and not (folder / name).is_file():
+            raise ModelFolderError(f"{folder / name} is missing; the folder is incomplete, re-export it")
+    return manifest

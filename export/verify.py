@@ -1,0 +1,116 @@
+"""The export-time check: run the ONNX model under onnxruntime (CPU) against the PyTorch module.
+
+Shapes cover an empty past, a past > 0, batch > 1 with left padding, full-sequence logits and
+last-position logits. The export fails when logits or presents leave the dtype's tolerance, or
+when the top-1 token disagrees where the reference is not a near-tie.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gpt2onnx.engine.contract import GPT2Config, UserError, input_names
+
+from .model import GPT2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """|Δ| allowed is atol + rtol * max|reference| (per output tensor)."""
+
+    atol: float
+    rtol: float
+
+
+# The one tolerance table. fp16 is compared against the fp32 reference, so it measures fp16's real error.
+TOLERANCES = {"fp32": Tolerance(atol=1e-4, rtol=1e-4), "fp16": Tolerance(atol=1e-2, rtol=1e-2)}
+
+# (batch, seq, past_len, logits_to_keep or None for all, left padding of the last rows)
+CHECK_SHAPES = [(1, 1, 0, None, 0), (1, 7, 0, 1, 0), (3, 5, 0, None, 3), (2, 1, 6, 1, 2), (2, 4, 3, None, 4)]
+
+
+class ExportCheckError(UserError, RuntimeError):
+    """The exported graph does not agree with the PyTorch module."""
+
+
+@dataclass
+class CheckReport:
+    max_abs_logits: float
+    max_abs_present: float
+    top1_agreement: float  # fraction of positions whose argmax matches
+    positions: int
+
+    def __str__(self) -> str:
+        return (
+            f"max |Δ logits| {self.max_abs_logits:.3g}, max |Δ present| {self.max_abs_present:.3g}, "
+            f"top-1 agreement {self.top1_agreement:.2%} over {self.positions} positions"
+        )
+
+
+def random_inputs(config: GPT2Config, batch: int, seq: int, past_len: int, keep: int | None, pad: int, gen: np.random.Generator, np_dtype) -> dict[str, np.ndarray]:
+    """Inputs in the graph contract's names; the last rows of the batch are left-padded by up to `pad`."""
+    total = past_len + seq
+    mask = np.ones((batch, total), dtype=np.int64)
+    for row in range(1, batch):
+        mask[row, : min(pad, total - 1) * row // max(batch - 1, 1)] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, past_len:]
+    feeds = {
+        "input_ids": gen.integers(0, config.vocab_size, (batch, seq), dtype=np.int64),
+        "position_ids": positions.astype(np.int64),
+        "attention_mask": mask,
+        "logits_to_keep": np.array(keep or seq, dtype=np.int64),
+    }
+    for name in input_names(config.n_layer)[4:]:
+        feeds[name] = gen.standard_normal((batch, config.n_head, past_len, config.head_dim)).astype(np_dtype)
+    return feeds
+
+
+def check_export(session, reference: GPT2, dtype: str, seed: int = 0) -> CheckReport:
+    """Compare `session` (onnxruntime) with the fp32 `reference` module; raise ExportCheckError on a miss."""
+    config, tol = reference.config, TOLERANCES[dtype]
+    gen = np.random.default_rng(seed)
+    np_dtype = np.float16 if dtype == "fp16" else np.float32
+    worst_logits = worst_present = 0.0
+    agree = total = 0
+    for i, shape in enumerate(CHECK_SHAPES):
+        log.info("checking against PyTorch: shape %d/%d (batch, seq, past, keep, pad) = %s", i + 1, len(CHECK_SHAPES), shape)
+        feeds = random_inputs(config, *shape, gen=gen, np_dtype=np_dtype)
+        got = session.run(None, feeds)
+        with torch.no_grad():
+            want = [t.numpy() for t in reference(*(torch.from_numpy(v).float() if v.dtype == np_dtype else torch.from_numpy(v) for v in feeds.values()))]
+        for j, (g, w) in enumerate(zip(got, want)):
+            g = g.astype(np.float32)
+            diff = np.abs(g - w)
+            limit = tol.atol + tol.rtol * float(np.abs(w).max(initial=0.0))
+            if not np.isfinite(g).all():
+                raise ExportCheckError(f"output {j} has non-finite values at shape {shape}")
+            if diff.max(initial=0.0) > limit:
+                where = np.unravel_index(diff.argmax(), diff.shape)
+                raise ExportCheckError(
+                    f"{'logits' if j == 0 else f'present {j - 1}'} differ from PyTorch by {diff.max():.3g} "
+                    f"(limit {limit:.3g}) at index {tuple(int(x) for x in where)}, shape {shape}"
+                )
+            if j == 0:
+                worst_logits = max(worst_logits, float(diff.max(initial=0.0)))
+                agree_here, n = _top1(g, w, limit)
+                agree, total = agree + agree_here, total + n
+            else:
+                worst_present = max(worst_present, float(diff.max(initial=0.0)))
+    return CheckReport(worst_logits, worst_present, agree / total, total)
+
+
+def _top1(got: np.ndarray, want: np.ndarray, limit: float) -> tuple[int, int]:
+    """Count argmax agreement; a disagreement is an error unless the reference is a near-tie there."""
+    g_top, w_top = got.argmax(-1), want.argmax(-1)
+    agree = g_top == w_top
+    for idx in zip(*np.nonzero(~agree)):
+        margin = want[idx][w_top[idx]] - want[idx][g_top[idx]]
+        if margin > 2 * limit:
+            raise ExportCheckError(f"top-1 token differs at position {tuple(int(i) for i in idx)} with reference margin {margin:.3g}")
+    return int(agree.sum()), agree.size
