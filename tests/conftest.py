@@ -1,0 +1,140 @@
+"""Shared fixtures: a tokenizer, tiny random GPT-2 checkpoints saved by transformers, and their exports.
+
+The real GPT-2 tokenizer is used when ../shared/gpt2-tokenizer exists; otherwise a small
+byte-level BPE is trained here, so the suite passes on a machine without ../shared.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TOKENIZER = REPO.parent / "shared" / "gpt2-tokenizer"
+TINY = dict(n_layer=2, n_head=4, n_embd=32, n_positions=128)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline():
+    """No test may reach the network; hub lookups then fail fast instead of timing out."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+
+
+def _train_small_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["The quick brown fox jumps over the lazy dog. Hello world, héllo wörld 日本語 🙂"] * 50
+    tokenizer.train_from_iterator(text, trainer)
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    if (SHARED_TOKENIZER / "tokenizer.json").is_file():
+        return SHARED_TOKENIZER
+    folder = tmp_path_factory.mktemp("tokenizer")
+    _train_small_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vocab(tokenizer_dir) -> tuple[int, int]:
+    """(vocab size, id of <|endoftext|>) of the tokenizer in use."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    return tok.get_vocab_size(), tok.token_to_id("<|endoftext|>")
+
+
+def make_hf_model(vocab, seed: int = 0, **dims):
+    """A GPT2LMHeadModel with seeded random weights, LayerNorm gains and biases included."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    size, eot = vocab
+    config = GPT2Config(vocab_size=size, bos_token_id=eot, eos_token_id=eot, **{**TINY, **dims})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)  # non-trivial, so a swapped gain or bias shows
+    return model
+
+
+def save_hf_folder(model, folder: Path, tokenizer_dir: Path | None, bin_format: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if bin_format:
+        model.config.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    else:
+        model.save_pretrained(folder)
+    if tokenizer_dir is not None:
+        shutil.copyfile(tokenizer_dir / "tokenizer.json", folder / "tokenizer.json")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_model(vocab):
+    return make_hf_model(vocab)
+
+
+@pytest.fixture(scope="session")
+def hf_folder(hf_model, tokenizer_dir, tmp_path_factory) -> Path:
+    return save_hf_folder(hf_model, tmp_path_factory.mktemp("hf") / "tiny", tokenizer_dir)
+
+
+def export_folder(src: Path | str | None, out: Path, **kw) -> Path:
+    from gpt2onnx.export.exporter import ExportConfig, export
+
+    export(ExportConfig(output=out, model=str(src) if src else None, **kw))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(hf_folder, tmp_path_factory) -> Path:
+    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16(hf_folder, tmp_path_factory) -> Path:
+    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-fp16", dtype="fp16")
+
+
+def hf_forward(model, ids, mask, positions, cache=None):
+    """One GPT2LMHeadModel call; returns (logits, cache). transformers renamed past_key_values to cache."""
+    kwargs = dict(attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(positions), use_cache=True)
+    if cache is not None:
+        kwargs["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = cache
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids), **kwargs)
+    return out.logits.numpy(), out.past_key_values
+
+
+def hf_cache_arrays(cache) -> list[np.ndarray]:
+    """key_0, value_0, key_1, ... as numpy, in the graph contract's order."""
+    return [t.numpy() for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def left_padded(lengths: list[int], gen: np.random.Generator, vocab_size: int):
+    """Random token rows of the given lengths, left-padded: (ids, mask, positions)."""
+    width = max(lengths)
+    ids = gen.integers(0, vocab_size, (len(lengths), width), dtype=np.int64)
+    mask = np.zeros((len(lengths), width), dtype=np.int64)
+    for row, n in enumerate(lengths):
+        mask[row, width - n :] = 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return ids, mask, positions
