@@ -1,0 +1,113 @@
+"""The decode loop: left-padded prefill of a batch of prompts, then one token per step.
+
+Rows finish one by one (EOS, a stop string, max_new_tokens); a finished row keeps its slot
+in the batch, so the cache never needs compacting, but nothing it produces is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .sampling import SamplingConfig, next_tokens
+from .session import ModelSession
+from .tokenizer import StreamDecoder
+
+
+@dataclass
+class Timing:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    new_tokens: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        total = self.prefill_s + self.decode_s
+        return {
+            "prefill_ms": 1e3 * self.prefill_s,
+            "decode_ms_per_token": 1e3 * self.decode_s / self.decode_steps if self.decode_steps else 0.0,
+            "tokens_per_s": self.new_tokens / total if total else 0.0,
+        }
+
+
+@dataclass
+class Row:
+    """One prompt's progress. `emit` holds back text that might be the start of a stop string."""
+
+    prompt_ids: list[int]
+    decoder: StreamDecoder
+    stop: tuple[str, ...]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already handed out
+    finish_reason: str | None = None
+
+    def push(self, token: int, eos_id: int, max_new_tokens: int) -> str:
+        """Add a token; return the text that is now final."""
+        self.token_ids.append(token)
+        if token == eos_id:
+            self.finish_reason = "eos"
+        else:
+            self.text += self.decoder.push(token)
+            for s in self.stop:
+                if (at := self.text.find(s, max(0, self.emitted - len(s)))) >= 0:
+                    self.text, self.finish_reason = self.text[:at], "stop"
+        if self.finish_reason is None and len(self.token_ids) >= max_new_tokens:
+            self.finish_reason = "length"
+        final = len(self.text) if self.finish_reason else len(self.text) - self._held()
+        piece, self.emitted = self.text[self.emitted : final], max(self.emitted, final)
+        return piece
+
+    def _held(self) -> int:
+        """Length of the longest tail of text that is a proper prefix of a stop string."""
+        return max((n for s in self.stop for n in range(min(len(s) - 1, len(self.text)), 0, -1) if s.startswith(self.text[-n:])), default=0)
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, mask, positions), each (batch, longest); padding is on the left, positions count real tokens."""
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :], mask[r, width - len(p) :] = p, 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return ids, mask, positions
+
+
+def decode_batch(session: ModelSession, rows: list[Row], max_new_tokens: int, sampling: SamplingConfig, rng: np.random.Generator, eos_id: int, timing: Timing) -> Iterator[tuple[int, str]]:
+    """Yield (row index, text piece) as tokens are produced; closing the generator stops the work."""
+    ids, mask, positions = left_pad([r.prompt_ids for r in rows])
+    B, width = ids.shape
+    session.start(B, width + max_new_tokens)
+    full_mask = np.ones((B, width + max_new_tokens), dtype=np.int64)
+    full_mask[:, :width] = mask
+    seen = counts = None
+    if sampling.uses_history:
+        seen = np.zeros((B, session.vocab_size), dtype=bool)
+        counts = np.zeros((B, session.vocab_size), dtype=np.int32)
+        for r, row in enumerate(rows):
+            seen[r, row.prompt_ids] = True
+
+    t0 = time.perf_counter()
+    logits = session.step(ids, positions, mask)  # prefill
+    timing.prefill_s += time.perf_counter() - t0
+    position = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        tokens = next_tokens(logits, sampling, rng, seen, counts)
+        for r, row in enumerate(rows):
+            if row.finish_reason is None:
+                timing.new_tokens += 1
+                if seen is not None:
+                    seen[r, tokens[r]], counts[r, tokens[r]] = True, counts[r, tokens[r]] + 1
+                if piece := row.push(int(tokens[r]), eos_id, max_new_tokens):
+                    yield r, piece
+        if all(row.finish_reason for row in rows):
+            break
+        t0 = time.perf_counter()
+        logits = session.step(tokens[:, None], position, full_mask[:, : width + step + 1])
+        timing.decode_s += time.perf_counter() - t0
+        timing.decode_steps += 1
+        position += 1
