@@ -7,10 +7,16 @@ exit; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import logging
 import sys
+from pathlib import Path
 
-from .contract import UserError
+from .contract import MANIFEST_FILE, UserError
+
+log = logging.getLogger("gpt2onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,16 +25,127 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2-onnx", description="Export and run GPT-2 models on ONNX Runtime.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("--verbose", action="store_true", help="log progress of every command (export logs it by default)")
     sub = parser.add_subparsers(dest="command", required=True)
     export_cli.add_parser(sub)
+    add_generate_parser(sub)
     return parser
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text with an exported model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a model folder, or anything `export --model` takes (exported into --models-dir on first use)")
+    src.add_argument("--random-init", metavar="SIZE", help="a random-weight model of SIZE (exported into --models-dir on first use); its text is meaningless")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per prompt")
+    p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy); default greedy unless a sampling flag is given, then 1.0")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers-style penalty on prompt and generated tokens (1 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style presence penalty on generated tokens")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style frequency penalty on generated tokens")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS", help="add BIAS to token ID's logit; repeatable")
+    p.add_argument("--seed", type=int, help="sampling seed (same seed, same output); also the seed of --random-init weights")
+    p.add_argument("--stop", action="append", default=[], help="stop a row when its text contains this string (not included); repeatable")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend <|endoftext|> to prompts")
+    p.add_argument("--truncate", choices=["left"], help="drop a too-long prompt's oldest tokens instead of failing")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="execution provider")
+    p.add_argument("--max-batch", type=int, default=8, help="prompts run together; more are run in turns")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object with completions and timing")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="dtype when exporting on first use")
+    p.add_argument("--tokenizer", help="tokenizer folder when exporting on first use")
+    p.add_argument("--models-dir", default="models", help="where models exported on first use are kept")
+    p.set_defaults(run=run_generate)
+
+
+def resolve_model(args: argparse.Namespace) -> Path:
+    """A model folder as given, or the export of --model / --random-init in --models-dir (made once)."""
+    if args.model and (Path(args.model) / MANIFEST_FILE).is_file():
+        return Path(args.model)
+    if args.random_init:
+        name = f"random-{args.random_init}-seed{args.seed or 0}"
+    elif Path(args.model).exists():
+        path = Path(args.model).resolve()
+        name = f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    else:
+        name = args.model.replace("/", "--")
+    folder = Path(args.models_dir) / f"{name}-{args.dtype}"
+    if (folder / MANIFEST_FILE).is_file():
+        log.info("using %s (exported earlier)", folder)
+        return folder
+    from gpt2onnx.export.exporter import ExportConfig, export
+
+    log.info("exporting %s into %s (once)", args.model or f"random-init {args.random_init}", folder)
+    tokenizer = Path(args.tokenizer) if args.tokenizer else None
+    export(ExportConfig(output=folder, model=args.model, random_init=args.random_init, seed=args.seed or 0, dtype=args.dtype, tokenizer=tokenizer))
+    return folder
+
+
+def parse_logit_bias(items: list[str]) -> dict[int, float]:
+    bias = {}
+    for item in items:
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise ValueError(f"--logit-bias {item!r} is not ID=BIAS, e.g. --logit-bias 50256=-100") from None
+    return bias
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .sampling import SamplingConfig
+
+    sampling = dict(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, logit_bias=parse_logit_bias(args.logit_bias), seed=args.seed,
+    )  # fmt: skip
+    SamplingConfig(**sampling)  # bad settings fail before anything is loaded
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.no_bos and not all(args.prompt):
+        raise ValueError("an empty prompt needs the BOS token to generate from; drop --no-bos or pass some text")
+    engine = Engine.load(resolve_model(args), provider=args.provider, max_batch=args.max_batch)
+    options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, prepend_bos=not args.no_bos, truncate=args.truncate, **sampling)
+    if args.stream and not args.json:
+        for prompt in args.prompt:
+            print(prompt, end="", flush=True)
+            for piece in engine.stream(prompt, **options):
+                print(piece, end="", flush=True)
+            print()
+        return 0
+    result = engine.generate(args.prompt, **options)
+    source = engine.manifest.source
+    if args.json:
+        out = {
+            "model": source.checkpoint,
+            "model_folder": str(engine.folder),
+            "random_init": source.random_init,
+            "provider": engine.provider,
+            "completions": [dataclasses.asdict(c) for c in result.completions],
+            "timing": result.timing,
+        }
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        for c in result.completions:
+            print(c.prompt + c.text)
+        t = result.timing
+        log.info("prefill %.1f ms, decode %.2f ms/token, %.1f tokens/s", t["prefill_ms"], t["decode_ms_per_token"], t["tokens_per_s"])
+    if source.random_init and not args.json:
+        print(f"gpt2-onnx: note: {source.checkpoint} has RANDOM weights (seed {source.seed}); the text above is meaningless", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="gpt2-onnx: %(message)s", stream=sys.stderr)
+    chatty = args.command == "export" or args.verbose
+    level = logging.DEBUG if args.debug else logging.INFO if chatty and not args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="gpt2-onnx: %(message)s", stream=sys.stderr, force=True)
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -63,7 +63,7 @@ class Engine:
         self.session = ModelSession(self.folder, self.manifest, config)
         self._lock = threading.Lock()
         if self.manifest.source.random_init:
-            log.warning("%s holds RANDOM weights (%s, seed %s): its text is meaningless", self.folder, self.manifest.source.checkpoint, self.manifest.source.seed)
+            log.info("%s holds RANDOM weights (%s, seed %s): its text is meaningless", self.folder, self.manifest.source.checkpoint, self.manifest.source.seed)
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", max_batch: int = 8, max_seq: int | None = None, threads: int | None = None) -> "Engine":

@@ -155,6 +155,8 @@ class ModelSession:
             np.copyto(view, arr)
             io.bind_input(name, "cpu", 0, np.int64, arr.shape, view.ctypes.data)
         io.bind_input("logits_to_keep", "cpu", 0, np.int64, (), self._keep.ctypes.data)
+        logits = self._host_logits[: B * self.vocab_size].reshape(B, 1, self.vocab_size)
+        io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         src, dst = self._kv[self._cur], self._kv[1 - self._cur]
         past_shape = (B, self._kv_shape_tail[0], self.past_len, self._kv_shape_tail[1])
         present_shape = (B, self._kv_shape_tail[0], total, self._kv_shape_tail[1])
@@ -162,8 +164,6 @@ class ModelSession:
             io.bind_input(name, self.device, 0, self.kv_dtype, past_shape, value.data_ptr())
         for name, value in zip(self._present, dst):
             io.bind_output(name, self.device, 0, self.kv_dtype, present_shape, value.data_ptr())
-        logits = self._host_logits[: B * self.vocab_size].reshape(B, 1, self.vocab_size)
-        io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self.session.run_with_iobinding(io)
         self._cur, self.past_len = 1 - self._cur, total
         return logits[:, 0, :]

@@ -69,7 +69,7 @@ def load_checkpoint(model: str) -> Checkpoint:
         raise CheckpointError(f"{model!r} is a file; pass the folder that holds config.json and the weights")
     config = read_hf_config(folder)
     weights = _weight_files(folder)
-    log.info("reading weights from %s", ", ".join(str(w) for w in weights))
+    log.debug("reading weights from %s", ", ".join(str(w) for w in weights))
     hf_state = _read_weights(weights)
     state = convert_hf_state_dict(hf_state, config)
     source = Source(checkpoint=label, weights_sha256=_sha256(weights))

@@ -1,0 +1,235 @@
+"""The engine against transformers' generate, its cache handling, and its API contract."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2onnx.engine.contract import ModelFolderError
+from gpt2onnx.engine.engine import Engine, EngineBusyError
+from gpt2onnx.engine.session import ProviderError, cuda_device_count
+
+PROMPTS = ["Hello", "The quick brown fox jumps over", "a", "Once upon a time, in a land far away, there lived"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_fp32):
+    return Engine.load(tiny_fp32, provider="cpu", max_batch=4)
+
+
+def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
+    """transformers' own greedy generate on one unpadded prompt: the reference."""
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n, do_sample=False, pad_token_id=hf_model.config.eos_token_id)
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("prepend_bos", [True, False])
+def test_greedy_batch_matches_transformers_token_for_token(engine, hf_model, prepend_bos):
+    result = engine.generate(PROMPTS, max_new_tokens=12, prepend_bos=prepend_bos)
+    for prompt, c in zip(PROMPTS, result.completions):
+        assert c.prompt_token_ids == engine.to_tokens(prompt, prepend_bos)
+        want = hf_greedy(hf_model, c.prompt_token_ids, 12)
+        assert c.token_ids == want[: len(c.token_ids)], f"{prompt!r}: {c.token_ids} vs transformers {want}"
+        assert c.finish_reason == "length" and len(c.token_ids) == 12 or c.finish_reason == "eos"
+
+
+def test_every_row_gives_what_it_gives_alone(engine):
+    batch = engine.generate(PROMPTS, max_new_tokens=8).completions
+    for prompt, c in zip(PROMPTS, batch):
+        alone = engine.generate(prompt, max_new_tokens=8).completions[0]
+        assert c.token_ids == alone.token_ids and c.text == alone.text
+
+
+def test_more_prompts_than_max_batch_run_in_turns(tiny_fp32, engine):
+    small = Engine.load(tiny_fp32, provider="cpu", max_batch=2)
+    assert [c.token_ids for c in small.generate(PROMPTS, max_new_tokens=5).completions] == [c.token_ids for c in engine.generate(PROMPTS, max_new_tokens=5).completions]
+
+
+def test_streaming_equals_non_streaming(engine):
+    for prompt in PROMPTS[:2]:
+        pieces = list(engine.stream(prompt, max_new_tokens=15, top_k=20, seed=3))
+        assert "".join(pieces) == engine.generate(prompt, max_new_tokens=15, top_k=20, seed=3).completions[0].text
+
+
+def test_rows_stop_one_by_one(engine, vocab):
+    base = engine.generate(PROMPTS[:2], max_new_tokens=10).completions
+    stop = engine.to_string(base[0].token_ids[3:5])  # text that row 0 produces at its 4th-5th token
+    stopped = engine.generate(PROMPTS[:2], max_new_tokens=10, stop=[stop]).completions
+    assert stopped[0].finish_reason == "stop" and stop not in stopped[0].text
+    assert base[0].text.startswith(stopped[0].text) and len(stopped[0].token_ids) <= 5
+    if stop not in base[1].text:
+        assert stopped[1].token_ids == base[1].token_ids and stopped[1].finish_reason == "length"
+    eos = engine.manifest.config.eos_token_id
+    forced = engine.generate(PROMPTS[:2], max_new_tokens=10, logit_bias={eos: 1e4}).completions
+    assert all(c.token_ids == [eos] and c.text == "" and c.finish_reason == "eos" for c in forced)
+
+
+def test_stop_string_is_not_streamed_before_it_completes(engine):
+    base = engine.generate(PROMPTS[1], max_new_tokens=10).completions[0]
+    stop = base.text[len(base.text) // 2 :][:6]
+    if not stop:
+        pytest.skip("completion too short")
+    pieces = list(engine.stream(PROMPTS[1], max_new_tokens=10, stop=stop))
+    assert stop not in "".join(pieces) and "".join(pieces) == engine.generate(PROMPTS[1], max_new_tokens=10, stop=stop).completions[0].text
+
+
+def test_kv_cache_is_written_in_place_and_never_reallocated(engine):
+    """No cache copies: every step's presents are the preallocated buffers, alternating between two sets."""
+    engine.generate(PROMPTS, max_new_tokens=4)
+    pointers = engine.session.kv_pointers
+    session = engine.session
+    session.start(2, 8)
+    ids, mask, pos = np.array([[1, 2], [3, 4]]), np.ones((2, 2), np.int64), np.array([[0, 1], [0, 1]])
+    for step in range(4):
+        session.step(ids if step == 0 else ids[:, :1], pos if step == 0 else pos[:, :1] + step + 1, np.ones((2, 2 + step), np.int64))
+        outputs = session._io.get_outputs()  # in binding order: logits, then the presents
+        written = [v.data_ptr() for v in outputs[1:]]
+        assert written == pointers[(step + 1) % 2], f"step {step}: presents were not written into the preallocated set"
+        assert outputs[1].shape() == [2, session.manifest.config.n_head, 2 + step, session.manifest.config.head_dim]
+    engine.generate(PROMPTS, max_new_tokens=4)
+    assert engine.session.kv_pointers == pointers, "buffers were reallocated for a call that fits"
+
+
+def test_decode_matches_full_recompute(engine):
+    """The cached decode gives the same next-token logits as recomputing the whole sequence."""
+    c = engine.generate(PROMPTS[1], max_new_tokens=6).completions[0]
+    full = engine.logits(c.prompt_token_ids + c.token_ids[:-1])[0]
+    assert full[len(c.prompt_token_ids) - 1 :].argmax(-1).tolist() == c.token_ids
+
+
+def test_score_matches_transformers(engine, hf_model):
+    text = "The quick brown fox jumps over the lazy dog"
+    s = engine.score(text)
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([s.tokens])).logits[0]
+    want = torch.log_softmax(logits.double(), -1)[:-1].gather(1, torch.tensor(s.tokens[1:])[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(s.logprobs, want, atol=1e-4)
+    assert s.perplexity == pytest.approx(float(np.exp(-want.mean())), rel=1e-4)
+    assert len(s.str_tokens) == len(s.tokens) and engine.logits(s.tokens).shape == (1, len(s.tokens), engine.manifest.config.vocab_size)
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    a = engine.generate(PROMPTS, max_new_tokens=10, temperature=1.5, top_p=0.9, seed=11)
+    b = engine.generate(PROMPTS, max_new_tokens=10, temperature=1.5, top_p=0.9, seed=11)
+    c = engine.generate(PROMPTS, max_new_tokens=10, temperature=1.5, top_p=0.9, seed=12)
+    assert [x.token_ids for x in a.completions] == [x.token_ids for x in b.completions]
+    assert [x.token_ids for x in a.completions] != [x.token_ids for x in c.completions]
+
+
+def test_empty_prompt_with_bos_generates(engine):
+    c = engine.generate("", max_new_tokens=3).completions[0]
+    assert c.prompt_token_ids == [engine.manifest.config.bos_token_id] and len(c.token_ids) == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(prompts="", prepend_bos=False), "prompt is empty"),
+        (dict(prompts="word " * 200, max_new_tokens=10), "past the 128-token context"),
+        (dict(prompts="hi", max_new_tokens=0), "max_new_tokens must be a positive"),
+        (dict(prompts="hi", max_new_tokens=-3), "max_new_tokens must be a positive"),
+        (dict(prompts="hi", max_new_tokens=128), "no room for a prompt"),
+        (dict(prompts="hi", temperature=-1.0), "temperature must be >= 0"),
+        (dict(prompts="hi", top_p=0.0), "top_p must be in"),
+        (dict(prompts="hi", top_p=1.5), "top_p must be in"),
+        (dict(prompts="hi", top_k=-1), "top_k must be >= 0"),
+        (dict(prompts="hi", logit_bias={10**9: 1.0}), "outside the vocabulary"),
+    ],
+)
+def test_bad_generate_arguments(engine, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        engine.generate(**kwargs)
+
+
+def test_truncate_left_keeps_the_newest_tokens(engine):
+    long = "word " * 200
+    c = engine.generate(long, max_new_tokens=10, truncate="left").completions[0]
+    assert len(c.prompt_token_ids) == 128 - 10 and c.prompt_token_ids == engine.to_tokens(long)[-118:]
+
+
+@pytest.mark.parametrize("tokens", [[0, 10**6], [-1, 2], [[1, 2], [3]], []])
+def test_logits_rejects_bad_ids(engine, tokens):
+    with pytest.raises(ValueError):
+        engine.logits(tokens)
+
+
+def test_concurrent_use_is_refused(engine):
+    stream = engine.stream("Hello", max_new_tokens=5)
+    next(stream)  # the stream now holds the engine
+    with pytest.raises(EngineBusyError, match="not thread-safe"):
+        engine.generate("x", max_new_tokens=2)
+    raised = []
+
+    def other_thread():
+        try:
+            engine.logits([1, 2])
+        except EngineBusyError as e:
+            raised.append(e)
+
+    t = threading.Thread(target=other_thread)
+    t.start(), t.join()
+    assert raised, "a second thread was let in while a stream held the engine"
+    stream.close()  # breaking out releases it
+    assert engine.generate("x", max_new_tokens=2).completions[0].token_ids
+
+
+def test_breaking_out_of_a_stream_stops_work(engine):
+    steps_before = engine.session.past_len
+    for i, _ in enumerate(engine.stream("Hello", max_new_tokens=50)):
+        if i == 2:
+            break
+    assert engine.session.past_len < 10, "the loop ran on after the consumer stopped"
+    assert steps_before is not None
+
+
+def test_repeated_calls_do_not_grow_memory(engine):
+    import resource
+
+    for _ in range(5):
+        engine.generate(PROMPTS, max_new_tokens=8)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(40):
+        engine.generate(PROMPTS, max_new_tokens=8)
+        engine.score("The quick brown fox")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 20_000, "peak RSS grew by > 20 MB over 40 calls"
+
+
+def test_missing_and_corrupt_model_folders(tiny_fp32, tmp_path):
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        Engine.load(tmp_path / "nothing")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_fp32, broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(ModelFolderError, match="re-export"):
+        Engine.load(broken, provider="cpu")
+    (broken / "manifest.json").write_text("{")
+    with pytest.raises(ModelFolderError, match="not valid JSON"):
+        Engine.load(broken, provider="cpu")
+
+
+def test_tokenizer_that_does_not_match_the_model(tiny_fp32, tmp_path):
+    folder = tmp_path / "mismatch"
+    shutil.copytree(tiny_fp32, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["config"]["vocab_size"] = 50
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFolderError, match="tokenizer has .* tokens but the model only 50"):
+        Engine.load(folder, provider="cpu")
+
+
+@pytest.mark.skipif(cuda_device_count() > 0, reason="this machine has a GPU")
+def test_explicit_cuda_without_a_gpu_is_a_clear_error(tiny_fp32):
+    with pytest.raises(ProviderError, match="no NVIDIA GPU"):
+        Engine.load(tiny_fp32, provider="cuda")
+
+
+def test_auto_provider_is_quiet_on_a_cpu_machine(tiny_fp32, capfd):
+    engine = Engine.load(tiny_fp32, provider="auto")
+    assert engine.provider == ("cuda" if cuda_device_count() else "cpu")
+    assert "CUDAExecutionProvider" not in capfd.readouterr().err

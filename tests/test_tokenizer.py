@@ -1,0 +1,70 @@
+"""Tokenization, the walkthrough's golden tokens, and streaming detokenization of multi-byte text."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_TOKENIZER
+from gpt2onnx.engine.tokenizer import Tokenizer
+
+REFERENCE_TEXT = "I am an amazing autoregressive, decoder-only, GPT-2 style transformer. One day I will exceed human level intelligence and take over the world!"
+REFERENCE_TOKENS = [int(t) for t in "50256 40 716 281 4998 1960 382 19741 11 875 12342 12 8807 11 402 11571 12 17 3918 47385 13 1881 1110 314 481 7074 1692 1241 4430 290 1011 625 262 995 0".split()]
+REFERENCE_CONTINUATION = [314, 716, 257, 845, 12356, 290, 12356, 1048, 11, 290]
+REAL_MODEL_ENV = "GPT2_ONNX_REAL_GPT2"  # a folder with the real GPT-2 weights (HF checkpoint or exported)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir, vocab):
+    return Tokenizer(tokenizer_dir / "tokenizer.json", vocab[1], vocab[1])
+
+
+@pytest.mark.skipif(not (SHARED_TOKENIZER / "tokenizer.json").is_file(), reason="needs the real GPT-2 tokenizer at ../shared/gpt2-tokenizer")
+def test_walkthrough_reference_text_tokenizes_to_golden_ids():
+    tok = Tokenizer(SHARED_TOKENIZER / "tokenizer.json", 50256, 50256)
+    assert tok.to_tokens(REFERENCE_TEXT) == REFERENCE_TOKENS
+    assert tok.to_tokens(REFERENCE_TEXT, prepend_bos=False) == REFERENCE_TOKENS[1:]
+    assert tok.to_string(REFERENCE_TOKENS) == "<|endoftext|>" + REFERENCE_TEXT
+    assert tok.to_str_tokens(REFERENCE_TEXT)[:4] == ["<|endoftext|>", "I", " am", " an"]
+
+
+def test_walkthrough_greedy_continuation_with_real_weights(tmp_path):
+    folder = os.environ.get(REAL_MODEL_ENV)
+    if not folder:
+        pytest.skip(f"set {REAL_MODEL_ENV} to a folder with the real GPT-2 weights (none exist on this machine)")
+    from gpt2onnx.engine.contract import MANIFEST_FILE
+    from gpt2onnx.engine.engine import Engine
+
+    if not (Path(folder) / MANIFEST_FILE).is_file():
+        from conftest import export_folder
+
+        folder = export_folder(folder, tmp_path / "gpt2")
+    engine = Engine.load(folder, provider="cpu")
+    c = engine.generate(REFERENCE_TEXT, max_new_tokens=10).completions[0]
+    assert c.prompt_token_ids == REFERENCE_TOKENS
+    assert c.token_ids == REFERENCE_CONTINUATION and c.text == " I am a very talented and talented person, and"
+
+
+@pytest.mark.parametrize("text", ["héllo wörld", "日本語のテキスト", "emoji 🙂🚀 mixed ✓ text", "naïve café — “quotes”"])
+def test_streaming_never_emits_broken_utf8(tokenizer, text):
+    ids = tokenizer.to_tokens(text, prepend_bos=False)
+    decoder = tokenizer.decode_stream()
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces), pieces
+
+
+def test_a_split_character_waits_for_its_last_byte(tokenizer):
+    ids = tokenizer.to_tokens("🙂", prepend_bos=False)
+    if len(ids) < 2:
+        pytest.skip("this tokenizer keeps the emoji in one token")
+    decoder = tokenizer.decode_stream()
+    assert [decoder.push(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
+    assert decoder.push(ids[-1]) == "🙂"
+
+
+def test_eos_is_not_part_of_streamed_text(tokenizer, vocab):
+    decoder = tokenizer.decode_stream()
+    assert decoder.push(vocab[1]) == ""
