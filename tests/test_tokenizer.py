@@ -68,3 +68,12 @@ def test_a_split_character_waits_for_its_last_byte(tokenizer):
 def test_eos_is_not_part_of_streamed_text(tokenizer, vocab):
     decoder = tokenizer.decode_stream()
     assert decoder.push(vocab[1]) == ""
+
+
+def test_walkthrough_example_runs(tiny_fp32):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "examples" / "walkthrough.py"), "--model", str(tiny_fp32)], capture_output=True, text=True, check=True)
+    assert "logits shape: (1, " in proc.stdout and "continuation ids:" in proc.stdout
