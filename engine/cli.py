@@ -23,17 +23,23 @@ def build_parser() -> argparse.ArgumentParser:
     from gpt2onnx.export import cli as export_cli
 
     parser = argparse.ArgumentParser(prog="gpt2-onnx", description="Export and run GPT-2 models on ONNX Runtime.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
-    parser.add_argument("--verbose", action="store_true", help="log progress of every command (export logs it by default)")
+    add_log_flags(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
-    export_cli.add_parser(sub)
-    add_generate_parser(sub)
+    common = argparse.ArgumentParser(add_help=False)
+    add_log_flags(common, argparse.SUPPRESS)  # also accepted after the subcommand, without clobbering
+    export_cli.add_parser(sub, parents=[common])
+    add_generate_parser(sub, parents=[common])
     return parser
 
 
-def add_generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text with an exported model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_log_flags(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logs")
+    parser.add_argument("--quiet", action="store_true", default=default, help="log warnings and errors only")
+    parser.add_argument("--verbose", action="store_true", default=default, help="log progress of every command (export logs it by default)")
+
+
+def add_generate_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("generate", parents=parents, help="generate text with an exported model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a model folder, or anything `export --model` takes (exported into --models-dir on first use)")
     src.add_argument("--random-init", metavar="SIZE", help="a random-weight model of SIZE (exported into --models-dir on first use); its text is meaningless")

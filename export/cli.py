@@ -8,8 +8,8 @@ from pathlib import Path
 from gpt2onnx.engine.contract import DTYPES
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a GPT-2 checkpoint to an ONNX model folder", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("export", parents=parents, help="export a GPT-2 checkpoint to an ONNX model folder", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) or a hub id: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2")
     src.add_argument("--random-init", metavar="SIZE", help="the real shape of SIZE (gpt2/124m, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) with seeded random weights, for benchmarks and offline runs")
