@@ -20,6 +20,7 @@ log = logging.getLogger("gpt2onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gpt2onnx.benchmarks import cli as bench_cli
     from gpt2onnx.export import cli as export_cli
 
     parser = argparse.ArgumentParser(prog="gpt2-onnx", description="Export and run GPT-2 models on ONNX Runtime.")
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_flags(common, argparse.SUPPRESS)  # also accepted after the subcommand, without clobbering
     export_cli.add_parser(sub, parents=[common])
     add_generate_parser(sub, parents=[common])
+    bench_cli.add_parser(sub, parents=[common])
     return parser
 
 
@@ -67,26 +69,25 @@ def add_generate_parser(sub: argparse._SubParsersAction, parents: list[argparse.
     p.set_defaults(run=run_generate)
 
 
-def resolve_model(args: argparse.Namespace) -> Path:
-    """A model folder as given, or the export of --model / --random-init in --models-dir (made once)."""
-    if args.model and (Path(args.model) / MANIFEST_FILE).is_file():
-        return Path(args.model)
-    if args.random_init:
-        name = f"random-{args.random_init}-seed{args.seed or 0}"
-    elif Path(args.model).exists():
-        path = Path(args.model).resolve()
+def resolve_model(model: str | None, random_init: str | None = None, seed: int = 0, dtype: str = "fp32", tokenizer: str | None = None, models_dir: str = "models") -> Path:
+    """A model folder as given, or the export of `model` / `random_init` in models_dir (made once, reused after)."""
+    if model and (Path(model) / MANIFEST_FILE).is_file():
+        return Path(model)
+    if random_init:
+        name = f"random-{random_init}-seed{seed}"
+    elif Path(model).exists():
+        path = Path(model).resolve()
         name = f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
     else:
-        name = args.model.replace("/", "--")
-    folder = Path(args.models_dir) / f"{name}-{args.dtype}"
+        name = model.replace("/", "--")
+    folder = Path(models_dir) / f"{name}-{dtype}"
     if (folder / MANIFEST_FILE).is_file():
         log.info("using %s (exported earlier)", folder)
         return folder
     from gpt2onnx.export.exporter import ExportConfig, export
 
-    log.info("exporting %s into %s (once)", args.model or f"random-init {args.random_init}", folder)
-    tokenizer = Path(args.tokenizer) if args.tokenizer else None
-    export(ExportConfig(output=folder, model=args.model, random_init=args.random_init, seed=args.seed or 0, dtype=args.dtype, tokenizer=tokenizer))
+    log.info("exporting %s into %s (once)", model or f"random-init {random_init}", folder)
+    export(ExportConfig(output=folder, model=model, random_init=random_init, seed=seed, dtype=dtype, tokenizer=Path(tokenizer) if tokenizer else None))
     return folder
 
 
@@ -115,7 +116,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.no_bos and not all(args.prompt):
         raise ValueError("an empty prompt needs the BOS token to generate from; drop --no-bos or pass some text")
-    engine = Engine.load(resolve_model(args), provider=args.provider, max_batch=args.max_batch)
+    folder = resolve_model(args.model, args.random_init, args.seed or 0, args.dtype, args.tokenizer, args.models_dir)
+    engine = Engine.load(folder, provider=args.provider, max_batch=args.max_batch)
     options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, prepend_bos=not args.no_bos, truncate=args.truncate, **sampling)
     if args.stream and not args.json:
         for prompt in args.prompt:
@@ -149,7 +151,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    chatty = args.command == "export" or args.verbose
+    chatty = args.command in ("export", "bench") or args.verbose
     level = logging.DEBUG if args.debug else logging.INFO if chatty and not args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="gpt2-onnx: %(message)s", stream=sys.stderr, force=True)
     try:

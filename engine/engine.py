@@ -41,7 +41,8 @@ class Completion:
 @dataclass
 class Generation:
     completions: list[Completion]
-    timing: dict[str, float] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)  # prefill_ms, decode_ms_per_token, tokens_per_s
+    details: Timing | None = None  # per-step times, for benchmarks
 
 
 @dataclass
@@ -89,30 +90,31 @@ class Engine:
         return self.tokenizer.to_string(list(ids))
 
     # -- generation ------------------------------------------------------------------------
-    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 32, *, stop: str | Sequence[str] = (), prepend_bos: bool = True, truncate: str | None = None, **sampling) -> Generation:
-        """Complete each prompt. Sampling keywords are SamplingConfig's (greedy by default).
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32, *, stop: str | Sequence[str] = (), prepend_bos: bool = True, truncate: str | None = None, ignore_eos: bool = False, **sampling) -> Generation:
+        """Complete each prompt. Sampling keywords are SamplingConfig's (greedy by default);
+        ignore_eos=True always generates max_new_tokens (benchmarks).
 
         Raises ValueError for bad settings, an empty prompt without BOS, or a prompt that does
         not fit the context (unless truncate="left" drops its oldest tokens)."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [prompts] if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))) else list(prompts)
         rows, timing = [], Timing()
-        for i, piece in self._run(prompts, max_new_tokens, stop, prepend_bos, truncate, sampling, rows, timing):
+        for _ in self._run(prompts, max_new_tokens, stop, prepend_bos, truncate, sampling, rows, timing, ignore_eos):
             pass
-        completions = [Completion(p, r.prompt_ids, r.token_ids, r.text, r.finish_reason) for p, r in zip(prompts, rows)]
-        return Generation(completions, timing.as_dict())
+        completions = [Completion(p if isinstance(p, str) else self.to_string(r.prompt_ids), r.prompt_ids, r.token_ids, r.text, r.finish_reason) for p, r in zip(prompts, rows)]
+        return Generation(completions, timing.as_dict(), timing)
 
     def stream(self, prompt: str, max_new_tokens: int = 32, *, stop: str | Sequence[str] = (), prepend_bos: bool = True, truncate: str | None = None, **sampling) -> Iterator[str]:
         """Yield the completion's text piece by piece; breaking out of the loop stops generation."""
         for _, piece in self._run([prompt], max_new_tokens, stop, prepend_bos, truncate, sampling, [], Timing()):
             yield piece
 
-    def _run(self, prompts, max_new_tokens, stop, prepend_bos, truncate, sampling, rows_out, timing) -> Iterator[tuple[int, str]]:
+    def _run(self, prompts, max_new_tokens, stop, prepend_bos, truncate, sampling, rows_out, timing, ignore_eos=False) -> Iterator[tuple[int, str]]:
         cfg = SamplingConfig(**sampling)
         self._check_logit_bias(cfg)
         stop = (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
         prompt_ids = [self._prompt_tokens(p, prepend_bos, max_new_tokens, truncate) for p in prompts]
         rng = np.random.default_rng(cfg.seed)
-        eos = self.manifest.config.eos_token_id
+        eos = -1 if ignore_eos else self.manifest.config.eos_token_id
         with self._exclusive():
             for start in range(0, len(prompts), self.session.max_batch):
                 rows = [Row(ids, self.tokenizer.decode_stream(), stop) for ids in prompt_ids[start : start + self.session.max_batch]]
@@ -120,16 +122,18 @@ class Engine:
                 for r, piece in decode_batch(self.session, rows, max_new_tokens, cfg, rng, eos, timing):
                     yield start + r, piece
 
-    def _prompt_tokens(self, prompt: str, prepend_bos: bool, max_new_tokens: int, truncate: str | None) -> list[int]:
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompts must be strings, got {type(prompt).__name__}")
+    def _prompt_tokens(self, prompt: str | Sequence[int], prepend_bos: bool, max_new_tokens: int, truncate: str | None) -> list[int]:
+        """A prompt's ids: text is tokenized (BOS prepended unless prepend_bos=False), ids are taken as they are."""
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if max_new_tokens >= self.n_positions:
             raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {self.n_positions}-token context")
         if truncate not in (None, "left"):
             raise ValueError(f"truncate must be None or 'left', got {truncate!r}")
-        ids = self.tokenizer.to_tokens(prompt, prepend_bos)
+        if isinstance(prompt, str):
+            ids = self.tokenizer.to_tokens(prompt, prepend_bos)
+        else:
+            ids = self._token_array(prompt)[0].tolist() if len(prompt) else []
         if not ids:
             raise ValueError("the prompt is empty; pass some text, or keep the BOS token (drop --no-bos) to generate from nothing")
         room = self.n_positions - max_new_tokens
@@ -157,6 +161,14 @@ class Engine:
     def logits(self, tokens: Sequence[int] | Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Full-sequence logits, (batch, seq, vocab) float32; a flat list counts as batch 1.
         Raises ValueError for ids outside the vocabulary, ragged rows or sequences past the context."""
+        ids = self._token_array(tokens)
+        if ids.shape[1] > self.n_positions:
+            raise ValueError(f"{ids.shape[1]} tokens exceed the {self.n_positions}-token context")
+        with self._exclusive():
+            return self.session.full_logits(ids)
+
+    def _token_array(self, tokens) -> np.ndarray:
+        """(batch, seq) int64 ids, checked against the vocabulary; a flat list is batch 1."""
         try:
             ids = np.asarray(tokens, dtype=np.int64)
         except (ValueError, TypeError, OverflowError) as e:
@@ -168,10 +180,7 @@ class Engine:
         if ids.min() < 0 or ids.max() >= vocab:
             bad = ids[(ids < 0) | (ids >= vocab)]
             raise ValueError(f"token ids {bad[:5].tolist()} are outside the vocabulary [0, {vocab})")
-        if ids.shape[1] > self.n_positions:
-            raise ValueError(f"{ids.shape[1]} tokens exceed the {self.n_positions}-token context")
-        with self._exclusive():
-            return self.session.full_logits(ids)
+        return ids
 
     def score(self, text: str, prepend_bos: bool = True) -> Score:
         """Per-token log-probs of `text` and its perplexity (over every token after the first)."""

@@ -19,18 +19,31 @@ from .tokenizer import StreamDecoder
 
 @dataclass
 class Timing:
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    decode_steps: int = 0
+    """Wall-clock figures of one call. A decode step spans token to token: sampling, bookkeeping
+    and the graph; `decode_run_s` is the part spent inside onnxruntime."""
+
+    prefill_s: float = 0.0  # the prefill graph run
+    first_token_s: float = 0.0  # prefill + the first token's sampling: time to first token
+    step_s: list[float] = field(default_factory=list)
+    decode_run_s: float = 0.0
     new_tokens: int = 0
 
+    @property
+    def decode_s(self) -> float:
+        return sum(self.step_s)
+
     def as_dict(self) -> dict[str, float]:
-        total = self.prefill_s + self.decode_s
+        total = self.first_token_s + self.decode_s
+        steps = len(self.step_s)
         return {
             "prefill_ms": 1e3 * self.prefill_s,
-            "decode_ms_per_token": 1e3 * self.decode_s / self.decode_steps if self.decode_steps else 0.0,
+            "decode_ms_per_token": 1e3 * self.decode_s / steps if steps else 0.0,
             "tokens_per_s": self.new_tokens / total if total else 0.0,
         }
+
+    def python_overhead_ms(self) -> float:
+        """Per decode step, everything outside onnxruntime's run."""
+        return 1e3 * (self.decode_s - self.decode_run_s) / len(self.step_s) if self.step_s else 0.0
 
 
 @dataclass
@@ -94,9 +107,16 @@ def decode_batch(session: ModelSession, rows: list[Row], max_new_tokens: int, sa
     t0 = time.perf_counter()
     logits = session.step(ids, positions, mask)  # prefill
     timing.prefill_s += time.perf_counter() - t0
-    position = positions[:, -1:] + 1
+    position, last, run_before = positions[:, -1:] + 1, t0, 0.0
     for step in range(max_new_tokens):
         tokens = next_tokens(logits, sampling, rng, seen, counts)
+        now = time.perf_counter()
+        if step == 0:
+            timing.first_token_s += now - t0
+        else:
+            timing.step_s.append(now - last)
+            timing.decode_run_s += session.run_s - run_before
+        last = now
         for r, row in enumerate(rows):
             if row.finish_reason is None:
                 timing.new_tokens += 1
@@ -106,8 +126,6 @@ def decode_batch(session: ModelSession, rows: list[Row], max_new_tokens: int, sa
                     yield r, piece
         if all(row.finish_reason for row in rows):
             break
-        t0 = time.perf_counter()
+        run_before = session.run_s
         logits = session.step(tokens[:, None], position, full_mask[:, : width + step + 1])
-        timing.decode_s += time.perf_counter() - t0
-        timing.decode_steps += 1
         position += 1

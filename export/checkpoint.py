@@ -101,6 +101,23 @@ def param_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     return shapes | {"ln_f.weight": (C,), "ln_f.bias": (C,)}
 
 
+def to_hf_checkpoint(config: GPT2Config, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Our names -> a Hugging Face GPT2LMHeadModel (config dict, state dict): the inverse of loading,
+    so baselines can run the very weights a model folder was exported from."""
+    hf_state = {("transformer." + k if k != "wte_t" else "transformer.wte.weight"): v for k, v in state.items()}
+    hf_state["transformer.wte.weight"] = state["wte_t"].t().contiguous()
+    hf_state["transformer.wpe.weight"] = hf_state.pop("transformer.wpe")
+    hf_state["lm_head.weight"] = hf_state["transformer.wte.weight"]
+    activation = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[config.activation]
+    hf_config = dict(
+        model_type="gpt2", architectures=["GPT2LMHeadModel"], n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+        n_positions=config.n_positions, vocab_size=config.vocab_size, n_inner=config.n_inner, layer_norm_epsilon=config.layer_norm_epsilon,
+        activation_function=activation, scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    return hf_config, hf_state
+
+
 def random_state_dict(config: GPT2Config, seed: int) -> dict[str, torch.Tensor]:
     """GPT-2's init: N(0, 0.02) weights, residual projections N(0, 0.02/sqrt(2 n_layer)),
     wpe N(0, 0.01), zero biases, unit LayerNorm gains."""

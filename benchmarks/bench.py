@@ -1,0 +1,166 @@
+"""The benchmark orchestrator: one sweep, every runner in its own process, same weights,
+same prompts, same greedy settings; then ratios to ours, JSON, a Markdown table and plots.
+
+Same weights: the baselines load a Hugging Face folder written from the exact state dict the
+model folder was exported from (regenerated from the seed for random-init, re-read and
+sha256-checked for checkpoints), and every baseline's greedy tokens are compared with ours.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gpt2onnx.engine.contract import Manifest, read_manifest
+
+from .machine import machine_info, read_bandwidth_gbs
+from .measure import summarize
+
+log = logging.getLogger(__name__)
+ORT_RUNNERS = ("gpt2-onnx", "ort-plain-loop", "naive-no-cache")
+HF_RUNNERS = ("transformers-eager", "optimum")
+ALL_BASELINES = ("transformers-eager", "optimum", "ort-plain-loop", "naive-no-cache")
+WORKER = Path(__file__).resolve().parent / "worker.py"
+DTYPE_BYTES = {"fp32": 4, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model_folder: Path
+    out: Path = Path("bench-results")
+    provider: str = "auto"
+    batches: tuple[int, ...] = (1, 2, 4, 8)
+    prompt_lens: tuple[int, ...] = (32, 256)
+    new_tokens: tuple[int, ...] = (128,)
+    warmup: int = 1
+    repeats: int = 5
+    baselines: tuple[str, ...] = ALL_BASELINES
+    naive_max_batch: int = 1  # the O(n^2) loop is slow; run it only at small batches
+    optimum_python: str | None = None  # a Python with optimum-onnx installed (its own environment)
+    seed: int = 0  # prompts
+
+    @property
+    def configs(self) -> list[tuple[int, int, int]]:
+        return list(itertools.product(self.batches, self.prompt_lens, self.new_tokens))
+
+
+QUICK = dict(batches=(1, 4), prompt_lens=(32,), new_tokens=(128,), warmup=1, repeats=3, naive_max_batch=1)
+
+
+def find_optimum_python(explicit: str | None) -> str | None:
+    """Where Optimum can run: an explicit Python, this one, or the repo's .venv-optimum."""
+    candidates = [explicit] if explicit else [sys.executable, str(Path(".venv-optimum/bin/python").resolve())]
+    for python in candidates:
+        if python and Path(python).exists():
+            ok = subprocess.run([python, "-c", "import optimum.onnxruntime"], capture_output=True).returncode == 0
+            if ok:
+                return python
+    return None
+
+
+def write_hf_reference(manifest: Manifest, folder: Path) -> None:
+    """A transformers folder with the exact weights the model folder was exported from."""
+    from safetensors.torch import save_file
+
+    from gpt2onnx.export.checkpoint import CheckpointError, load_checkpoint, random_state_dict, to_hf_checkpoint
+
+    src = manifest.source
+    if src.random_init:
+        state = random_state_dict(manifest.config, src.seed)
+    else:
+        ckpt = load_checkpoint(src.checkpoint)
+        if ckpt.source.weights_sha256 != src.weights_sha256:
+            raise CheckpointError(f"{src.checkpoint} changed since the model folder was exported (sha256 differs); re-export before benchmarking")
+        state = ckpt.state_dict
+    hf_config, hf_state = to_hf_checkpoint(manifest.config, state)
+    hf_state.pop("lm_head.weight")  # tied to wte; safetensors refuses shared tensors
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config))
+    save_file({k: v.contiguous() for k, v in hf_state.items()}, str(folder / "model.safetensors"))
+
+
+def run_worker(python: str, spec: dict, workdir: Path) -> dict:
+    path = workdir / f"{spec['runner']}.json"
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([python, str(WORKER), str(path)], stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+    if proc.returncode != 0:
+        log.warning("%s failed (exit %d); it is left out of the results", spec["runner"], proc.returncode)
+        return {"runner": spec["runner"], "error": f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    manifest = read_manifest(cfg.model_folder)
+    c = manifest.config
+    gen = np.random.default_rng(cfg.seed)
+    width = max(cfg.prompt_lens)
+    prompts = gen.integers(0, c.vocab_size, (max(cfg.batches), width), dtype=np.int64)
+    prompts[prompts == c.eos_token_id] = 0
+    if width + max(cfg.new_tokens) > c.n_positions:
+        raise ValueError(f"prompt {width} + new {max(cfg.new_tokens)} tokens exceed the model's {c.n_positions}-token context")
+    optimum_python = find_optimum_python(cfg.optimum_python) if "optimum" in cfg.baselines else None
+    results: dict = {
+        "machine": machine_info(),
+        "model": {"folder": str(cfg.model_folder), "checkpoint": manifest.source.checkpoint, "random_init": manifest.source.random_init, "seed": manifest.source.seed, "dtype": manifest.dtype, "n_params": c.n_params, "n_layer": c.n_layer, "n_embd": c.n_embd},
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}, "configs": cfg.configs, "decoding": "greedy, EOS ignored: every runner generates exactly new_tokens"},
+        "runners": {},
+    }
+    log.info("measuring memory bandwidth")
+    provider_for_bw = "cuda" if results["machine"]["gpu"] and cfg.provider != "cpu" else "cpu"
+    results["machine"]["read_bandwidth_gbs"] = read_bandwidth_gbs(provider_for_bw)
+    results["machine"]["bandwidth_method"] = "onnxruntime MatMul (1x1024)@(1024xN) over 512 MiB of fp32 weights, all threads, median of 10"
+    with tempfile.TemporaryDirectory(prefix="gpt2-onnx-bench-") as tmp:
+        workdir = Path(tmp)
+        hf_folder = workdir / "hf-reference"
+        if any(b in HF_RUNNERS for b in cfg.baselines):
+            log.info("writing the transformers reference folder with the same weights")
+            write_hf_reference(manifest, hf_folder)
+        for runner in ("gpt2-onnx", *cfg.baselines):
+            configs = [x for x in cfg.configs if runner != "naive-no-cache" or x[0] <= cfg.naive_max_batch]
+            python = sys.executable
+            if runner == "optimum":
+                if optimum_python is None:
+                    results["runners"][runner] = {"runner": runner, "skipped": "optimum-onnx is not installed; run .ci/setup-optimum (its own venv) or pass --optimum-python"}
+                    log.warning("Optimum skipped: not installed (.ci/setup-optimum installs it in .venv-optimum)")
+                    continue
+                python = optimum_python
+            log.info("running %s over %d configurations", runner, len(configs))
+            spec = {"runner": runner, "model_folder": str(cfg.model_folder.resolve()), "hf_folder": str(hf_folder), "provider": cfg.provider, "max_batch": max(cfg.batches), "configs": configs, "prompts": prompts.tolist(), "warmup": cfg.warmup, "repeats": cfg.repeats}
+            results["runners"][runner] = run_worker(python, spec, workdir)
+    return add_summaries(results, manifest)
+
+
+def add_summaries(results: dict, manifest: Manifest) -> dict:
+    """Medians, ratios to ours, token agreement and the fraction of the bandwidth floor."""
+    c = manifest.config
+    ours = {(r["batch"], r["prompt_len"], r["new_tokens"]): r for r in results["runners"]["gpt2-onnx"]["results"]}
+    bw = results["machine"]["read_bandwidth_gbs"] * 1e9
+    width = DTYPE_BYTES[manifest.dtype]
+    for name, data in results["runners"].items():
+        for r in data.get("results", []):
+            key = (r["batch"], r["prompt_len"], r["new_tokens"])
+            for metric in ("ttft_ms", "decode_ms_per_token", "tokens_per_s", "python_overhead_ms"):
+                values = [run[metric] for run in r["runs"] if run[metric] is not None]
+                if values:
+                    r[metric] = summarize(values)
+            mine = ours[key]
+            r["decode_vs_ours"] = r["decode_ms_per_token"]["median"] / mine["decode_ms_per_token"]["median"]
+            r["tokens_per_s_ours_over_this"] = mine["tokens_per_s"]["median"] / r["tokens_per_s"]["median"]
+            r["same_tokens_as_ours"] = r["tokens"] == mine["tokens"]
+            context = r["prompt_len"] + r["new_tokens"] / 2
+            step_bytes = c.n_params * width + 2 * c.n_layer * r["batch"] * context * c.n_embd * width
+            r["bytes_per_step"] = step_bytes
+            r["bandwidth_floor_ms"] = 1e3 * step_bytes / bw
+            r["fraction_of_floor"] = r["bandwidth_floor_ms"] / r["decode_ms_per_token"]["median"]
+    return results

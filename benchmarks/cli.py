@@ -1,0 +1,67 @@
+"""`gpt2-onnx bench`: arguments in, BenchConfig out."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+log = logging.getLogger("gpt2onnx")
+
+
+def ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 1")
+    return values
+
+
+def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    from .bench import ALL_BASELINES
+
+    p = sub.add_parser("bench", parents=parents, help="benchmark the engine side by side with transformers, Optimum and naive loops", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a model folder, or anything `export --model` takes")
+    src.add_argument("--random-init", metavar="SIZE", help="a random-weight model of SIZE (exported into --models-dir once)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="dtype when exporting")
+    p.add_argument("--tokenizer", help="tokenizer folder when exporting --random-init offline")
+    p.add_argument("--models-dir", default="models", help="where exported models are kept")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
+    p.add_argument("--quick", action="store_true", help="a short sweep (batch 1 and 4, prompt 32, 128 new tokens, 3 runs): about 2 minutes for the 124M shape on 2 cores")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="execution provider for ours and the ONNX baselines")
+    p.add_argument("--batches", type=ints, default=(1, 2, 4, 8), help="batch sizes")
+    p.add_argument("--prompt-lens", type=ints, default=(32, 256), help="prompt lengths")
+    p.add_argument("--new-tokens", type=ints, default=(128,), help="tokens generated per row")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (after warm-up)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration")
+    p.add_argument("--baselines", default=",".join(ALL_BASELINES), help="comma-separated baselines to run beside ours")
+    p.add_argument("--optimum-python", help="a Python interpreter whose environment has optimum-onnx (default: this one, else .venv-optimum)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpt2onnx.engine.cli import resolve_model
+
+    from . import report
+    from .bench import ALL_BASELINES, QUICK, BenchConfig, run_bench
+
+    baselines = tuple(b for b in args.baselines.split(",") if b)
+    unknown = set(baselines) - set(ALL_BASELINES)
+    if unknown:
+        raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {', '.join(ALL_BASELINES)}")
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    folder = resolve_model(args.model, args.random_init, args.seed, args.dtype, args.tokenizer, args.models_dir)
+    cfg = BenchConfig(model_folder=folder, out=args.out, provider=args.provider, batches=args.batches, prompt_lens=args.prompt_lens, new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats, baselines=baselines, optimum_python=args.optimum_python)
+    if args.quick:
+        cfg = replace(cfg, **QUICK)
+    results = run_bench(cfg)
+    for path in report.write(results, args.out):
+        log.info("wrote %s", path)
+    print(report.markdown(results))
+    return 0

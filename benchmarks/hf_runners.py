@@ -1,0 +1,61 @@
+"""Baselines on Hugging Face stacks: transformers' eager generate and Optimum's ORTModelForCausalLM.
+
+This module imports nothing from gpt2onnx, so it also runs in a separate environment
+(Optimum pins an older transformers). Both time tokens with a LogitsProcessor, called once
+per generated token right after the forward pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from measure import Run, StepClock
+
+
+def _timed_generate(model, prompts: np.ndarray, new_tokens: int) -> Run:
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    clock = StepClock()
+
+    class Tick(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            clock.tick()
+            return scores
+
+    ids = torch.from_numpy(prompts)
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, use_cache=True,
+            logits_processor=LogitsProcessorList([Tick()]), eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+    return Run(clock.ttft_s, clock.steps, out[:, prompts.shape[1] :].tolist())
+
+
+def transformers_eager(hf_folder: str, provider: str):
+    from transformers import GPT2LMHeadModel
+
+    device = "cuda" if provider == "cuda" else "cpu"
+    model = GPT2LMHeadModel.from_pretrained(hf_folder, attn_implementation="eager").to(device).eval()
+    model.generation_config.eos_token_id = None
+
+    def run(prompts: np.ndarray, new_tokens: int) -> Run:
+        return _timed_generate(model, prompts, new_tokens)
+
+    return run, device
+
+
+def optimum(hf_folder: str, provider: str):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    ep = "CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"
+    model = ORTModelForCausalLM.from_pretrained(hf_folder, export=True, use_cache=True, provider=ep)
+    model.generation_config.eos_token_id = None
+
+    def run(prompts: np.ndarray, new_tokens: int) -> Run:
+        return _timed_generate(model, prompts, new_tokens)
+
+    return run, "cuda" if provider == "cuda" else "cpu"
+
+
+RUNNERS = {"transformers-eager": transformers_eager, "optimum": optimum}

@@ -1,0 +1,77 @@
+"""Runners on onnxruntime: our engine, and the two loops a first implementation would write
+over the same exported graph (plain session.run with the cache through numpy; no cache at all)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gpt2onnx.engine.contract import past_names, read_manifest
+from gpt2onnx.engine.engine import Engine
+from gpt2onnx.engine.session import create_session
+
+from .measure import Run, StepClock
+
+
+def ours(folder: Path, provider: str, max_batch: int):
+    engine = Engine.load(folder, provider=provider, max_batch=max_batch)
+
+    def run(prompts: np.ndarray, new_tokens: int) -> Run:
+        result = engine.generate([row.tolist() for row in prompts], max_new_tokens=new_tokens, ignore_eos=True)
+        t = result.details
+        return Run(t.first_token_s, list(t.step_s), [c.token_ids for c in result.completions], t.python_overhead_ms())
+
+    return run, engine.provider
+
+
+def _plain(folder: Path, provider: str):
+    manifest = read_manifest(folder)
+    session, device = create_session(folder / manifest.model_file, provider, None)
+    c = manifest.config
+    kv_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+    empty = lambda B: {name: np.zeros((B, c.n_head, 0, c.head_dim), kv_dtype) for name in past_names(c.n_layer)}  # noqa: E731
+    return session, device, empty
+
+
+def plain_run_loop(folder: Path, provider: str):
+    """session.run each step; presents come back to numpy and go in again as pasts."""
+    session, device, empty = _plain(folder, provider)
+    names = [o.name for o in session.get_outputs()]
+
+    def run(prompts: np.ndarray, new_tokens: int) -> Run:
+        B, L = prompts.shape
+        feeds = {"input_ids": prompts, "position_ids": np.tile(np.arange(L), (B, 1)), "attention_mask": np.ones((B, L), np.int64), "logits_to_keep": np.array(1), **empty(B)}
+        tokens, clock = [], StepClock()
+        for i in range(new_tokens):
+            out = session.run(None, feeds)
+            nxt = out[0][:, -1].argmax(-1)
+            tokens.append(nxt)
+            clock.tick()
+            total = L + i + 1
+            feeds = {"input_ids": nxt[:, None], "position_ids": np.full((B, 1), total - 1), "attention_mask": np.ones((B, total), np.int64), "logits_to_keep": np.array(1)}
+            feeds |= {name.replace("present", "past"): value for name, value in zip(names[1:], out[1:])}
+        return Run(clock.ttft_s, clock.steps, np.stack(tokens, 1).tolist())
+
+    return run, device
+
+
+def naive_no_cache(folder: Path, provider: str):
+    """Re-runs the whole sequence for every new token: O(n^2), how a first implementation does it."""
+    session, device, empty = _plain(folder, provider)
+
+    def run(prompts: np.ndarray, new_tokens: int) -> Run:
+        B = prompts.shape[0]
+        seq, clock = prompts, StepClock()
+        for _ in range(new_tokens):
+            T = seq.shape[1]
+            feeds = {"input_ids": seq, "position_ids": np.tile(np.arange(T), (B, 1)), "attention_mask": np.ones((B, T), np.int64), "logits_to_keep": np.array(1), **empty(B)}
+            nxt = session.run(["logits"], feeds)[0][:, -1].argmax(-1)
+            seq = np.concatenate([seq, nxt[:, None]], axis=1)
+            clock.tick()
+        return Run(clock.ttft_s, clock.steps, seq[:, prompts.shape[1] :].tolist())
+
+    return run, device
+
+
+RUNNERS = {"gpt2-onnx": ours, "ort-plain-loop": plain_run_loop, "naive-no-cache": naive_no_cache}

@@ -1,0 +1,85 @@
+"""Writing a benchmark result: results.json, results.md (the table) and two PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def markdown(results: dict) -> str:
+    m, model = results["machine"], results["model"]
+    label = f"{model['checkpoint']} ({model['dtype']}, {model['n_params'] / 1e6:.0f}M params{', RANDOM weights, seed ' + str(model['seed']) if model['random_init'] else ''})"
+    lines = [
+        f"Model: {label}  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}; onnxruntime-gpu {m['versions'].get('onnxruntime-gpu', '?')}, torch {m['versions'].get('torch', '?')}, transformers {m['versions'].get('transformers', '?')}  ",
+        f"Read bandwidth: {m['read_bandwidth_gbs']:.1f} GB/s ({m['bandwidth_method']})  ",
+        f"Greedy, EOS ignored; medians of {results['settings']['repeats']} runs after {results['settings']['warmup']} warm-up.",
+        "",
+        "| runner | batch | prompt | new | TTFT ms | decode ms/token | tokens/s | decode × slower than ours | same tokens | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|",
+    ]
+    for name, data in results["runners"].items():
+        if "skipped" in data or "error" in data:
+            lines.append(f"| {name} | | | | | | | | | {data.get('skipped') or data.get('error')} |")
+            continue
+        for r in data["results"]:
+            lines.append(
+                f"| {name} | {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | {r['ttft_ms']['median']:.1f} | {r['decode_ms_per_token']['median']:.2f} "
+                f"| {r['tokens_per_s']['median']:.1f} | {r['decode_vs_ours']:.2f}× | {'yes' if r['same_tokens_as_ours'] else 'NO'} | {data['peak_rss_mb']:.0f} |"
+            )
+    ours = results["runners"]["gpt2-onnx"]["results"]
+    lines.append("")
+    for r in ours:
+        overhead = r.get("python_overhead_ms", {}).get("median")
+        lines.append(
+            f"gpt2-onnx batch {r['batch']}, prompt {r['prompt_len']}: Python overhead per decode step (outside session.run) "
+            f"{overhead:.3f} ms; bandwidth floor {r['bandwidth_floor_ms']:.2f} ms/step ({r['bytes_per_step'] / 1e6:.0f} MB read), "
+            f"so decode runs at {100 * r['fraction_of_floor']:.0f}% of the floor."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runners = {n: d for n, d in results["runners"].items() if "results" in d}
+    prompt = min(r["prompt_len"] for r in runners["gpt2-onnx"]["results"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, data in runners.items():
+        pts = sorted((r["batch"], r["tokens_per_s"]["median"]) for r in data["results"] if r["prompt_len"] == prompt)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set(xlabel="batch size", ylabel="tokens/s (median)", title=f"Throughput, prompt {prompt}", xscale="log", yscale="log")
+    ax.legend(), ax.grid(alpha=0.3)
+    throughput = out / "throughput_vs_batch.png"
+    fig.tight_layout(), fig.savefig(throughput, dpi=110), plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, data in runners.items():
+        for r in data["results"]:
+            if r["batch"] != 1:
+                continue
+            steps = [run["step_ms"] for run in r["runs"]]
+            median = [sorted(s[i] for s in steps)[len(steps) // 2] for i in range(len(steps[0]))]
+            context = [r["prompt_len"] + i + 1 for i in range(len(median))]
+            ax.plot(context, median, label=f"{name} (prompt {r['prompt_len']})", linewidth=1)
+    ax.set(xlabel="context length (tokens)", ylabel="ms per token", title="Decode step time, batch 1", yscale="log")
+    ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    latency = out / "ms_per_token_vs_context.png"
+    fig.tight_layout(), fig.savefig(latency, dpi=110), plt.close(fig)
+    return [throughput, latency]
+
+
+def write(results: dict, out: Path) -> list[Path]:
+    """Write into `out` (created); each file goes to a temporary name first, then is renamed."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in (("results.json", json.dumps(results, indent=1)), ("results.md", markdown(results))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.rename(out / name)
+        written.append(out / name)
+    return written + plots(results, out)

@@ -1,0 +1,55 @@
+"""One runner's whole sweep in its own process, so its peak memory is its own.
+
+    python worker.py SPEC.json   ->  one JSON object on stdout, progress on stderr
+
+Runs as a plain script (not `-m`), so the Hugging Face baselines can run under another
+environment's Python that does not have gpt2onnx installed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import peak_rss_mb  # noqa: E402
+from measure import measure, to_json  # noqa: E402
+
+
+def make_runner(spec: dict):
+    name = spec["runner"]
+    if name in ("transformers-eager", "optimum"):
+        from hf_runners import RUNNERS
+
+        return RUNNERS[name](spec["hf_folder"], spec["provider"])
+    from gpt2onnx.benchmarks.ort_runners import RUNNERS
+
+    if name == "gpt2-onnx":
+        return RUNNERS[name](Path(spec["model_folder"]), spec["provider"], spec["max_batch"])
+    return RUNNERS[name](Path(spec["model_folder"]), spec["provider"])
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    t0 = time.perf_counter()
+    runner, device = make_runner(spec)
+    load_s = time.perf_counter() - t0
+    results = []
+    for batch, prompt_len, new_tokens in spec["configs"]:
+        prompts = np.asarray(spec["prompts"], dtype=np.int64)[:batch, :prompt_len]
+        results.append(measure(runner, prompts, new_tokens, spec["warmup"], spec["repeats"], spec["runner"]))
+    out = {"runner": spec["runner"], "device": device, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "results": to_json(results)}
+    if device == "cuda":
+        import subprocess
+
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True)
+        out["device_memory_mb"] = float(smi.stdout.split()[0]) if smi.returncode == 0 and smi.stdout.strip() else None
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
