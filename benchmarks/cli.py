@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--tokenizer", help="tokenizer folder when exporting --random-init offline")
     p.add_argument("--models-dir", default="models", help="where exported models are kept")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
-    p.add_argument("--quick", action="store_true", help="a short sweep (batch 1 and 4, prompt 32, 128 new tokens, 3 runs): about 2 minutes for the 124M shape on 2 cores")
+    p.add_argument("--quick", action="store_true", help="the targets' setting only (batch 1, prompt 32, 128 new tokens, 3 runs after 1 warm-up): about 2 minutes for the 124M shape on 2 cores")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="execution provider for ours and the ONNX baselines")
     p.add_argument("--batches", type=ints, default=(1, 2, 4, 8), help="batch sizes")
     p.add_argument("--prompt-lens", type=ints, default=(32, 256), help="prompt lengths")

@@ -104,6 +104,8 @@ class ModelSession:
         self._keep = np.ones((), dtype=np.int64)  # logits_to_keep = 1: decode needs the last position only
         self._cap_batch = self._cap_seq = 0
         self._kv: list[list[ort.OrtValue]] = [[], []]  # [ping, pong] x (key_0, value_0, key_1, ...)
+        self._kv_ptrs: list[list[int]] = [[], []]  # their device addresses
+        self._bound: dict[str, tuple[int, tuple]] = {}  # host buffers bound now: name -> (id, shape)
         self._cur = 0  # which set holds the current past
         self.past_len = 0
         self.batch = 0
@@ -132,11 +134,22 @@ class ModelSession:
         self._host_pos = np.zeros(n, dtype=np.int64)
         self._host_mask = np.zeros(n, dtype=np.int64)
         self._host_logits = np.zeros(self._cap_batch * self.vocab_size, dtype=np.float32)
+        self._kv_ptrs = [[v.data_ptr() for v in kv_set] for kv_set in self._kv]
+        self._bound = {}  # new buffers: every host binding is stale
+
+    def _bind_host(self, name: str, dtype, shape: tuple, buf: np.ndarray, output: bool = False) -> None:
+        """Bind the start of a host buffer; skipped when it is already bound with this shape, so
+        decode steps leave ids, positions, logits_to_keep and logits bound as they are."""
+        if self._bound.get(name) == (id(buf), shape):
+            return
+        bind = self._io.bind_output if output else self._io.bind_input
+        bind(name, "cpu", 0, dtype, shape, buf.ctypes.data)
+        self._bound[name] = (id(buf), shape)
 
     @property
     def kv_pointers(self) -> list[list[int]]:
         """Device addresses of both cache sets (tests check that steps write into these)."""
-        return [[v.data_ptr() for v in kv_set] for kv_set in self._kv]
+        return [list(p) for p in self._kv_ptrs]
 
     # -- steps -----------------------------------------------------------------------------
     def start(self, batch: int, seq: int) -> None:
@@ -153,19 +166,19 @@ class ModelSession:
         assert total <= self._cap_seq, f"cache holds {self._cap_seq} positions, step needs {total}"
         io = self._io
         for name, buf, arr in (("input_ids", self._host_ids, ids), ("position_ids", self._host_pos, positions), ("attention_mask", self._host_mask, mask)):
-            view = buf[: arr.size].reshape(arr.shape)
-            np.copyto(view, arr)
-            io.bind_input(name, "cpu", 0, np.int64, arr.shape, view.ctypes.data)
-        io.bind_input("logits_to_keep", "cpu", 0, np.int64, (), self._keep.ctypes.data)
+            np.copyto(buf[: arr.size].reshape(arr.shape), arr)
+            self._bind_host(name, np.int64, arr.shape, buf)
+        self._bind_host("logits_to_keep", np.int64, (), self._keep)
         logits = self._host_logits[: B * self.vocab_size].reshape(B, 1, self.vocab_size)
-        io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
-        src, dst = self._kv[self._cur], self._kv[1 - self._cur]
+        self._bind_host("logits", np.float32, logits.shape, self._host_logits, output=True)
+        # The cache: pasts from one set, presents into the other; both shapes change every step.
+        src, dst = self._kv_ptrs[self._cur], self._kv_ptrs[1 - self._cur]
         past_shape = (B, self._kv_shape_tail[0], self.past_len, self._kv_shape_tail[1])
         present_shape = (B, self._kv_shape_tail[0], total, self._kv_shape_tail[1])
-        for name, value in zip(self._past, src):
-            io.bind_input(name, self.device, 0, self.kv_dtype, past_shape, value.data_ptr())
-        for name, value in zip(self._present, dst):
-            io.bind_output(name, self.device, 0, self.kv_dtype, present_shape, value.data_ptr())
+        for name, ptr in zip(self._past, src):
+            io.bind_input(name, self.device, 0, self.kv_dtype, past_shape, ptr)
+        for name, ptr in zip(self._present, dst):
+            io.bind_output(name, self.device, 0, self.kv_dtype, present_shape, ptr)
         t0 = time.perf_counter()
         self.session.run_with_iobinding(io)
         self.run_s += time.perf_counter() - t0
