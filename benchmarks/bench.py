@@ -31,7 +31,8 @@ ORT_RUNNERS = ("gpt2-onnx", "ort-plain-loop", "naive-no-cache")
 HF_RUNNERS = ("transformers-eager", "optimum")
 ALL_BASELINES = ("transformers-eager", "optimum", "ort-plain-loop", "naive-no-cache")
 WORKER = Path(__file__).resolve().parent / "worker.py"
-DTYPE_BYTES = {"fp32": 4, "fp16": 2}
+WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1 + 4 / 128}  # int8: one fp32 scale per 128 weights
+KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 4}
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ QUICK = dict(batches=(1,), prompt_lens=(32,), new_tokens=(128,), warmup=1, repea
 
 def find_optimum_python(explicit: str | None) -> str | None:
     """Where Optimum can run: an explicit Python, this one, or the repo's .venv-optimum."""
-    candidates = [explicit] if explicit else [sys.executable, str(Path(".venv-optimum/bin/python").resolve())]
+    candidates = [explicit] if explicit else [sys.executable, str(Path(".venv-optimum/bin/python").absolute())]  # absolute, not resolve: a venv python is a symlink
     for python in candidates:
         if python and Path(python).exists():
             ok = subprocess.run([python, "-c", "import optimum.onnxruntime"], capture_output=True).returncode == 0
@@ -146,7 +147,7 @@ def add_summaries(results: dict, manifest: Manifest) -> dict:
     c = manifest.config
     ours = {(r["batch"], r["prompt_len"], r["new_tokens"]): r for r in results["runners"]["gpt2-onnx"]["results"]}
     bw = results["machine"]["read_bandwidth_gbs"] * 1e9
-    width = DTYPE_BYTES[manifest.dtype]
+    w_bytes, kv_bytes = WEIGHT_BYTES[manifest.dtype], KV_BYTES[manifest.dtype]
     for name, data in results["runners"].items():
         for r in data.get("results", []):
             key = (r["batch"], r["prompt_len"], r["new_tokens"])
@@ -159,7 +160,7 @@ def add_summaries(results: dict, manifest: Manifest) -> dict:
             r["tokens_per_s_ours_over_this"] = mine["tokens_per_s"]["median"] / r["tokens_per_s"]["median"]
             r["same_tokens_as_ours"] = r["tokens"] == mine["tokens"]
             context = r["prompt_len"] + r["new_tokens"] / 2
-            step_bytes = c.n_params * width + 2 * c.n_layer * r["batch"] * context * c.n_embd * width
+            step_bytes = c.n_params * w_bytes + 2 * c.n_layer * r["batch"] * context * c.n_embd * kv_bytes
             r["bytes_per_step"] = step_bytes
             r["bandwidth_floor_ms"] = 1e3 * step_bytes / bw
             r["fraction_of_floor"] = r["bandwidth_floor_ms"] / r["decode_ms_per_token"]["median"]

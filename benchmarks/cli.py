@@ -21,6 +21,8 @@ def ints(text: str) -> tuple[int, ...]:
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    from gpt2onnx.engine.contract import DTYPES
+
     from .bench import ALL_BASELINES
 
     p = sub.add_parser("bench", parents=parents, help="benchmark the engine side by side with transformers, Optimum and naive loops", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -28,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     src.add_argument("--model", help="a model folder, or anything `export --model` takes")
     src.add_argument("--random-init", metavar="SIZE", help="a random-weight model of SIZE (exported into --models-dir once)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="dtype when exporting")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype when exporting")
     p.add_argument("--tokenizer", help="tokenizer folder when exporting --random-init offline")
     p.add_argument("--models-dir", default="models", help="where exported models are kept")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .contract import MANIFEST_FILE, UserError
+from .contract import DTYPES, MANIFEST_FILE, UserError
 
 log = logging.getLogger("gpt2onnx")
 
@@ -63,7 +63,7 @@ def add_generate_parser(sub: argparse._SubParsersAction, parents: list[argparse.
     p.add_argument("--max-batch", type=int, default=8, help="prompts run together; more are run in turns")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object with completions and timing")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="dtype when exporting on first use")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype when exporting on first use (int8: CPU)")
     p.add_argument("--tokenizer", help="tokenizer folder when exporting on first use")
     p.add_argument("--models-dir", default="models", help="where models exported on first use are kept")
     p.set_defaults(run=run_generate)

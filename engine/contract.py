@@ -17,7 +17,8 @@ Graph inputs and outputs (one graph serves prefill and decode; past_seq may be 0
     present_key_{i}  float   (batch, n_head, total_seq, head_dim)
     present_value_{i} float  (batch, n_head, total_seq, head_dim)
 
-"float" is the manifest's dtype (float32 or float16); logits are always float32.
+"float" is float16 for fp16 models and float32 otherwise (int8 models quantize weights only);
+logits are always float32.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 
-DTYPES = ("fp32", "fp16")
-ONNX_ELEM_TYPE = {"fp32": "float32", "fp16": "float16"}
+DTYPES = ("fp32", "fp16", "int8")
+# Element type of the KV cache (and activations): int8 models quantize weights only.
+ONNX_ELEM_TYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
 
 
 class UserError(Exception):
@@ -138,6 +140,7 @@ class Manifest:
     external_data: str | None = None
     tokenizer_file: str = TOKENIZER_FILE
     check: dict | None = None  # the export-time comparison with PyTorch
+    optimized: bool = False  # fused attention / LayerNorm / GELU (onnxruntime contrib ops)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:

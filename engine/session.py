@@ -25,7 +25,7 @@ from .contract import Manifest, ModelFolderError, UserError, input_names, output
 
 log = logging.getLogger(__name__)
 
-KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float32}
 SEQ_GRANULE = 256  # the cache grows in steps of this many positions, so short calls do not each reallocate
 
 

@@ -14,16 +14,17 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     src.add_argument("--model", help="a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) or a hub id: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2")
     src.add_argument("--random-init", metavar="SIZE", help="the real shape of SIZE (gpt2/124m, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) with seeded random weights, for benchmarks and offline runs")
     p.add_argument("--output", required=True, type=Path, help="the model folder to write")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight and KV-cache precision")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision: fp32; fp16 (for CUDA); int8 weights with fp32 activations (for the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     p.add_argument("--tokenizer", type=Path, help="a folder with tokenizer.json (or vocab.json + merges.txt); default: beside the weights, else the hub's gpt2")
     p.add_argument("--force", action="store_true", help="replace an existing model folder")
+    p.add_argument("--no-optimize", dest="optimize", action="store_false", help="keep the plain graph (standard ONNX ops only) instead of the fused one (MultiHeadAttention, SkipLayerNormalization, FastGelu)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from .exporter import ExportConfig, export  # torch is imported only when exporting
 
-    manifest = export(ExportConfig(output=args.output, model=args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype, tokenizer=args.tokenizer, force=args.force))
+    manifest = export(ExportConfig(output=args.output, model=args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype, tokenizer=args.tokenizer, force=args.force, optimize=args.optimize))
     print(f"exported {manifest.source.checkpoint} ({manifest.dtype}) to {args.output}")
     return 0

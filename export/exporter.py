@@ -39,6 +39,7 @@ class ExportConfig:
     dtype: str = "fp32"
     tokenizer: Path | None = None
     force: bool = False
+    optimize: bool = True  # fused attention, SkipLayerNormalization and FastGelu (export/fusion.py)
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # lowered by tests to exercise external data
 
     def __post_init__(self) -> None:
@@ -77,7 +78,7 @@ def export(cfg: ExportConfig) -> Manifest:
         reference = build_module(ckpt.config, ckpt.state_dict, "fp32")
         graph_module = reference if cfg.dtype == "fp32" else build_module(ckpt.config, {k: v.clone() for k, v in ckpt.state_dict.items()}, cfg.dtype)
         log.info("tracing %d-layer GPT-2 (%.1fM parameters) to ONNX in %s", ckpt.config.n_layer, ckpt.config.n_params / 1e6, cfg.dtype)
-        external = export_graph(graph_module, cfg.dtype, tmp / MODEL_FILE, cfg.external_data_threshold)
+        external = export_graph(graph_module, cfg.dtype, tmp / MODEL_FILE, cfg.external_data_threshold, optimize=cfg.optimize)
         del graph_module
         session = ort.InferenceSession(str(tmp / MODEL_FILE), providers=["CPUExecutionProvider"])
         report = check_export(session, reference, cfg.dtype)
@@ -90,6 +91,7 @@ def export(cfg: ExportConfig) -> Manifest:
             exporter_version=exporter_version(),
             io=io_spec(ckpt.config, cfg.dtype),
             external_data=external,
+            optimized=cfg.optimize,
             check=dataclasses.asdict(report),
         )
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())

@@ -16,7 +16,7 @@ from .model import GPT2
 log = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization is a single op from opset 17
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}  # int8: traced in fp32, then quantized
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # protobuf's 2 GiB limit, less headroom for the graph itself
 
 
@@ -50,11 +50,13 @@ def example_inputs(config: GPT2Config, dtype: torch.dtype) -> tuple[torch.Tensor
     )
 
 
-def export_graph(model: GPT2, dtype: str, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> str | None:
-    """Write `path` (and `path`.data when the weights pass the threshold). Returns the external data file name."""
+def export_graph(model: GPT2, dtype: str, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, optimize: bool = False) -> str | None:
+    """Write `path` (and `path`.data when the weights pass the threshold). Returns the external data file name.
+    optimize: fused attention (MultiHeadAttention) and onnxruntime's fusions, with their counts checked."""
     n_layer = model.config.n_layer
     scratch = path.parent / "trace"
     scratch.mkdir()
+    model.fuse_attention(optimize)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices are not for our users
         torch.onnx.export(
@@ -67,8 +69,18 @@ def export_graph(model: GPT2, dtype: str, path: Path, external_data_threshold: i
             output_names=output_names(n_layer),
             dynamic_axes=dynamic_axes(n_layer),
             do_constant_folding=True,
+            custom_opsets={"com.microsoft": 1},
         )
+    model.fuse_attention(False)
     proto = onnx.load(str(scratch / "model.onnx"))  # also pulls in any external data the tracer wrote
+    if optimize:
+        from .fusion import fuse
+
+        proto = fuse(proto, model.config)
+    if dtype == "int8":
+        from .quantize import quantize_int8
+
+        proto = quantize_int8(proto, n_layer)
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     external = f"{path.name}.data" if weight_bytes > external_data_threshold else None
     log.info("writing %s (%.1f MB of weights%s)", path.name, weight_bytes / 1e6, f", external data in {external}" if external else "")

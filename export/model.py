@@ -9,9 +9,11 @@ Weights follow the checkpoint's layout (GPT-2's Conv1D stores (in, out)), so the
 without transposes. The tied embedding is stored once, as `wte_t` (n_embd, vocab): the
 lm_head is a plain MatMul on it and the token embedding is a Gather along its axis 1.
 
-fp16 safety: LayerNorm, the attention softmax and the final logits run in float32; the mask
-is a finite large negative (a fully masked row, such as a left-padding query, gives a uniform
-softmax instead of NaN); queries are scaled before Q·Kᵀ so scores stay small.
+fp16 safety: LayerNorm statistics (ONNX stash_type=1), the attention softmax and the final
+logits run in float32; the mask is a finite large negative (a fully masked row, such as a
+left-padding query, gives a uniform softmax instead of NaN); queries are scaled before Q·Kᵀ so
+scores stay small. The fused MultiHeadAttention op keeps the same rules (float32 softmax,
+finite mask_filter_value).
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ class LayerNorm(nn.Module):
         self.shape, self.eps = (n_embd,), eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.float(), self.shape, self.weight.float(), self.bias.float(), self.eps)
-        return y.to(x.dtype)
+        # ONNX LayerNormalization keeps its statistics in float32 (stash_type=1) for fp16 inputs,
+        # so no casts are needed here, and none stand in the way of SkipLayerNormalization fusion.
+        return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
 
 
 class Linear(nn.Module):
@@ -51,26 +54,68 @@ class Linear(nn.Module):
         return x @ self.weight + self.bias
 
 
+def allowed_mask(seq: int, past_len, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, seq, past_len + seq) bool: query i sits at slot past_len + i and may see slots
+    j <= past_len + i that the attention mask marks as real tokens."""
+    q_slot = torch.arange(seq, device=attention_mask.device).unsqueeze(1) + past_len  # (seq, 1)
+    k_slot = torch.arange(past_len + seq, device=attention_mask.device).unsqueeze(0)  # (1, total_seq)
+    return (k_slot <= q_slot) & attention_mask.bool()[:, None, None, :]
+
+
+def attend(q, k, v, past_k, past_v, allowed, n_head: int, scale: float):
+    """q, k, v (B, T, C) -> y (B, T, C) and the caches (B, n_head, total_seq, head_dim)."""
+    B, T, C = q.shape
+    q, k, v = (t.reshape(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))
+    k = torch.cat([past_k, k], dim=2)
+    v = torch.cat([past_v, v], dim=2)
+    scores = ((q * scale) @ k.transpose(-2, -1)).float()  # (B, n_head, T, total_seq)
+    probs = scores.masked_fill(~allowed, MASK_VALUE).softmax(dim=-1).to(v.dtype)
+    return (probs @ v).transpose(1, 2).reshape(B, T, C), k, v
+
+
+class FusedAttention(torch.autograd.Function):
+    """Exports as onnxruntime's com.microsoft::MultiHeadAttention (causal, 2-D padding mask,
+    BNSH past/present): one kernel instead of ~20 small ops per layer. Runs `attend` in PyTorch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, past_k, past_v, n_head: int, scale: float):
+        allowed = allowed_mask(q.shape[1], past_k.shape[2], mask)
+        return attend(q, k, v, past_k, past_v, allowed, n_head, scale)
+
+    @staticmethod
+    def symbolic(g, q, k, v, mask, past_k, past_v, n_head, scale):
+        from torch.onnx._internal.torchscript_exporter.symbolic_helper import _optional_input_placeholder_tensor
+
+        none = _optional_input_placeholder_tensor(g)
+        mask32 = g.op("Cast", mask, to_i=6)  # int32, as the op wants
+        y, k_all, v_all = g.op(
+            "com.microsoft::MultiHeadAttention", q, k, v, none, mask32, none, past_k, past_v,
+            num_heads_i=n_head, scale_f=scale, unidirectional_i=1, outputs=3,
+        )  # fmt: skip
+        y.setType(q.type())
+        k_all.setType(past_k.type())
+        v_all.setType(past_v.type())
+        return y, k_all, v_all
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
-        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.n_head = config.n_head
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = Linear(config.n_embd, config.n_embd)
-        scale = 1.0 / math.sqrt(self.head_dim)
+        scale = 1.0 / math.sqrt(config.head_dim)
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
         self.scale = scale
+        self.fused = False  # set by GPT2.fuse_attention() before export
 
-    def forward(self, x, allowed, past_k, past_v):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.reshape(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        k = torch.cat([past_k, k], dim=2)  # (B, n_head, total_seq, head_dim)
-        v = torch.cat([past_v, v], dim=2)
-        scores = ((q * self.scale) @ k.transpose(-2, -1)).float()  # (B, n_head, T, total_seq)
-        probs = scores.masked_fill(~allowed, MASK_VALUE).softmax(dim=-1).to(v.dtype)
-        y = (probs @ v).transpose(1, 2).reshape(B, T, C)
+    def forward(self, x, allowed, attention_mask, past_k, past_v):
+        q, k, v = self.c_attn(x).split(x.shape[-1], dim=2)
+        if self.fused:
+            y, k, v = FusedAttention.apply(q, k, v, attention_mask, past_k, past_v, self.n_head, self.scale)
+        else:
+            y, k, v = attend(q, k, v, past_k, past_v, allowed, self.n_head, self.scale)
         return self.c_proj(y), k, v
 
 
@@ -93,8 +138,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, allowed, past_k, past_v):
-        a, k, v = self.attn(self.ln_1(x), allowed, past_k, past_v)
+    def forward(self, x, allowed, attention_mask, past_k, past_v):
+        a, k, v = self.attn(self.ln_1(x), allowed, attention_mask, past_k, past_v)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, k, v
@@ -120,20 +165,20 @@ class GPT2(nn.Module):
         tok = self.wte_t.index_select(1, input_ids.reshape(-1)).t().reshape(B, T, -1)
         x = tok + self.wpe.index_select(0, position_ids.reshape(-1)).reshape(B, T, -1)
 
-        # Query i sits at absolute slot past_len + i and may see slots j <= past_len + i that
-        # the attention mask marks as real tokens.
-        q_slot = torch.arange(T, device=x.device).unsqueeze(1) + past_len  # (T, 1)
-        k_slot = torch.arange(past_len + T, device=x.device).unsqueeze(0)  # (1, total_seq)
-        allowed = (k_slot <= q_slot) & attention_mask.bool()[:, None, None, :]  # (B, 1, T, total_seq)
-
+        allowed = None if self.h[0].attn.fused else allowed_mask(T, past_len, attention_mask)
         presents = []
         for i, block in enumerate(self.h):
-            x, k, v = block(x, allowed, past[2 * i], past[2 * i + 1])
+            x, k, v = block(x, allowed, attention_mask, past[2 * i], past[2 * i + 1])
             presents += [k, v]
         x = self.ln_f(x)
         x = x[:, T - logits_to_keep :, :]  # (B, kept, C)
         logits = (x @ self.wte_t).float()  # (B, kept, vocab)
         return (logits, *presents)
+
+    def fuse_attention(self, on: bool = True) -> None:
+        """Trace attention as one MultiHeadAttention op per layer (onnxruntime contrib op)."""
+        for block in self.h:
+            block.attn.fused = on
 
     def empty_past(self, batch: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         c = self.config

@@ -29,7 +29,7 @@ class Tolerance:
 
 
 # The one tolerance table. fp16 is compared against the fp32 reference, so it measures fp16's real error.
-TOLERANCES = {"fp32": Tolerance(atol=1e-4, rtol=1e-4), "fp16": Tolerance(atol=1e-2, rtol=1e-2)}
+TOLERANCES = {"fp32": Tolerance(atol=1e-4, rtol=1e-4), "fp16": Tolerance(atol=1e-2, rtol=1e-2), "int8": Tolerance(atol=5e-2, rtol=5e-2)}
 
 # (batch, seq, past_len, logits_to_keep or None for all, left padding of the last rows)
 CHECK_SHAPES = [(1, 1, 0, None, 0), (1, 7, 0, 1, 0), (3, 5, 0, None, 3), (2, 1, 6, 1, 2), (2, 4, 3, None, 4)]
@@ -84,12 +84,17 @@ def check_export(session, reference: GPT2, dtype: str, seed: int = 0) -> CheckRe
         got = session.run(None, feeds)
         with torch.no_grad():
             want = [t.numpy() for t in reference(*(torch.from_numpy(v).float() if v.dtype == np_dtype else torch.from_numpy(v) for v in feeds.values()))]
+        # Outputs at padding positions are unspecified (a padded query attends to nothing real),
+        # so only real query positions and real cache slots are compared.
+        mask = feeds["attention_mask"].astype(bool)
+        real_query = mask[:, -feeds["input_ids"].shape[1] :][:, -got[0].shape[1] :, None]
+        real_slot = mask[:, None, :, None]
         for j, (g, w) in enumerate(zip(got, want)):
             g = g.astype(np.float32)
-            diff = np.abs(g - w)
-            limit = tol.atol + tol.rtol * float(np.abs(w).max(initial=0.0))
             if not np.isfinite(g).all():
                 raise ExportCheckError(f"output {j} has non-finite values at shape {shape}")
+            diff = np.where(real_query if j == 0 else real_slot, np.abs(g - w), 0.0)
+            limit = tol.atol + tol.rtol * float(np.abs(w).max(initial=0.0))
             if diff.max(initial=0.0) > limit:
                 where = np.unravel_index(diff.argmax(), diff.shape)
                 raise ExportCheckError(
@@ -98,15 +103,16 @@ def check_export(session, reference: GPT2, dtype: str, seed: int = 0) -> CheckRe
                 )
             if j == 0:
                 worst_logits = max(worst_logits, float(diff.max(initial=0.0)))
-                agree_here, n = _top1(g, w, limit)
+                agree_here, n = top1_agreement(g[real_query[..., 0]], w[real_query[..., 0]], limit)
                 agree, total = agree + agree_here, total + n
             else:
                 worst_present = max(worst_present, float(diff.max(initial=0.0)))
     return CheckReport(worst_logits, worst_present, agree / total, total)
 
 
-def _top1(got: np.ndarray, want: np.ndarray, limit: float) -> tuple[int, int]:
-    """Count argmax agreement; a disagreement is an error unless the reference is a near-tie there."""
+def top1_agreement(got: np.ndarray, want: np.ndarray, limit: float) -> tuple[int, int]:
+    """(agreeing, total) argmax positions over (..., vocab) logits. A disagreement raises
+    ExportCheckError unless the reference's top two are within 2 * limit there (a near-tie)."""
     g_top, w_top = got.argmax(-1), want.argmax(-1)
     agree = g_top == w_top
     for idx in zip(*np.nonzero(~agree)):

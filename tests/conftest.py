@@ -114,6 +114,17 @@ def tiny_fp16(hf_folder, tmp_path_factory) -> Path:
     return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-fp16", dtype="fp16")
 
 
+@pytest.fixture(scope="session")
+def tiny_fp32_plain(hf_folder, tmp_path_factory) -> Path:
+    """The unfused graph: standard ONNX ops only."""
+    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-fp32-plain", optimize=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_int8(hf_folder, tmp_path_factory) -> Path:
+    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-int8", dtype="int8")
+
+
 def hf_forward(model, ids, mask, positions, cache=None):
     """One GPT2LMHeadModel call; returns (logits, cache). transformers renamed past_key_values to cache."""
     kwargs = dict(attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(positions), use_cache=True)

@@ -39,6 +39,20 @@ def test_greedy_batch_matches_transformers_token_for_token(engine, hf_model, pre
         assert c.finish_reason == "length" and len(c.token_ids) == 12 or c.finish_reason == "eos"
 
 
+def test_greedy_matches_transformers_on_the_unfused_graph(tiny_fp32_plain, hf_model):
+    plain = Engine.load(tiny_fp32_plain, provider="cpu")
+    for prompt, c in zip(PROMPTS, plain.generate(PROMPTS, max_new_tokens=10).completions):
+        assert c.token_ids == hf_greedy(hf_model, c.prompt_token_ids, 10), prompt
+
+
+def test_token_id_prompts(engine):
+    ids = engine.to_tokens(PROMPTS[1])
+    by_ids = engine.generate([ids], max_new_tokens=5).completions[0]
+    assert by_ids.prompt_token_ids == ids and by_ids.token_ids == engine.generate(PROMPTS[1], max_new_tokens=5).completions[0].token_ids
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate([[10**7]], max_new_tokens=2)
+
+
 def test_every_row_gives_what_it_gives_alone(engine):
     batch = engine.generate(PROMPTS, max_new_tokens=8).completions
     for prompt, c in zip(PROMPTS, batch):

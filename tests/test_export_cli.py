@@ -137,3 +137,13 @@ def test_console_script_exit_code_and_stderr(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gpt2onnx.engine.cli", "export", "--model", str(tmp_path / "x"), "--output", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("gpt2-onnx: error:")
+
+
+def test_a_fusion_that_fails_fails_the_export(capsys, tmp_path, hf_folder, monkeypatch):
+    from gpt2onnx.export import fusion
+
+    monkeypatch.setattr(fusion, "expected_fusions", lambda config: {"MultiHeadAttention": config.n_layer + 1})
+    code, err = run_cli(capsys, "export", "--model", hf_folder, "--output", tmp_path / "out")
+    assert_one_line_error(code, err, "MultiHeadAttention", "--no-optimize")
+    assert not (tmp_path / "out").exists()
+    assert_nothing_left(tmp_path)

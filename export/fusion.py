@@ -1,0 +1,41 @@
+"""Fused graph for a fast runtime: attention comes out of tracing as one MultiHeadAttention op per
+layer (export/model.py), then onnxruntime's transformer optimizer fuses residual adds with
+LayerNorm (SkipLayerNormalization) and the tanh GELU (FastGelu).
+
+The counts are asserted: a fusion that silently fails would leave a slower graph that still
+passes parity, so it must fail the export instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import onnx
+
+from gpt2onnx.engine.contract import GPT2Config, UserError
+
+log = logging.getLogger(__name__)
+
+
+class FusionError(UserError, RuntimeError):
+    pass
+
+
+def expected_fusions(config: GPT2Config) -> dict[str, int]:
+    gelu = "FastGelu" if config.activation == "gelu_tanh" else "Gelu"
+    # ln_1 of layer 0 fuses the embedding add; every other LayerNorm follows a residual add.
+    return {"MultiHeadAttention": config.n_layer, "SkipLayerNormalization": 2 * config.n_layer + 1, gelu: config.n_layer}
+
+
+def fuse(proto: onnx.ModelProto, config: GPT2Config) -> onnx.ModelProto:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    log.info("fusing LayerNorm and GELU with onnxruntime's transformer optimizer")
+    model = optimize_model(proto, model_type="gpt2", num_heads=config.n_head, hidden_size=config.n_embd, opt_level=0)
+    counts = Counter(node.op_type for node in model.model.graph.node)
+    missing = {op: (n, counts[op]) for op, n in expected_fusions(config).items() if counts[op] != n}
+    if missing:
+        detail = ", ".join(f"{op} {got} (expected {n})" for op, (n, got) in missing.items())
+        raise FusionError(f"graph fusion came out wrong: {detail}; export with --no-optimize to get the unfused graph")
+    return model.model
