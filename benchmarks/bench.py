@@ -159,6 +159,7 @@ def add_summaries(results: dict, manifest: Manifest) -> dict:
             r["decode_vs_ours"] = r["decode_ms_per_token"]["median"] / mine["decode_ms_per_token"]["median"]
             r["tokens_per_s_ours_over_this"] = mine["tokens_per_s"]["median"] / r["tokens_per_s"]["median"]
             r["same_tokens_as_ours"] = r["tokens"] == mine["tokens"]
+            r["token_agreement"] = float(np.mean(np.asarray(r["tokens"]) == np.asarray(mine["tokens"])))  # int8 drifts from fp32
             context = r["prompt_len"] + r["new_tokens"] / 2
             step_bytes = c.n_params * w_bytes + 2 * c.n_layer * r["batch"] * context * c.n_embd * kv_bytes
             r["bytes_per_step"] = step_bytes
