@@ -90,6 +90,19 @@ def write_hf_reference(manifest: Manifest, folder: Path) -> None:
     save_file({k: v.contiguous() for k, v in hf_state.items()}, str(folder / "model.safetensors"))
 
 
+def standard_twin(manifest: Manifest, model_folder: Path, workdir: Path) -> Path:
+    """The standard (concat-cache) graph of the same weights and dtype, for the ONNX baselines
+    when the model under test is the shared-cache graph: they drive the standard contract."""
+    from gpt2onnx.export.exporter import ExportConfig, export
+
+    src = manifest.source
+    random_size = src.checkpoint.removeprefix("random-init:") if src.random_init else None
+    out = workdir / "standard-graph"
+    log.info("exporting the standard graph of the same weights for the ONNX baselines")
+    export(ExportConfig(output=out, model=None if src.random_init else src.checkpoint, random_init=random_size, seed=src.seed or 0, dtype=manifest.dtype, tokenizer=model_folder / manifest.tokenizer_file))
+    return out
+
+
 def run_worker(python: str, spec: dict, workdir: Path) -> dict:
     path = workdir / f"{spec['runner']}.json"
     path.write_text(json.dumps(spec))
@@ -113,7 +126,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     optimum_python = find_optimum_python(cfg.optimum_python) if "optimum" in cfg.baselines else None
     results: dict = {
         "machine": machine_info(),
-        "model": {"folder": str(cfg.model_folder), "checkpoint": manifest.source.checkpoint, "random_init": manifest.source.random_init, "seed": manifest.source.seed, "dtype": manifest.dtype, "n_params": c.n_params, "n_layer": c.n_layer, "n_embd": c.n_embd},
+        "model": {"folder": str(cfg.model_folder), "checkpoint": manifest.source.checkpoint, "random_init": manifest.source.random_init, "seed": manifest.source.seed, "dtype": manifest.dtype, "kv_cache": manifest.kv_cache, "optimized": manifest.optimized, "n_params": c.n_params, "n_layer": c.n_layer, "n_embd": c.n_embd},
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}, "configs": cfg.configs, "decoding": "greedy, EOS ignored: every runner generates exactly new_tokens"},
         "runners": {},
     }
@@ -127,6 +140,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         if any(b in HF_RUNNERS for b in cfg.baselines):
             log.info("writing the transformers reference folder with the same weights")
             write_hf_reference(manifest, hf_folder)
+        onnx_baseline_folder = cfg.model_folder.resolve()
+        if manifest.kv_cache == "shared" and any(b in ("ort-plain-loop", "naive-no-cache") for b in cfg.baselines):
+            onnx_baseline_folder = standard_twin(manifest, cfg.model_folder, workdir)
         for runner in ("gpt2-onnx", *cfg.baselines):
             configs = [x for x in cfg.configs if runner != "naive-no-cache" or x[0] <= cfg.naive_max_batch]
             python = sys.executable
@@ -137,7 +153,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                     continue
                 python = optimum_python
             log.info("running %s over %d configurations", runner, len(configs))
-            spec = {"runner": runner, "model_folder": str(cfg.model_folder.resolve()), "hf_folder": str(hf_folder), "provider": cfg.provider, "max_batch": max(cfg.batches), "configs": configs, "prompts": prompts.tolist(), "warmup": cfg.warmup, "repeats": cfg.repeats}
+            folder = cfg.model_folder.resolve() if runner == "gpt2-onnx" else onnx_baseline_folder
+            spec = {"runner": runner, "model_folder": str(folder), "hf_folder": str(hf_folder), "provider": cfg.provider, "max_batch": max(cfg.batches), "configs": configs, "prompts": prompts.tolist(), "warmup": cfg.warmup, "repeats": cfg.repeats}
             results["runners"][runner] = run_worker(python, spec, workdir)
     return add_summaries(results, manifest)
 

@@ -21,7 +21,7 @@ def ints(text: str) -> tuple[int, ...]:
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
-    from gpt2onnx.engine.contract import DTYPES
+    from gpt2onnx.engine.contract import DTYPES, KV_CACHES
 
     from .bench import ALL_BASELINES
 
@@ -32,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype when exporting")
     p.add_argument("--tokenizer", help="tokenizer folder when exporting --random-init offline")
+    p.add_argument("--kv-cache", choices=KV_CACHES, default="concat", help="graph when exporting (shared: the fast path, cache updated in place)")
     p.add_argument("--models-dir", default="models", help="where exported models are kept")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
     p.add_argument("--quick", action="store_true", help="the targets' setting only (batch 1, prompt 32, 128 new tokens, 3 runs after 1 warm-up): about 2 minutes for the 124M shape on 2 cores")
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {', '.join(ALL_BASELINES)}")
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
-    folder = resolve_model(args.model, args.random_init, args.seed, args.dtype, args.tokenizer, args.models_dir)
+    folder = resolve_model(args.model, args.random_init, args.seed, args.dtype, args.tokenizer, args.models_dir, args.kv_cache)
     cfg = BenchConfig(model_folder=folder, out=args.out, provider=args.provider, batches=args.batches, prompt_lens=args.prompt_lens, new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats, baselines=baselines, optimum_python=args.optimum_python)
     if args.quick:
         cfg = replace(cfg, **QUICK)

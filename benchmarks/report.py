@@ -8,7 +8,8 @@ from pathlib import Path
 
 def markdown(results: dict) -> str:
     m, model = results["machine"], results["model"]
-    label = f"{model['checkpoint']} ({model['dtype']}, {model['n_params'] / 1e6:.0f}M params{', RANDOM weights, seed ' + str(model['seed']) if model['random_init'] else ''})"
+    graph = ("in-place KV cache" if model.get("kv_cache") == "shared" else "standard graph") + (", fused" if model.get("optimized") else "")
+    label = f"{model['checkpoint']} ({model['dtype']}, {graph}, {model['n_params'] / 1e6:.0f}M params{', RANDOM weights, seed ' + str(model['seed']) if model['random_init'] else ''})"
     lines = [
         f"Model: {label}  ",
         f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}; onnxruntime-gpu {m['versions'].get('onnxruntime-gpu', '?')}, torch {m['versions'].get('torch', '?')}, transformers {m['versions'].get('transformers', '?')}  ",

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .contract import DTYPES, MANIFEST_FILE, UserError
+from .contract import DTYPES, KV_CACHES, MANIFEST_FILE, UserError
 
 log = logging.getLogger("gpt2onnx")
 
@@ -64,12 +64,13 @@ def add_generate_parser(sub: argparse._SubParsersAction, parents: list[argparse.
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object with completions and timing")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype when exporting on first use (int8: CPU)")
+    p.add_argument("--kv-cache", choices=KV_CACHES, default="concat", help="graph when exporting on first use (shared: the fast path, cache updated in place)")
     p.add_argument("--tokenizer", help="tokenizer folder when exporting on first use")
     p.add_argument("--models-dir", default="models", help="where models exported on first use are kept")
     p.set_defaults(run=run_generate)
 
 
-def resolve_model(model: str | None, random_init: str | None = None, seed: int = 0, dtype: str = "fp32", tokenizer: str | None = None, models_dir: str = "models") -> Path:
+def resolve_model(model: str | None, random_init: str | None = None, seed: int = 0, dtype: str = "fp32", tokenizer: str | None = None, models_dir: str = "models", kv_cache: str = "concat") -> Path:
     """A model folder as given, or the export of `model` / `random_init` in models_dir (made once, reused after)."""
     if model and (Path(model) / MANIFEST_FILE).is_file():
         return Path(model)
@@ -80,14 +81,14 @@ def resolve_model(model: str | None, random_init: str | None = None, seed: int =
         name = f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
     else:
         name = model.replace("/", "--")
-    folder = Path(models_dir) / f"{name}-{dtype}"
+    folder = Path(models_dir) / f"{name}-{dtype}{'-shared' if kv_cache == 'shared' else ''}"
     if (folder / MANIFEST_FILE).is_file():
         log.info("using %s (exported earlier)", folder)
         return folder
     from gpt2onnx.export.exporter import ExportConfig, export
 
     log.info("exporting %s into %s (once)", model or f"random-init {random_init}", folder)
-    export(ExportConfig(output=folder, model=model, random_init=random_init, seed=seed, dtype=dtype, tokenizer=Path(tokenizer) if tokenizer else None))
+    export(ExportConfig(output=folder, model=model, random_init=random_init, seed=seed, dtype=dtype, tokenizer=Path(tokenizer) if tokenizer else None, kv_cache=kv_cache))
     return folder
 
 
@@ -116,7 +117,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.no_bos and not all(args.prompt):
         raise ValueError("an empty prompt needs the BOS token to generate from; drop --no-bos or pass some text")
-    folder = resolve_model(args.model, args.random_init, args.seed or 0, args.dtype, args.tokenizer, args.models_dir)
+    folder = resolve_model(args.model, args.random_init, args.seed or 0, args.dtype, args.tokenizer, args.models_dir, args.kv_cache)
     engine = Engine.load(folder, provider=args.provider, max_batch=args.max_batch)
     options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, prepend_bos=not args.no_bos, truncate=args.truncate, **sampling)
     if args.stream and not args.json:

@@ -19,6 +19,22 @@ Graph inputs and outputs (one graph serves prefill and decode; past_seq may be 0
 
 "float" is float16 for fp16 models and float32 otherwise (int8 models quantize weights only);
 logits are always float32.
+
+The fast path (manifest kv_cache = "shared") has a fixed-size cache that the graph updates in
+place (onnxruntime's GroupQueryAttention with past and present bound to one buffer). Rows are
+left-aligned in the cache, each with its own length, so no padding is needed:
+
+    input_ids              int64   (batch, seq)         a prompt batch is right-padded
+    position_ids           int64   (batch, seq)
+    seqlens_k              int32   (batch,)             tokens in each row's cache after this step, minus 1
+    total_sequence_length  int32   ()                   the longest row's length after this step
+    logits_index           int64   (batch, kept)        which positions of this step to return logits for
+    past_key_{i}           float   (batch, n_head, max_seq, head_dim)   the whole buffer
+    past_value_{i}         float   (batch, n_head, max_seq, head_dim)
+  ->
+    logits                 float32 (batch, kept, vocab)
+    present_key_{i}        float   (batch, n_head, max_seq, head_dim)   the same buffer, updated
+    present_value_{i}      float   (batch, n_head, max_seq, head_dim)
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 
 DTYPES = ("fp32", "fp16", "int8")
+KV_CACHES = ("concat", "shared")  # past + new -> present (the contract above) | one buffer, updated in place
 # Element type of the KV cache (and activations): int8 models quantize weights only.
 ONNX_ELEM_TYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
 
@@ -92,29 +109,32 @@ def present_names(n_layer: int) -> list[str]:
     return [f"present_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
 
 
-def input_names(n_layer: int) -> list[str]:
-    return ["input_ids", "position_ids", "attention_mask", "logits_to_keep", *past_names(n_layer)]
+STEP_INPUTS = {
+    "concat": {"input_ids": ("int64", ["batch", "seq"]), "position_ids": ("int64", ["batch", "seq"]), "attention_mask": ("int64", ["batch", "total_seq"]), "logits_to_keep": ("int64", [])},
+    "shared": {"input_ids": ("int64", ["batch", "seq"]), "position_ids": ("int64", ["batch", "seq"]), "seqlens_k": ("int32", ["batch"]), "total_sequence_length": ("int32", []), "logits_index": ("int64", ["batch", "kept"])},
+}
+CACHE_DIMS = {"concat": ("past_seq", "total_seq"), "shared": ("max_seq", "max_seq")}  # (past, present) seq dim
+
+
+def input_names(n_layer: int, kv_cache: str = "concat") -> list[str]:
+    return [*STEP_INPUTS[kv_cache], *past_names(n_layer)]
 
 
 def output_names(n_layer: int) -> list[str]:
     return ["logits", *present_names(n_layer)]
 
 
-def io_spec(config: GPT2Config, dtype: str) -> dict[str, dict[str, dict]]:
+def io_spec(config: GPT2Config, dtype: str, kv_cache: str = "concat") -> dict[str, dict[str, dict]]:
     """Every graph input/output with its element type and named dims (the manifest's `io`)."""
     kv = ONNX_ELEM_TYPE[dtype]
     nh, hd = config.n_head, config.head_dim
-    inputs = {
-        "input_ids": {"dtype": "int64", "dims": ["batch", "seq"]},
-        "position_ids": {"dtype": "int64", "dims": ["batch", "seq"]},
-        "attention_mask": {"dtype": "int64", "dims": ["batch", "total_seq"]},
-        "logits_to_keep": {"dtype": "int64", "dims": []},
-    }
+    past_dim, present_dim = CACHE_DIMS[kv_cache]
+    inputs = {name: {"dtype": t, "dims": dims} for name, (t, dims) in STEP_INPUTS[kv_cache].items()}
     for name in past_names(config.n_layer):
-        inputs[name] = {"dtype": kv, "dims": ["batch", nh, "past_seq", hd]}
+        inputs[name] = {"dtype": kv, "dims": ["batch", nh, past_dim, hd]}
     outputs = {"logits": {"dtype": "float32", "dims": ["batch", "kept", config.vocab_size]}}
     for name in present_names(config.n_layer):
-        outputs[name] = {"dtype": kv, "dims": ["batch", nh, "total_seq", hd]}
+        outputs[name] = {"dtype": kv, "dims": ["batch", nh, present_dim, hd]}
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -141,6 +161,7 @@ class Manifest:
     tokenizer_file: str = TOKENIZER_FILE
     check: dict | None = None  # the export-time comparison with PyTorch
     optimized: bool = False  # fused attention / LayerNorm / GELU (onnxruntime contrib ops)
+    kv_cache: str = "concat"  # see KV_CACHES
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -187,8 +208,8 @@ def read_manifest(folder: str | Path) -> Manifest:
     if not isinstance(data, dict):
         raise ModelFolderError(f"{path} is not a JSON object; re-export the model")
     manifest = Manifest.from_dict(data)
-    if manifest.dtype not in DTYPES:
-        raise ModelFolderError(f"{path}: unknown dtype {manifest.dtype!r}; expected one of {DTYPES}")
+    if manifest.dtype not in DTYPES or manifest.kv_cache not in KV_CACHES:
+        raise ModelFolderError(f"{path}: unknown dtype {manifest.dtype!r} or kv_cache {manifest.kv_cache!r}; re-export the model with this gpt2-onnx")
     for name in (manifest.model_file, manifest.external_data, manifest.tokenizer_file):
         if name and not (folder / name).is_file():
             raise ModelFolderError(f"{folder / name} is missing; the folder is incomplete, re-export it")

@@ -19,7 +19,7 @@ import numpy as np
 from .contract import ModelFolderError, UserError, read_manifest
 from .generate import Row, Timing, decode_batch
 from .sampling import SamplingConfig, softmax
-from .session import ModelSession, SessionConfig
+from .session import SessionConfig, open_session
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Engine:
         self.tokenizer = Tokenizer(self.folder / self.manifest.tokenizer_file, c.bos_token_id, c.eos_token_id)
         if self.tokenizer.vocab_size > c.vocab_size:
             raise ModelFolderError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model only {c.vocab_size}; put the model's own tokenizer.json in {self.folder}")
-        self.session = ModelSession(self.folder, self.manifest, config)
+        self.session = open_session(self.folder, self.manifest, config)
         self._lock = threading.Lock()
         if self.manifest.source.random_init:
             log.info("%s holds RANDOM weights (%s, seed %s): its text is meaningless", self.folder, self.manifest.source.checkpoint, self.manifest.source.seed)

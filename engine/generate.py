@@ -95,8 +95,6 @@ def decode_batch(session: ModelSession, rows: list[Row], max_new_tokens: int, sa
     ids, mask, positions = left_pad([r.prompt_ids for r in rows])
     B, width = ids.shape
     session.start(B, width + max_new_tokens)
-    full_mask = np.ones((B, width + max_new_tokens), dtype=np.int64)
-    full_mask[:, :width] = mask
     seen = counts = None
     if sampling.uses_history:
         seen = np.zeros((B, session.vocab_size), dtype=bool)
@@ -105,9 +103,9 @@ def decode_batch(session: ModelSession, rows: list[Row], max_new_tokens: int, sa
             seen[r, row.prompt_ids] = True
 
     t0 = time.perf_counter()
-    logits = session.step(ids, positions, mask)  # prefill
+    logits = session.prefill(ids, mask, positions)
     timing.prefill_s += time.perf_counter() - t0
-    position, last, run_before = positions[:, -1:] + 1, t0, 0.0
+    last, run_before = t0, 0.0
     for step in range(max_new_tokens):
         tokens = next_tokens(logits, sampling, rng, seen, counts)
         now = time.perf_counter()
@@ -127,5 +125,4 @@ def decode_batch(session: ModelSession, rows: list[Row], max_new_tokens: int, sa
         if all(row.finish_reason for row in rows):
             break
         run_before = session.run_s
-        logits = session.step(tokens[:, None], position, full_mask[:, : width + step + 1])
-        position += 1
+        logits = session.decode(tokens)

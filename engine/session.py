@@ -1,13 +1,18 @@
 """One owner for the ONNX Runtime session, its IO binding and every buffer it uses.
 
-The KV cache lives on the session's device in two preallocated sets of buffers per layer
-("ping" and "pong"). A step binds the pasts to one set and the presents to the other by
-pointer, so the graph writes the new cache straight into our memory and the next step just
-swaps the sets: no cache byte crosses to the host and nothing is allocated per step. Buffers
-are sized for (batch, seq) on first use and only ever grow, up to max_batch x max_seq.
+The KV cache lives on the session's device, preallocated and bound by pointer, so the graph
+writes the new cache straight into our memory: no cache byte crosses to the host and nothing
+is allocated per step. Buffers are sized for (batch, seq) on first use and only ever grow, up
+to max_batch x max_seq. Two layouts, chosen by the model folder's manifest:
 
-Inputs (ids, positions, mask) are written into preallocated host buffers and bound by
-pointer; only the last position's logits come back, into a preallocated host buffer.
+- "concat" (the standard graph): two sets of buffers per layer, "ping" and "pong". A step binds
+  the pasts to one set and the presents to the other; the next step swaps them. Shapes grow by
+  one position per step, so the cache is rebound every step.
+- "shared" (the fast graph): one buffer per layer, bound as past and present at once;
+  GroupQueryAttention writes each new token's K/V in place. Nothing is rebound during decode.
+
+Inputs are written into preallocated host buffers and bound by pointer (rebound only when their
+shape changes); only the logits of each row's last position come back to the host.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .contract import Manifest, ModelFolderError, UserError, input_names, output
 log = logging.getLogger(__name__)
 
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float32}
+ONE = np.ones((), dtype=np.int64)  # logits_to_keep for decoding: the last position only
 SEQ_GRANULE = 256  # the cache grows in steps of this many positions, so short calls do not each reallocate
 
 
@@ -88,7 +94,10 @@ def create_session(model_path: Path, provider: str, threads: int | None) -> tupl
 
 
 class ModelSession:
-    """prefill/decode steps over the graph with IO binding and a device-resident KV cache."""
+    """The parts both cache layouts share: the session, host buffers, binding and timing.
+    Use `open_session`, which picks the layout from the manifest."""
+
+    kv_sets = 1
 
     def __init__(self, folder: Path, manifest: Manifest, config: SessionConfig):
         c = manifest.config
@@ -96,28 +105,21 @@ class ModelSession:
         self.max_batch = config.max_batch
         self.max_seq = min(config.max_seq or c.n_positions, c.n_positions)
         self.session, self.device = create_session(folder / manifest.model_file, config.provider, config.threads)
-        self._check_graph()
+        ins = [i.name for i in self.session.get_inputs()]
+        outs = [o.name for o in self.session.get_outputs()]
+        if ins != input_names(self.n_layer, manifest.kv_cache) or outs != output_names(self.n_layer):
+            raise ModelFolderError("model.onnx does not have the inputs/outputs its manifest describes; re-export the model folder")
         self.kv_dtype = KV_DTYPES[manifest.dtype]
-        self._kv_shape_tail = (c.n_head, c.head_dim)
+        self.n_head, self.head_dim = c.n_head, c.head_dim
         self._past, self._present = past_names(c.n_layer), present_names(c.n_layer)
         self._io = self.session.io_binding()
-        self._keep = np.ones((), dtype=np.int64)  # logits_to_keep = 1: decode needs the last position only
         self._cap_batch = self._cap_seq = 0
-        self._kv: list[list[ort.OrtValue]] = [[], []]  # [ping, pong] x (key_0, value_0, key_1, ...)
-        self._kv_ptrs: list[list[int]] = [[], []]  # their device addresses
+        self._kv: list[list[ort.OrtValue]] = []  # [set] x (key_0, value_0, key_1, ...)
+        self._kv_ptrs: list[list[int]] = []  # their device addresses
         self._bound: dict[str, tuple[int, tuple]] = {}  # host buffers bound now: name -> (id, shape)
-        self._cur = 0  # which set holds the current past
-        self.past_len = 0
         self.batch = 0
         self.run_s = 0.0  # total time inside onnxruntime, for the Python-overhead figure
 
-    def _check_graph(self) -> None:
-        ins = [i.name for i in self.session.get_inputs()]
-        outs = [o.name for o in self.session.get_outputs()]
-        if ins != input_names(self.n_layer) or outs != output_names(self.n_layer):
-            raise ModelFolderError("model.onnx does not have the inputs/outputs its manifest describes; re-export the model folder")
-
-    # -- buffers ---------------------------------------------------------------------------
     def reserve(self, batch: int, seq: int) -> None:
         """Make room for `batch` rows of `seq` cache positions. Does nothing when already big enough."""
         if batch > self.max_batch or seq > self.max_seq:
@@ -126,74 +128,155 @@ class ModelSession:
             return
         self._cap_batch = max(batch, self._cap_batch)
         self._cap_seq = min(self.max_seq, max(self._cap_seq, -(-seq // SEQ_GRANULE) * SEQ_GRANULE))
-        shape = (self._cap_batch, *self._kv_shape_tail[:1], self._cap_seq, self._kv_shape_tail[1])
+        shape = (self._cap_batch, self.n_head, self._cap_seq, self.head_dim)
         log.debug("allocating KV cache for batch %d x seq %d on %s", self._cap_batch, self._cap_seq, self.device)
-        self._kv = [[ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0) for _ in self._past] for _ in range(2)]
-        n = self._cap_batch * self._cap_seq
-        self._host_ids = np.zeros(n, dtype=np.int64)
-        self._host_pos = np.zeros(n, dtype=np.int64)
-        self._host_mask = np.zeros(n, dtype=np.int64)
-        self._host_logits = np.zeros(self._cap_batch * self.vocab_size, dtype=np.float32)
+        self._kv = [[ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0) for _ in self._past] for _ in range(self.kv_sets)]
         self._kv_ptrs = [[v.data_ptr() for v in kv_set] for kv_set in self._kv]
+        n = self._cap_batch * self._cap_seq
+        self._host = {name: np.zeros(n, dtype=dtype) for name, dtype in self.host_inputs.items()}
+        self._host_logits = np.zeros(self._cap_batch * self.vocab_size, dtype=np.float32)
         self._bound = {}  # new buffers: every host binding is stale
 
+    @property
+    def kv_pointers(self) -> list[list[int]]:
+        """Device addresses of the cache buffers (tests check that steps write into these)."""
+        return [list(p) for p in self._kv_ptrs]
+
+    def start(self, batch: int, seq: int) -> None:
+        """Begin a new batch with an empty cache that must hold `seq` positions."""
+        self.reserve(batch, seq)
+        self.batch = batch
+        self._logits = self._host_logits[: batch * self.vocab_size].reshape(batch, 1, self.vocab_size)
+        self._bind_host("logits", np.float32, self._logits.shape, self._host_logits, output=True)
+
+    def _feed(self, **arrays: np.ndarray) -> None:
+        """Copy step inputs into their host buffers and bind them (only when the shape changed)."""
+        for name, arr in arrays.items():
+            buf = self._host[name]
+            np.copyto(buf[: arr.size].reshape(arr.shape), arr)
+            self._bind_host(name, buf.dtype.type, arr.shape, buf)
+
     def _bind_host(self, name: str, dtype, shape: tuple, buf: np.ndarray, output: bool = False) -> None:
-        """Bind the start of a host buffer; skipped when it is already bound with this shape, so
-        decode steps leave ids, positions, logits_to_keep and logits bound as they are."""
         if self._bound.get(name) == (id(buf), shape):
             return
         bind = self._io.bind_output if output else self._io.bind_input
         bind(name, "cpu", 0, dtype, shape, buf.ctypes.data)
         self._bound[name] = (id(buf), shape)
 
-    @property
-    def kv_pointers(self) -> list[list[int]]:
-        """Device addresses of both cache sets (tests check that steps write into these)."""
-        return [list(p) for p in self._kv_ptrs]
+    def _bind_cache(self, name: str, ptr: int, seq: int, output: bool) -> None:
+        shape = (self.batch, self.n_head, seq, self.head_dim)
+        (self._io.bind_output if output else self._io.bind_input)(name, self.device, 0, self.kv_dtype, shape, ptr)
 
-    # -- steps -----------------------------------------------------------------------------
-    def start(self, batch: int, seq: int) -> None:
-        """Begin a new batch with an empty cache that must hold `seq` positions."""
-        self.reserve(batch, seq)
-        self.batch, self.past_len, self._cur = batch, 0, 0
-
-    def step(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Run ids (batch, seq) with mask (batch, past_len + seq); returns (batch, vocab) logits of
-        the last position, a view into a host buffer that the next step overwrites."""
-        B, T = ids.shape
-        total = self.past_len + T
-        assert B == self.batch and mask.shape == (B, total), f"step shapes {ids.shape}, {mask.shape} vs batch {self.batch}, past {self.past_len}"
-        assert total <= self._cap_seq, f"cache holds {self._cap_seq} positions, step needs {total}"
-        io = self._io
-        for name, buf, arr in (("input_ids", self._host_ids, ids), ("position_ids", self._host_pos, positions), ("attention_mask", self._host_mask, mask)):
-            np.copyto(buf[: arr.size].reshape(arr.shape), arr)
-            self._bind_host(name, np.int64, arr.shape, buf)
-        self._bind_host("logits_to_keep", np.int64, (), self._keep)
-        logits = self._host_logits[: B * self.vocab_size].reshape(B, 1, self.vocab_size)
-        self._bind_host("logits", np.float32, logits.shape, self._host_logits, output=True)
-        # The cache: pasts from one set, presents into the other; both shapes change every step.
-        src, dst = self._kv_ptrs[self._cur], self._kv_ptrs[1 - self._cur]
-        past_shape = (B, self._kv_shape_tail[0], self.past_len, self._kv_shape_tail[1])
-        present_shape = (B, self._kv_shape_tail[0], total, self._kv_shape_tail[1])
-        for name, ptr in zip(self._past, src):
-            io.bind_input(name, self.device, 0, self.kv_dtype, past_shape, ptr)
-        for name, ptr in zip(self._present, dst):
-            io.bind_output(name, self.device, 0, self.kv_dtype, present_shape, ptr)
+    def _run(self) -> np.ndarray:
+        """Run the bound graph; (batch, vocab) logits of one position per row, in a host buffer
+        (bound in start) that the next step overwrites."""
         t0 = time.perf_counter()
-        self.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(self._io)
         self.run_s += time.perf_counter() - t0
+        return self._logits[:, 0, :]
+
+
+class ConcatCacheSession(ModelSession):
+    """The standard graph: present = past + new, ping-pong between two preallocated sets."""
+
+    kv_sets = 2
+    host_inputs = {"input_ids": np.int64, "position_ids": np.int64, "attention_mask": np.int64, "logits_to_keep": np.int64}
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Left-padded prompts (batch, width) with their mask and positions -> last-position logits."""
+        B, width = ids.shape
+        assert B == self.batch, f"prefill of {B} rows after start({self.batch})"
+        self._mask = np.ones((B, self._cap_seq), dtype=np.int64)  # decode steps add real tokens
+        self._mask[:, :width] = mask
+        self._next_position = positions[:, -1:] + 1
+        self.past_len, self._cur = 0, 0
+        return self._step(ids, positions)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """One new token per row (batch,) -> its logits."""
+        logits = self._step(tokens[:, None], self._next_position)
+        self._next_position += 1
+        return logits
+
+    def _step(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        total = self.past_len + ids.shape[1]
+        assert total <= self._cap_seq, f"cache holds {self._cap_seq} positions, step needs {total}"
+        self._feed(input_ids=ids, position_ids=positions, attention_mask=self._mask[:, :total], logits_to_keep=ONE)
+        # pasts from one set, presents into the other; both shapes change every step
+        for name, ptr in zip(self._past, self._kv_ptrs[self._cur]):
+            self._bind_cache(name, ptr, self.past_len, output=False)
+        for name, ptr in zip(self._present, self._kv_ptrs[1 - self._cur]):
+            self._bind_cache(name, ptr, total, output=True)
+        logits = self._run()
         self._cur, self.past_len = 1 - self._cur, total
-        return logits[:, 0, :]
+        return logits
 
     def full_logits(self, ids: np.ndarray) -> np.ndarray:
         """Logits at every position of ids (batch, seq), no cache kept: for scoring."""
         B, T = ids.shape
-        empty = np.zeros((B, self._kv_shape_tail[0], 0, self._kv_shape_tail[1]), dtype=self.kv_dtype)
         feeds = {
             "input_ids": ids,
             "position_ids": np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),
             "attention_mask": np.ones((B, T), dtype=np.int64),
             "logits_to_keep": np.array(T, dtype=np.int64),
-            **{name: empty for name in self._past},
+            **{name: np.zeros((B, self.n_head, 0, self.head_dim), dtype=self.kv_dtype) for name in self._past},
         }
         return self.session.run(["logits"], feeds)[0]
+
+
+class SharedCacheSession(ModelSession):
+    """The fast graph: one buffer per layer, bound as past and present, updated in place.
+    Rows are left-aligned in the cache, each with its own length: no padding inside it."""
+
+    host_inputs = {"input_ids": np.int64, "position_ids": np.int64, "seqlens_k": np.int32, "total_sequence_length": np.int32, "logits_index": np.int64}
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Left-padded prompts -> each row's last-token logits. Rows are moved to the left of a
+        right-padded batch; padding K/V past a row's length is overwritten by its next token."""
+        B, width = ids.shape
+        assert B == self.batch, f"prefill of {B} rows after start({self.batch})"
+        lengths = mask.sum(axis=1)
+        right, right_pos = np.zeros_like(ids), np.zeros_like(positions)
+        for r, n in enumerate(lengths):
+            right[r, :n], right_pos[r, :n] = ids[r, width - n :], positions[r, width - n :]
+        for name, ptr in zip(self._past, self._kv_ptrs[0]):  # bound once for the whole batch
+            self._bind_cache(name, ptr, self._cap_seq, output=False)
+        for name, ptr in zip(self._present, self._kv_ptrs[0]):
+            self._bind_cache(name, ptr, self._cap_seq, output=True)
+        # Per-row state for the decode steps, updated in place.
+        self._seqlens = (lengths - 1).astype(np.int32)  # tokens in each row's cache, minus 1
+        self._position = lengths.astype(np.int64)[:, None]  # the next token's position (and slot)
+        self._decode_index = np.zeros((B, 1), dtype=np.int64)  # a decode step's only position
+        self._total = np.array(width, dtype=np.int32)
+        logits = self._step(right, right_pos, (lengths - 1)[:, None])
+        return logits
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        self._seqlens += 1
+        self._total[...] = self._seqlens.max() + 1
+        logits = self._step(tokens[:, None], self._position, self._decode_index)
+        self._position += 1
+        return logits
+
+    def _step(self, ids, positions, logits_index) -> np.ndarray:
+        assert self._total <= self._cap_seq, f"cache holds {self._cap_seq} positions, step needs {self._total}"
+        self._feed(input_ids=ids, position_ids=positions, seqlens_k=self._seqlens, total_sequence_length=self._total, logits_index=logits_index)
+        return self._run()
+
+    def full_logits(self, ids: np.ndarray) -> np.ndarray:
+        """Logits at every position of ids (batch, seq): a one-off prompt pass with its own cache."""
+        B, T = ids.shape
+        feeds = {
+            "input_ids": ids,
+            "position_ids": np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),
+            "seqlens_k": np.full(B, T - 1, dtype=np.int32),
+            "total_sequence_length": np.array(T, dtype=np.int32),
+            "logits_index": np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),
+            **{name: np.zeros((B, self.n_head, T, self.head_dim), dtype=self.kv_dtype) for name in self._past},
+        }
+        return self.session.run(["logits"], feeds)[0]
+
+
+def open_session(folder: Path, manifest: Manifest, config: SessionConfig) -> ModelSession:
+    cls = SharedCacheSession if manifest.kv_cache == "shared" else ConcatCacheSession
+    return cls(folder, manifest, config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2onnx.engine.contract import DTYPES
+from gpt2onnx.engine.contract import DTYPES, KV_CACHES
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -18,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     p.add_argument("--tokenizer", type=Path, help="a folder with tokenizer.json (or vocab.json + merges.txt); default: beside the weights, else the hub's gpt2")
     p.add_argument("--force", action="store_true", help="replace an existing model folder")
+    p.add_argument("--kv-cache", choices=KV_CACHES, default="concat", help="concat: the standard graph (past + new -> present, attention_mask input); shared: the fast graph, a fixed-size cache updated in place by GroupQueryAttention")
     p.add_argument("--no-optimize", dest="optimize", action="store_false", help="keep the plain graph (standard ONNX ops only) instead of the fused one (MultiHeadAttention, SkipLayerNormalization, FastGelu)")
     p.set_defaults(run=run)
 
@@ -25,6 +26,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 def run(args: argparse.Namespace) -> int:
     from .exporter import ExportConfig, export  # torch is imported only when exporting
 
-    manifest = export(ExportConfig(output=args.output, model=args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype, tokenizer=args.tokenizer, force=args.force, optimize=args.optimize))
+    manifest = export(ExportConfig(output=args.output, model=args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype, tokenizer=args.tokenizer, force=args.force, optimize=args.optimize, kv_cache=args.kv_cache))
     print(f"exported {manifest.source.checkpoint} ({manifest.dtype}) to {args.output}")
     return 0

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from gpt2onnx.engine.contract import DTYPES, MANIFEST_FILE, MODEL_FILE, Manifest, UserError, io_spec
+from gpt2onnx.engine.contract import DTYPES, KV_CACHES, MANIFEST_FILE, MODEL_FILE, Manifest, UserError, io_spec
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, random_checkpoint
 from .graph import OPSET, EXTERNAL_DATA_THRESHOLD, build_module, export_graph
 from .tokenizer_files import find_tokenizer, write_tokenizer
-from .verify import check_export
+from .verify import CheckReport, check_export, check_shared_export
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,16 @@ class ExportConfig:
     tokenizer: Path | None = None
     force: bool = False
     optimize: bool = True  # fused attention, SkipLayerNormalization and FastGelu (export/fusion.py)
+    kv_cache: str = "concat"  # "shared": the fast graph with a fixed-size cache updated in place
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # lowered by tests to exercise external data
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"--kv-cache {self.kv_cache!r} is not supported; choose one of {', '.join(KV_CACHES)}")
+        if self.kv_cache == "shared" and not self.optimize:
+            raise ValueError("--kv-cache shared needs the fused graph (GroupQueryAttention); drop --no-optimize")
         if (self.model is None) == (self.random_init is None):
             raise ValueError("pass exactly one of --model SRC or --random-init SIZE")
 
@@ -78,22 +83,22 @@ def export(cfg: ExportConfig) -> Manifest:
         reference = build_module(ckpt.config, ckpt.state_dict, "fp32")
         graph_module = reference if cfg.dtype == "fp32" else build_module(ckpt.config, {k: v.clone() for k, v in ckpt.state_dict.items()}, cfg.dtype)
         log.info("tracing %d-layer GPT-2 (%.1fM parameters) to ONNX in %s", ckpt.config.n_layer, ckpt.config.n_params / 1e6, cfg.dtype)
-        external = export_graph(graph_module, cfg.dtype, tmp / MODEL_FILE, cfg.external_data_threshold, optimize=cfg.optimize)
+        external = export_graph(graph_module, cfg.dtype, tmp / MODEL_FILE, cfg.external_data_threshold, optimize=cfg.optimize, kv_cache=cfg.kv_cache)
         del graph_module
-        session = ort.InferenceSession(str(tmp / MODEL_FILE), providers=["CPUExecutionProvider"])
-        report = check_export(session, reference, cfg.dtype)
-        log.info("export check passed: %s", report)
         manifest = Manifest(
             config=ckpt.config,
             dtype=cfg.dtype,
             source=ckpt.source,
             opset=OPSET,
             exporter_version=exporter_version(),
-            io=io_spec(ckpt.config, cfg.dtype),
+            io=io_spec(ckpt.config, cfg.dtype, cfg.kv_cache),
             external_data=external,
-            optimized=cfg.optimize,
-            check=dataclasses.asdict(report),
+            optimized=cfg.optimize or cfg.kv_cache == "shared",
+            kv_cache=cfg.kv_cache,
         )
+        report = _check(tmp, manifest, reference)
+        log.info("export check passed: %s", report)
+        manifest = dataclasses.replace(manifest, check=dataclasses.asdict(report))
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())
         _replace(tmp, out)
     except BaseException:
@@ -101,6 +106,17 @@ def export(cfg: ExportConfig) -> Manifest:
         raise
     log.info("wrote %s", out)
     return manifest
+
+
+def _check(folder: Path, manifest: Manifest, reference) -> CheckReport:
+    """The graph against PyTorch on the CPU: directly for the standard graph; through the
+    engine's own session for the in-place cache, whose steps only make sense in sequence."""
+    if manifest.kv_cache == "shared":
+        from gpt2onnx.engine.session import SessionConfig, open_session
+
+        session = open_session(folder, manifest, SessionConfig(provider="cpu", max_batch=4, max_seq=min(64, manifest.config.n_positions)))
+        return check_shared_export(session, reference, manifest.dtype)
+    return check_export(ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"]), reference, manifest.dtype)
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -22,19 +22,20 @@ class FusionError(UserError, RuntimeError):
     pass
 
 
-def expected_fusions(config: GPT2Config) -> dict[str, int]:
+def expected_fusions(config: GPT2Config, kv_cache: str = "concat") -> dict[str, int]:
     gelu = "FastGelu" if config.activation == "gelu_tanh" else "Gelu"
+    attention = "GroupQueryAttention" if kv_cache == "shared" else "MultiHeadAttention"
     # ln_1 of layer 0 fuses the embedding add; every other LayerNorm follows a residual add.
-    return {"MultiHeadAttention": config.n_layer, "SkipLayerNormalization": 2 * config.n_layer + 1, gelu: config.n_layer}
+    return {attention: config.n_layer, "SkipLayerNormalization": 2 * config.n_layer + 1, gelu: config.n_layer}
 
 
-def fuse(proto: onnx.ModelProto, config: GPT2Config) -> onnx.ModelProto:
+def fuse(proto: onnx.ModelProto, config: GPT2Config, kv_cache: str = "concat") -> onnx.ModelProto:
     from onnxruntime.transformers.optimizer import optimize_model
 
     log.info("fusing LayerNorm and GELU with onnxruntime's transformer optimizer")
     model = optimize_model(proto, model_type="gpt2", num_heads=config.n_head, hidden_size=config.n_embd, opt_level=0)
     counts = Counter(node.op_type for node in model.model.graph.node)
-    missing = {op: (n, counts[op]) for op, n in expected_fusions(config).items() if counts[op] != n}
+    missing = {op: (n, counts[op]) for op, n in expected_fusions(config, kv_cache).items() if counts[op] != n}
     if missing:
         detail = ", ".join(f"{op} {got} (expected {n})" for op, (n, got) in missing.items())
         raise FusionError(f"graph fusion came out wrong: {detail}; export with --no-optimize to get the unfused graph")

@@ -9,9 +9,9 @@ from pathlib import Path
 import onnx
 import torch
 
-from gpt2onnx.engine.contract import GPT2Config, input_names, output_names, past_names, present_names
+from gpt2onnx.engine.contract import CACHE_DIMS, STEP_INPUTS, GPT2Config, input_names, output_names, past_names, present_names
 
-from .model import GPT2
+from .model import GPT2, SharedCacheGraph
 
 log = logging.getLogger(__name__)
 
@@ -26,57 +26,57 @@ def build_module(config: GPT2Config, state_dict: dict[str, torch.Tensor], dtype:
     return model.to(TORCH_DTYPES[dtype]).eval()
 
 
-def dynamic_axes(n_layer: int) -> dict[str, dict[int, str]]:
-    axes = {
-        "input_ids": {0: "batch", 1: "seq"},
-        "position_ids": {0: "batch", 1: "seq"},
-        "attention_mask": {0: "batch", 1: "total_seq"},
-        "logits": {0: "batch", 1: "kept"},
-    }
-    axes |= {name: {0: "batch", 2: "past_seq"} for name in past_names(n_layer)}
-    axes |= {name: {0: "batch", 2: "total_seq"} for name in present_names(n_layer)}
+def dynamic_axes(n_layer: int, kv_cache: str) -> dict[str, dict[int, str]]:
+    """Symbolic dims of every input and output, from the contract's table."""
+    axes = {name: {i: d for i, d in enumerate(dims) if isinstance(d, str)} for name, (_, dims) in STEP_INPUTS[kv_cache].items()}
+    axes["logits"] = {0: "batch", 1: "kept"}
+    past_dim, present_dim = CACHE_DIMS[kv_cache]
+    axes |= {name: {0: "batch", 2: past_dim} for name in past_names(n_layer)}
+    axes |= {name: {0: "batch", 2: present_dim} for name in present_names(n_layer)}
     return axes
 
 
-def example_inputs(config: GPT2Config, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """Inputs used only to trace; batch 2, seq 3, past 4 so no dim is 0 or 1 (tracing specialises those)."""
+def example_inputs(config: GPT2Config, dtype: torch.dtype, kv_cache: str) -> tuple[torch.Tensor, ...]:
+    """Inputs used only to trace; no dim is 0 or 1 (tracing specialises those)."""
     B, T, P = 2, 3, 4
-    return (
-        torch.zeros(B, T, dtype=torch.long),
-        torch.arange(P, P + T).repeat(B, 1),
-        torch.ones(B, P + T, dtype=torch.long),
-        torch.tensor(T),
-        *[torch.zeros(B, config.n_head, P, config.head_dim, dtype=dtype) for _ in range(2 * config.n_layer)],
-    )
+    if kv_cache == "shared":
+        M = 8  # buffer capacity
+        step = (torch.zeros(B, T, dtype=torch.long), torch.arange(T).repeat(B, 1), torch.full((B,), T - 1, dtype=torch.int32), torch.tensor(T, dtype=torch.int32), torch.tensor([[0, T - 1]] * B))
+    else:
+        M = P
+        step = (torch.zeros(B, T, dtype=torch.long), torch.arange(P, P + T).repeat(B, 1), torch.ones(B, P + T, dtype=torch.long), torch.tensor(T))
+    return (*step, *[torch.zeros(B, config.n_head, M, config.head_dim, dtype=dtype) for _ in range(2 * config.n_layer)])
 
 
-def export_graph(model: GPT2, dtype: str, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, optimize: bool = False) -> str | None:
+def export_graph(model: GPT2, dtype: str, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, optimize: bool = False, kv_cache: str = "concat") -> str | None:
     """Write `path` (and `path`.data when the weights pass the threshold). Returns the external data file name.
-    optimize: fused attention (MultiHeadAttention) and onnxruntime's fusions, with their counts checked."""
+    optimize: fused attention and onnxruntime's fusions, with their counts checked (the shared
+    cache needs the fused GroupQueryAttention, so it implies optimize)."""
     n_layer = model.config.n_layer
     scratch = path.parent / "trace"
     scratch.mkdir()
-    model.fuse_attention(optimize)
+    model.use_attention("gqa" if kv_cache == "shared" else "mha" if optimize else "plain")
+    traced = SharedCacheGraph(model) if kv_cache == "shared" else model
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices are not for our users
         torch.onnx.export(
-            model,
-            example_inputs(model.config, TORCH_DTYPES[dtype]),
+            traced,
+            example_inputs(model.config, TORCH_DTYPES[dtype], kv_cache),
             str(scratch / "model.onnx"),
             dynamo=False,
             opset_version=OPSET,
-            input_names=input_names(n_layer),
+            input_names=input_names(n_layer, kv_cache),
             output_names=output_names(n_layer),
-            dynamic_axes=dynamic_axes(n_layer),
+            dynamic_axes=dynamic_axes(n_layer, kv_cache),
             do_constant_folding=True,
             custom_opsets={"com.microsoft": 1},
         )
-    model.fuse_attention(False)
+    model.use_attention("plain")
     proto = onnx.load(str(scratch / "model.onnx"))  # also pulls in any external data the tracer wrote
-    if optimize:
+    if optimize or kv_cache == "shared":
         from .fusion import fuse
 
-        proto = fuse(proto, model.config)
+        proto = fuse(proto, model.config, kv_cache)
     if dtype == "int8":
         from .quantize import quantize_int8
 

@@ -98,6 +98,31 @@ class FusedAttention(torch.autograd.Function):
         return y, k_all, v_all
 
 
+class SharedCacheAttention(torch.autograd.Function):
+    """Exports as onnxruntime's com.microsoft::GroupQueryAttention (kv_num_heads = num_heads, no
+    rotary): past and present are one (batch, n_head, max_seq, head_dim) buffer that the op
+    updates in place at each row's own length (seqlens_k). Its PyTorch side only gives tracing
+    the output shapes; the export check runs the graph against `attend` through the engine."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total_len, n_head: int, scale: float):
+        return q.clone(), past_k.clone(), past_v.clone()
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, n_head, scale):
+        y, k_all, v_all = g.op(
+            "com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len,
+            num_heads_i=n_head, kv_num_heads_i=n_head, scale_f=scale, outputs=3,
+        )  # fmt: skip
+        y.setType(q.type())
+        k_all.setType(past_k.type())
+        v_all.setType(past_v.type())
+        return y, k_all, v_all
+
+
+ATTENTION_KINDS = ("plain", "mha", "gqa")  # standard ops | MultiHeadAttention | GroupQueryAttention, shared cache
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
@@ -108,14 +133,17 @@ class Attention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
         self.scale = scale
-        self.fused = False  # set by GPT2.fuse_attention() before export
+        self.kind = "plain"  # set by GPT2.use_attention() before export
 
-    def forward(self, x, allowed, attention_mask, past_k, past_v):
+    def forward(self, x, masks: tuple, past_k, past_v):
+        """masks: (allowed, attention_mask) for plain / mha, (seqlens_k, total_len) for gqa."""
         q, k, v = self.c_attn(x).split(x.shape[-1], dim=2)
-        if self.fused:
-            y, k, v = FusedAttention.apply(q, k, v, attention_mask, past_k, past_v, self.n_head, self.scale)
+        if self.kind == "gqa":
+            y, k, v = SharedCacheAttention.apply(q, k, v, past_k, past_v, *masks, self.n_head, self.scale)
+        elif self.kind == "mha":
+            y, k, v = FusedAttention.apply(q, k, v, masks[1], past_k, past_v, self.n_head, self.scale)
         else:
-            y, k, v = attend(q, k, v, past_k, past_v, allowed, self.n_head, self.scale)
+            y, k, v = attend(q, k, v, past_k, past_v, masks[0], self.n_head, self.scale)
         return self.c_proj(y), k, v
 
 
@@ -138,17 +166,17 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, allowed, attention_mask, past_k, past_v):
-        a, k, v = self.attn(self.ln_1(x), allowed, attention_mask, past_k, past_v)
+    def forward(self, x, masks, past_k, past_v):
+        a, k, v = self.attn(self.ln_1(x), masks, past_k, past_v)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, k, v
 
 
 class GPT2(nn.Module):
-    """forward(input_ids, position_ids, attention_mask, logits_to_keep, *past) -> (logits, *present).
-
-    See gpt2onnx.engine.contract for shapes. `past` is flat: key_0, value_0, key_1, ...
+    """forward(input_ids, position_ids, attention_mask, logits_to_keep, *past) -> (logits, *present);
+    forward_shared(...) is the shared-cache graph. See gpt2onnx.engine.contract for shapes.
+    `past` is flat: key_0, value_0, key_1, ...
     """
 
     def __init__(self, config: GPT2Config):
@@ -160,27 +188,44 @@ class GPT2(nn.Module):
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
 
     def forward(self, input_ids, position_ids, attention_mask, logits_to_keep, *past):
+        T = input_ids.shape[1]
+        masks = (None if self.h[0].attn.kind == "mha" else allowed_mask(T, past[0].shape[2], attention_mask), attention_mask)
+        x, presents = self._blocks(input_ids, position_ids, masks, past)
+        x = x[:, T - logits_to_keep :, :]  # (B, kept, C)
+        return (self._lm_head(x), *presents)
+
+    def forward_shared(self, input_ids, position_ids, seqlens_k, total_len, logits_index, *past):
+        """The shared-cache graph (contract "shared"): GroupQueryAttention updates `past` in place."""
+        x, presents = self._blocks(input_ids, position_ids, (seqlens_k, total_len), past)
+        idx = logits_index.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, kept, C)
+        return (self._lm_head(torch.gather(x, 1, idx)), *presents)
+
+    def _blocks(self, input_ids, position_ids, masks, past):
         B, T = input_ids.shape
-        past_len = past[0].shape[2]
         tok = self.wte_t.index_select(1, input_ids.reshape(-1)).t().reshape(B, T, -1)
         x = tok + self.wpe.index_select(0, position_ids.reshape(-1)).reshape(B, T, -1)
-
-        allowed = None if self.h[0].attn.fused else allowed_mask(T, past_len, attention_mask)
         presents = []
         for i, block in enumerate(self.h):
-            x, k, v = block(x, allowed, attention_mask, past[2 * i], past[2 * i + 1])
+            x, k, v = block(x, masks, past[2 * i], past[2 * i + 1])
             presents += [k, v]
-        x = self.ln_f(x)
-        x = x[:, T - logits_to_keep :, :]  # (B, kept, C)
-        logits = (x @ self.wte_t).float()  # (B, kept, vocab)
-        return (logits, *presents)
+        return self.ln_f(x), presents
 
-    def fuse_attention(self, on: bool = True) -> None:
-        """Trace attention as one MultiHeadAttention op per layer (onnxruntime contrib op)."""
+    def _lm_head(self, x):
+        return (x @ self.wte_t).float()  # (B, kept, vocab)
+
+    def use_attention(self, kind: str) -> None:
+        """How attention is traced: one of ATTENTION_KINDS."""
+        assert kind in ATTENTION_KINDS, kind
         for block in self.h:
-            block.attn.fused = on
+            block.attn.kind = kind
 
-    def empty_past(self, batch: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        c = self.config
-        dtype = dtype or self.wpe.dtype
-        return [torch.zeros(batch, c.n_head, 0, c.head_dim, dtype=dtype) for _ in range(2 * c.n_layer)]
+
+class SharedCacheGraph(nn.Module):
+    """What tracing sees for the shared-cache graph: GPT2.forward_shared as a forward."""
+
+    def __init__(self, model: GPT2):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model.forward_shared(*args)

@@ -73,11 +73,10 @@ def random_inputs(config: GPT2Config, batch: int, seq: int, past_len: int, keep:
 
 def check_export(session, reference: GPT2, dtype: str, seed: int = 0) -> CheckReport:
     """Compare `session` (onnxruntime) with the fp32 `reference` module; raise ExportCheckError on a miss."""
-    config, tol = reference.config, TOLERANCES[dtype]
+    config = reference.config
     gen = np.random.default_rng(seed)
     np_dtype = np.float16 if dtype == "fp16" else np.float32
-    worst_logits = worst_present = 0.0
-    agree = total = 0
+    report = CheckReport(0.0, 0.0, 0.0, 0)
     for i, shape in enumerate(CHECK_SHAPES):
         log.info("checking against PyTorch: shape %d/%d (batch, seq, past, keep, pad) = %s", i + 1, len(CHECK_SHAPES), shape)
         feeds = random_inputs(config, *shape, gen=gen, np_dtype=np_dtype)
@@ -88,26 +87,57 @@ def check_export(session, reference: GPT2, dtype: str, seed: int = 0) -> CheckRe
         # so only real query positions and real cache slots are compared.
         mask = feeds["attention_mask"].astype(bool)
         real_query = mask[:, -feeds["input_ids"].shape[1] :][:, -got[0].shape[1] :, None]
-        real_slot = mask[:, None, :, None]
-        for j, (g, w) in enumerate(zip(got, want)):
-            g = g.astype(np.float32)
-            if not np.isfinite(g).all():
-                raise ExportCheckError(f"output {j} has non-finite values at shape {shape}")
-            diff = np.where(real_query if j == 0 else real_slot, np.abs(g - w), 0.0)
-            limit = tol.atol + tol.rtol * float(np.abs(w).max(initial=0.0))
-            if diff.max(initial=0.0) > limit:
-                where = np.unravel_index(diff.argmax(), diff.shape)
-                raise ExportCheckError(
-                    f"{'logits' if j == 0 else f'present {j - 1}'} differ from PyTorch by {diff.max():.3g} "
-                    f"(limit {limit:.3g}) at index {tuple(int(x) for x in where)}, shape {shape}"
-                )
-            if j == 0:
-                worst_logits = max(worst_logits, float(diff.max(initial=0.0)))
-                agree_here, n = top1_agreement(g[real_query[..., 0]], w[real_query[..., 0]], limit)
-                agree, total = agree + agree_here, total + n
-            else:
-                worst_present = max(worst_present, float(diff.max(initial=0.0)))
-    return CheckReport(worst_logits, worst_present, agree / total, total)
+        _compare(report, "logits", got[0], want[0], real_query, TOLERANCES[dtype], shape)
+        for j, (g, w) in enumerate(zip(got[1:], want[1:])):
+            _compare(report, f"present {j}", g, w, mask[:, None, :, None], TOLERANCES[dtype], shape)
+    return report
+
+
+# (prompt lengths, decode steps) for the shared-cache graph: one row, and a ragged batch.
+SHARED_CHECKS = [([1], 3), ([7], 2), ([5, 2, 4], 3)]
+
+
+def check_shared_export(session, reference: GPT2, dtype: str, seed: int = 0) -> CheckReport:
+    """The shared-cache graph through the engine's own session (prefill, then decode steps that
+    update the cache in place), against the reference module run over the whole sequences."""
+    from gpt2onnx.engine.generate import left_pad
+
+    config, gen = reference.config, np.random.default_rng(seed)
+    report = CheckReport(0.0, 0.0, 0.0, 0)
+    for lengths, steps in SHARED_CHECKS:
+        log.info("checking the in-place cache against PyTorch: prompts %s, %d decode steps", lengths, steps)
+        prompts = [gen.integers(0, config.vocab_size, n).tolist() for n in lengths]
+        new = gen.integers(0, config.vocab_size, (len(lengths), steps))
+        ids, mask, positions = left_pad(prompts)
+        session.start(len(lengths), ids.shape[1] + steps)
+        got = [session.prefill(ids, mask, positions).copy()]
+        got += [session.decode(new[:, i]).copy() for i in range(steps)]
+        full_ids, full_mask, full_pos = left_pad([p + n.tolist() for p, n in zip(prompts, new)])
+        with torch.no_grad():
+            want = reference(*map(torch.from_numpy, (full_ids, full_pos, full_mask, np.array(steps + 1))), *[torch.zeros(len(lengths), config.n_head, 0, config.head_dim)] * (2 * config.n_layer))[0].numpy()
+        _compare(report, "logits", np.stack(got, axis=1), want, np.ones(want.shape[:2] + (1,), bool), TOLERANCES[dtype], (lengths, steps))
+    return report
+
+
+def _compare(report: CheckReport, what: str, got: np.ndarray, want: np.ndarray, valid: np.ndarray, tol: Tolerance, shape) -> None:
+    """Check one output where `valid` (broadcastable) is true; fold the figures into `report`."""
+    got = got.astype(np.float32)
+    if not np.isfinite(got).all():
+        raise ExportCheckError(f"{what} has non-finite values at shape {shape}")
+    diff = np.where(valid, np.abs(got - want), 0.0)
+    limit = tol.atol + tol.rtol * float(np.abs(want).max(initial=0.0))
+    if diff.max(initial=0.0) > limit:
+        where = np.unravel_index(diff.argmax(), diff.shape)
+        raise ExportCheckError(f"{what} differ from PyTorch by {diff.max():.3g} (limit {limit:.3g}) at index {tuple(int(x) for x in where)}, shape {shape}")
+    if what == "logits":
+        report.max_abs_logits = max(report.max_abs_logits, float(diff.max(initial=0.0)))
+        rows = np.broadcast_to(valid[..., 0], got.shape[:-1])
+        agree, n = top1_agreement(got[rows], want[rows], limit)
+        seen = report.top1_agreement * report.positions
+        report.positions += n
+        report.top1_agreement = (seen + agree) / report.positions
+    else:
+        report.max_abs_present = max(report.max_abs_present, float(diff.max(initial=0.0)))
 
 
 def top1_agreement(got: np.ndarray, want: np.ndarray, limit: float) -> tuple[int, int]:

@@ -121,6 +121,12 @@ def tiny_fp32_plain(hf_folder, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_shared(hf_folder, tmp_path_factory) -> Path:
+    """The fast graph: fixed-size cache updated in place (GroupQueryAttention)."""
+    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-shared", kv_cache="shared")
+
+
+@pytest.fixture(scope="session")
 def tiny_int8(hf_folder, tmp_path_factory) -> Path:
     return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-int8", dtype="int8")
 

@@ -17,9 +17,10 @@ from gpt2onnx.engine.session import ProviderError, cuda_device_count
 PROMPTS = ["Hello", "The quick brown fox jumps over", "a", "Once upon a time, in a land far away, there lived"]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_fp32):
-    return Engine.load(tiny_fp32, provider="cpu", max_batch=4)
+@pytest.fixture(scope="module", params=["tiny_fp32", "tiny_shared"])
+def engine(request):
+    """Every engine test runs on the standard graph and on the in-place (shared) cache."""
+    return Engine.load(request.getfixturevalue(request.param), provider="cpu", max_batch=4)
 
 
 def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
@@ -60,8 +61,8 @@ def test_every_row_gives_what_it_gives_alone(engine):
         assert c.token_ids == alone.token_ids and c.text == alone.text
 
 
-def test_more_prompts_than_max_batch_run_in_turns(tiny_fp32, engine):
-    small = Engine.load(tiny_fp32, provider="cpu", max_batch=2)
+def test_more_prompts_than_max_batch_run_in_turns(engine):
+    small = Engine.load(engine.folder, provider="cpu", max_batch=2)
     assert [c.token_ids for c in small.generate(PROMPTS, max_new_tokens=5).completions] == [c.token_ids for c in engine.generate(PROMPTS, max_new_tokens=5).completions]
 
 
@@ -93,19 +94,47 @@ def test_stop_string_is_not_streamed_before_it_completes(engine):
     assert stop not in "".join(pieces) and "".join(pieces) == engine.generate(PROMPTS[1], max_new_tokens=10, stop=stop).completions[0].text
 
 
-def test_kv_cache_is_written_in_place_and_never_reallocated(engine):
-    """No cache copies: every step's presents are the preallocated buffers, alternating between two sets."""
+class CountingBinding:
+    """Wraps an IOBinding and counts the bind calls made through it."""
+
+    def __init__(self, io):
+        self.io, self.calls = io, []
+
+    def __getattr__(self, name):
+        attr = getattr(self.io, name)
+        if name.startswith("bind"):
+            return lambda *a, **k: (self.calls.append((name, a[0])), attr(*a, **k))[1]
+        return attr
+
+
+def test_kv_cache_lives_in_the_preallocated_buffers(engine):
+    """No cache copies: every step's presents are written into the buffers allocated once
+    (two alternating sets for the standard graph; the one set, in place, for the shared cache),
+    and a second call of the same size allocates nothing."""
     engine.generate(PROMPTS, max_new_tokens=4)
-    pointers = engine.session.kv_pointers
-    session = engine.session
+    session, pointers = engine.session, engine.session.kv_pointers
+    c = engine.manifest.config
     session.start(2, 8)
-    ids, mask, pos = np.array([[1, 2], [3, 4]]), np.ones((2, 2), np.int64), np.array([[0, 1], [0, 1]])
+    session.prefill(np.array([[1, 2], [0, 4]]), np.array([[1, 1], [0, 1]]), np.array([[0, 1], [0, 0]]))
+    session._io = counting = CountingBinding(session._io)
     for step in range(4):
-        session.step(ids if step == 0 else ids[:, :1], pos if step == 0 else pos[:, :1] + step + 1, np.ones((2, 2 + step), np.int64))
+        if step == 1:
+            counting.calls.clear()  # the first decode step rebinds ids and positions: (B, 2) -> (B, 1)
+        session.decode(np.array([5, 6]))
         outputs = session._io.get_outputs()  # in binding order: logits, then the presents
         written = [v.data_ptr() for v in outputs[1:]]
-        assert written == pointers[(step + 1) % 2], f"step {step}: presents were not written into the preallocated set"
-        assert outputs[1].shape() == [2, session.manifest.config.n_head, 2 + step, session.manifest.config.head_dim]
+        if engine.manifest.kv_cache == "shared":
+            assert written == pointers[0], f"step {step}: presents were not written in place"
+            assert outputs[1].shape()[2] == session._cap_seq
+        else:
+            assert written == pointers[step % 2], f"step {step}: presents were not written into the preallocated set"
+            assert outputs[1].shape() == [2, c.n_head, 3 + step, c.head_dim]
+    cache_binds = [name for _, name in counting.calls if name.startswith(("past", "present"))]
+    if engine.manifest.kv_cache == "shared":
+        assert counting.calls == [], f"decode steps rebound {counting.calls[:4]}..."
+    else:
+        assert len(cache_binds) == 3 * 2 * 2 * c.n_layer  # pasts and presents, every step
+    session._io = counting.io
     engine.generate(PROMPTS, max_new_tokens=4)
     assert engine.session.kv_pointers == pointers, "buffers were reallocated for a call that fits"
 
@@ -194,12 +223,16 @@ def test_concurrent_use_is_refused(engine):
 
 
 def test_breaking_out_of_a_stream_stops_work(engine):
-    steps_before = engine.session.past_len
-    for i, _ in enumerate(engine.stream("Hello", max_new_tokens=50)):
-        if i == 2:
-            break
-    assert engine.session.past_len < 10, "the loop ran on after the consumer stopped"
-    assert steps_before is not None
+    runs = []
+    real = engine.session._run
+    engine.session._run = lambda: (runs.append(1), real())[1]
+    try:
+        for i, _ in enumerate(engine.stream("Hello", max_new_tokens=50)):
+            if i == 2:
+                break
+    finally:
+        engine.session._run = real
+    assert len(runs) <= 4, f"{len(runs)} graph runs: the loop ran on after the consumer stopped"
 
 
 def test_repeated_calls_do_not_grow_memory(engine):

@@ -142,7 +142,7 @@ def test_console_script_exit_code_and_stderr(tmp_path):
 def test_a_fusion_that_fails_fails_the_export(capsys, tmp_path, hf_folder, monkeypatch):
     from gpt2onnx.export import fusion
 
-    monkeypatch.setattr(fusion, "expected_fusions", lambda config: {"MultiHeadAttention": config.n_layer + 1})
+    monkeypatch.setattr(fusion, "expected_fusions", lambda config, kv_cache: {"MultiHeadAttention": config.n_layer + 1})
     code, err = run_cli(capsys, "export", "--model", hf_folder, "--output", tmp_path / "out")
     assert_one_line_error(code, err, "MultiHeadAttention", "--no-optimize")
     assert not (tmp_path / "out").exists()

@@ -114,15 +114,15 @@ def test_int8_parity_figures_against_fp32(tiny_int8, hf_model):
     assert agree >= 0.9
 
 
-def test_optimized_graph_has_the_fused_ops(tiny_fp32, tiny_fp16, tiny_fp32_plain, tiny_int8):
+def test_optimized_graph_has_the_fused_ops(tiny_fp32, tiny_fp16, tiny_fp32_plain, tiny_int8, tiny_shared):
     from collections import Counter
 
     from gpt2onnx.export.fusion import expected_fusions
 
     config = read_manifest(tiny_fp32).config
-    for folder in (tiny_fp32, tiny_fp16, tiny_int8):
+    for folder in (tiny_fp32, tiny_fp16, tiny_int8, tiny_shared):
         counts = Counter(n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node)
-        assert all(counts[op] == n for op, n in expected_fusions(config).items()), (folder.name, counts)
+        assert all(counts[op] == n for op, n in expected_fusions(config, read_manifest(folder).kv_cache).items()), (folder.name, counts)
         assert read_manifest(folder).optimized
     plain = Counter(n.op_type for n in onnx.load(str(tiny_fp32_plain / "model.onnx")).graph.node)
     assert not any(op in plain for op in expected_fusions(config)) and not read_manifest(tiny_fp32_plain).optimized
@@ -179,3 +179,17 @@ def test_export_124m_shape_random_init(tokenizer_dir, vocab, tmp_path):
     assert manifest.check["top1_agreement"] == 1.0 and manifest.check["max_abs_logits"] < 1e-3
     size = (out / "model.onnx").stat().st_size
     assert 0.95 * c.n_params * 4 < size < 1.05 * c.n_params * 4, f"model.onnx is {size} bytes for {c.n_params} params"
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_shared_cache_exports_in_every_dtype(hf_folder, tmp_path, dtype):
+    """The export check itself runs the in-place cache (ragged batch, decode steps) against PyTorch."""
+    out = export_folder(hf_folder, tmp_path / f"shared-{dtype}", dtype=dtype, kv_cache="shared")
+    manifest = read_manifest(out)
+    assert manifest.kv_cache == "shared" and manifest.dtype == dtype and manifest.check["positions"] > 0
+    assert list(manifest.io["inputs"])[:5] == ["input_ids", "position_ids", "seqlens_k", "total_sequence_length", "logits_index"]
+
+
+def test_shared_cache_needs_the_fused_graph(hf_folder, tmp_path):
+    with pytest.raises(ValueError, match="drop --no-optimize"):
+        export_folder(hf_folder, tmp_path / "x", kv_cache="shared", optimize=False)
