@@ -15,8 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -165,7 +164,7 @@ def add_summaries(results: dict, manifest: Manifest) -> dict:
     ours = {(r["batch"], r["prompt_len"], r["new_tokens"]): r for r in results["runners"]["gpt2-onnx"]["results"]}
     bw = results["machine"]["read_bandwidth_gbs"] * 1e9
     w_bytes, kv_bytes = WEIGHT_BYTES[manifest.dtype], KV_BYTES[manifest.dtype]
-    for name, data in results["runners"].items():
+    for data in results["runners"].values():
         for r in data.get("results", []):
             key = (r["batch"], r["prompt_len"], r["new_tokens"])
             for metric in ("ttft_ms", "decode_ms_per_token", "tokens_per_s", "python_overhead_ms"):

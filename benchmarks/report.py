@@ -43,19 +43,24 @@ def markdown(results: dict) -> str:
 
 def plots(results: dict, out: Path) -> list[Path]:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runners = {n: d for n, d in results["runners"].items() if "results" in d}
-    prompt = min(r["prompt_len"] for r in runners["gpt2-onnx"]["results"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, data in runners.items():
-        pts = sorted((r["batch"], r["tokens_per_s"]["median"]) for r in data["results"] if r["prompt_len"] == prompt)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=name)
-    ax.set(xlabel="batch size", ylabel="tokens/s (median)", title=f"Throughput, prompt {prompt}", xscale="log", yscale="log")
-    ax.legend(), ax.grid(alpha=0.3)
+    prompts = sorted({r["prompt_len"] for r in runners["gpt2-onnx"]["results"]})
+    batches = sorted({r["batch"] for r in runners["gpt2-onnx"]["results"]})
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, (name, data) in enumerate(runners.items()):
+        for prompt, style in zip(prompts, ("-", "--", ":", "-.")):
+            pts = sorted((r["batch"], r["tokens_per_s"]["median"]) for r in data["results"] if r["prompt_len"] == prompt)
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", color=f"C{i}", label=f"{name}, prompt {prompt}")
+    ax.set(xlabel="batch size", ylabel="tokens/s (median)", title="Throughput", xscale="log", yscale="log")
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.legend(fontsize=7), ax.grid(alpha=0.3)
     throughput = out / "throughput_vs_batch.png"
     fig.tight_layout(), fig.savefig(throughput, dpi=110), plt.close(fig)
 

@@ -72,6 +72,8 @@ def export(cfg: ExportConfig) -> Manifest:
     ckpt: Checkpoint = random_checkpoint(cfg.random_init, cfg.seed) if cfg.random_init else load_checkpoint(cfg.model)
     if ckpt.source.random_init:
         log.warning("RANDOM weights (%s, seed %d): the model folder is labelled random-init and its text is meaningless", ckpt.source.checkpoint, cfg.seed)
+    if cfg.kv_cache == "shared" and ckpt.config.head_dim % 8:
+        raise CheckpointError(f"--kv-cache shared needs a head size that is a multiple of 8 (GroupQueryAttention); this model's is {ckpt.config.head_dim}: use --kv-cache concat")
     tokenizer_src = find_tokenizer(cfg.tokenizer, ckpt.folder, hub_fallback="gpt2")  # the family shares one
 
     out.parent.mkdir(parents=True, exist_ok=True)
