@@ -33,6 +33,8 @@ left-aligned in the cache, each with its own length, so no padding is needed:
     past_value_{i}         float   (batch, n_head, max_seq, head_dim)
   ->
     logits                 float32 (batch, kept, vocab)
+    next_token             int64   (batch, kept)        argmax of logits: greedy decoding on the device,
+                                                        so only the ids need to reach the host
     present_key_{i}        float   (batch, n_head, max_seq, head_dim)   the same buffer, updated
     present_value_{i}      float   (batch, n_head, max_seq, head_dim)
 """
@@ -120,8 +122,9 @@ def input_names(n_layer: int, kv_cache: str = "concat") -> list[str]:
     return [*STEP_INPUTS[kv_cache], *past_names(n_layer)]
 
 
-def output_names(n_layer: int) -> list[str]:
-    return ["logits", *present_names(n_layer)]
+def output_names(n_layer: int, kv_cache: str = "concat") -> list[str]:
+    picked = ["next_token"] if kv_cache == "shared" else []
+    return ["logits", *picked, *present_names(n_layer)]
 
 
 def io_spec(config: GPT2Config, dtype: str, kv_cache: str = "concat") -> dict[str, dict[str, dict]]:
@@ -133,6 +136,8 @@ def io_spec(config: GPT2Config, dtype: str, kv_cache: str = "concat") -> dict[st
     for name in past_names(config.n_layer):
         inputs[name] = {"dtype": kv, "dims": ["batch", nh, past_dim, hd]}
     outputs = {"logits": {"dtype": "float32", "dims": ["batch", "kept", config.vocab_size]}}
+    if kv_cache == "shared":
+        outputs["next_token"] = {"dtype": "int64", "dims": ["batch", "kept"]}
     for name in present_names(config.n_layer):
         outputs[name] = {"dtype": kv, "dims": ["batch", nh, present_dim, hd]}
     return {"inputs": inputs, "outputs": outputs}

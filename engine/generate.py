@@ -94,7 +94,10 @@ def decode_batch(session: ModelSession, rows: list[Row], max_new_tokens: int, sa
     """Yield (row index, text piece) as tokens are produced; closing the generator stops the work."""
     ids, mask, positions = left_pad([r.prompt_ids for r in rows])
     B, width = ids.shape
-    session.start(B, width + max_new_tokens)
+    # Plain greedy decoding can take the argmax inside the graph: only B ids reach the host.
+    on_device = sampling.greedy and not sampling.uses_history and not sampling.logit_bias
+    session.start(B, width + max_new_tokens, greedy_on_device=on_device)
+    on_device = session.greedy_on_device
     seen = counts = None
     if sampling.uses_history:
         seen = np.zeros((B, session.vocab_size), dtype=bool)
@@ -103,11 +106,11 @@ def decode_batch(session: ModelSession, rows: list[Row], max_new_tokens: int, sa
             seen[r, row.prompt_ids] = True
 
     t0 = time.perf_counter()
-    logits = session.prefill(ids, mask, positions)
+    out = session.prefill(ids, mask, positions)  # logits (B, vocab), or ids (B,) when on_device
     timing.prefill_s += time.perf_counter() - t0
     last, run_before = t0, 0.0
     for step in range(max_new_tokens):
-        tokens = next_tokens(logits, sampling, rng, seen, counts)
+        tokens = out if on_device else next_tokens(out, sampling, rng, seen, counts)
         now = time.perf_counter()
         if step == 0:
             timing.first_token_s += now - t0
@@ -125,4 +128,4 @@ def decode_batch(session: ModelSession, rows: list[Row], max_new_tokens: int, sa
         if all(row.finish_reason for row in rows):
             break
         run_before = session.run_s
-        logits = session.decode(tokens)
+        out = session.decode(tokens)

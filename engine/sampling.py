@@ -78,7 +78,7 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
 def mask_top_k(logits: np.ndarray, k: int) -> np.ndarray:
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = np.partition(logits, -k, axis=-1)[:, -k : -k + 1]  # (batch, 1): the k-th largest
+    kth = np.partition(logits, -k, axis=-1)[:, -k, None]  # (batch, 1): the k-th largest
     return np.where(logits >= kth, logits, -np.inf)
 
 

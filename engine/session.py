@@ -107,7 +107,7 @@ class ModelSession:
         self.session, self.device = create_session(folder / manifest.model_file, config.provider, config.threads)
         ins = [i.name for i in self.session.get_inputs()]
         outs = [o.name for o in self.session.get_outputs()]
-        if ins != input_names(self.n_layer, manifest.kv_cache) or outs != output_names(self.n_layer):
+        if ins != input_names(self.n_layer, manifest.kv_cache) or outs != output_names(self.n_layer, manifest.kv_cache):
             raise ModelFolderError("model.onnx does not have the inputs/outputs its manifest describes; re-export the model folder")
         self.kv_dtype = KV_DTYPES[manifest.dtype]
         self.n_head, self.head_dim = c.n_head, c.head_dim
@@ -135,6 +135,7 @@ class ModelSession:
         n = self._cap_batch * self._cap_seq
         self._host = {name: np.zeros(n, dtype=dtype) for name, dtype in self.host_inputs.items()}
         self._host_logits = np.zeros(self._cap_batch * self.vocab_size, dtype=np.float32)
+        self._host_next = np.zeros(self._cap_batch, dtype=np.int64)
         self._bound = {}  # new buffers: every host binding is stale
 
     @property
@@ -142,12 +143,25 @@ class ModelSession:
         """Device addresses of the cache buffers (tests check that steps write into these)."""
         return [list(p) for p in self._kv_ptrs]
 
-    def start(self, batch: int, seq: int) -> None:
-        """Begin a new batch with an empty cache that must hold `seq` positions."""
+    def start(self, batch: int, seq: int, greedy_on_device: bool = False) -> None:
+        """Begin a new batch with an empty cache that must hold `seq` positions. With
+        greedy_on_device (and a graph that has `next_token`), steps return the argmax ids
+        instead of logits, so only the ids come back to the host."""
         self.reserve(batch, seq)
         self.batch = batch
-        self._logits = self._host_logits[: batch * self.vocab_size].reshape(batch, 1, self.vocab_size)
-        self._bind_host("logits", np.float32, self._logits.shape, self._host_logits, output=True)
+        self.greedy_on_device = greedy_on_device and self.can_pick_on_device
+        self._io.clear_binding_outputs()  # what comes back is chosen per batch
+        self._bound = {k: v for k, v in self._bound.items() if k not in ("logits", "next_token")}
+        if self.greedy_on_device:
+            self._out = self._host_next[:batch].reshape(batch, 1)
+            self._bind_host("next_token", np.int64, self._out.shape, self._host_next, output=True)
+        else:
+            self._out = self._host_logits[: batch * self.vocab_size].reshape(batch, 1, self.vocab_size)
+            self._bind_host("logits", np.float32, self._out.shape, self._host_logits, output=True)
+
+    @property
+    def can_pick_on_device(self) -> bool:
+        return "next_token" in (o.name for o in self.session.get_outputs())
 
     def _feed(self, **arrays: np.ndarray) -> None:
         """Copy step inputs into their host buffers and bind them (only when the shape changed)."""
@@ -168,12 +182,12 @@ class ModelSession:
         (self._io.bind_output if output else self._io.bind_input)(name, self.device, 0, self.kv_dtype, shape, ptr)
 
     def _run(self) -> np.ndarray:
-        """Run the bound graph; (batch, vocab) logits of one position per row, in a host buffer
-        (bound in start) that the next step overwrites."""
+        """Run the bound graph; (batch, vocab) logits of one position per row, or (batch,) ids
+        when greedy_on_device, in a host buffer (bound in start) that the next step overwrites."""
         t0 = time.perf_counter()
         self.session.run_with_iobinding(self._io)
         self.run_s += time.perf_counter() - t0
-        return self._logits[:, 0, :]
+        return self._out[:, 0]
 
 
 class ConcatCacheSession(ModelSession):

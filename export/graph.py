@@ -30,6 +30,8 @@ def dynamic_axes(n_layer: int, kv_cache: str) -> dict[str, dict[int, str]]:
     """Symbolic dims of every input and output, from the contract's table."""
     axes = {name: {i: d for i, d in enumerate(dims) if isinstance(d, str)} for name, (_, dims) in STEP_INPUTS[kv_cache].items()}
     axes["logits"] = {0: "batch", 1: "kept"}
+    if kv_cache == "shared":
+        axes["next_token"] = {0: "batch", 1: "kept"}
     past_dim, present_dim = CACHE_DIMS[kv_cache]
     axes |= {name: {0: "batch", 2: past_dim} for name in past_names(n_layer)}
     axes |= {name: {0: "batch", 2: present_dim} for name in present_names(n_layer)}
@@ -66,7 +68,7 @@ def export_graph(model: GPT2, dtype: str, path: Path, external_data_threshold: i
             dynamo=False,
             opset_version=OPSET,
             input_names=input_names(n_layer, kv_cache),
-            output_names=output_names(n_layer),
+            output_names=output_names(n_layer, kv_cache),
             dynamic_axes=dynamic_axes(n_layer, kv_cache),
             do_constant_folding=True,
             custom_opsets={"com.microsoft": 1},

@@ -198,7 +198,8 @@ class GPT2(nn.Module):
         """The shared-cache graph (contract "shared"): GroupQueryAttention updates `past` in place."""
         x, presents = self._blocks(input_ids, position_ids, (seqlens_k, total_len), past)
         idx = logits_index.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, kept, C)
-        return (self._lm_head(torch.gather(x, 1, idx)), *presents)
+        logits = self._lm_head(torch.gather(x, 1, idx))
+        return (logits, logits.argmax(dim=-1), *presents)
 
     def _blocks(self, input_ids, position_ids, masks, past):
         B, T = input_ids.shape

@@ -45,3 +45,11 @@ def test_bench_rejects_a_zero_batch(tiny_fp32, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--model", str(tiny_fp32), "--batches", "1,0"])
     assert exc.value.code == 2 and "every value must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_of_the_in_place_cache_runs_onnx_baselines_on_the_standard_twin(tiny_shared, tmp_path):
+    cfg = BenchConfig(model_folder=tiny_shared, out=tmp_path, provider="cpu", batches=(2,), prompt_lens=(4,), new_tokens=(5,), warmup=1, repeats=1, baselines=("transformers-eager", "ort-plain-loop"))
+    results = run_bench(cfg)
+    assert results["model"]["kv_cache"] == "shared"
+    for name in ("transformers-eager", "ort-plain-loop"):
+        assert results["runners"][name]["results"][0]["same_tokens_as_ours"], name

@@ -280,3 +280,16 @@ def test_auto_provider_is_quiet_on_a_cpu_machine(tiny_fp32, capfd):
     engine = Engine.load(tiny_fp32, provider="auto")
     assert engine.provider == ("cuda" if cuda_device_count() else "cpu")
     assert "CUDAExecutionProvider" not in capfd.readouterr().err
+
+
+def test_greedy_argmax_on_the_device_equals_the_host(tiny_shared, hf_model):
+    """The fast graph returns next_token (its own argmax): greedy steps bring back B ids, not
+    B x vocab logits, and give exactly the host's greedy tokens."""
+    engine = Engine.load(tiny_shared, provider="cpu")
+    on_device = engine.generate(PROMPTS, max_new_tokens=10)
+    assert engine.session.greedy_on_device and "logits" not in engine.session._bound
+    on_host = engine.generate(PROMPTS, max_new_tokens=10, top_k=1)  # sampling path: logits to the host
+    assert not engine.session.greedy_on_device
+    assert [c.token_ids for c in on_device.completions] == [c.token_ids for c in on_host.completions]
+    for c in on_device.completions:
+        assert c.token_ids == hf_greedy(hf_model, c.prompt_token_ids, 10)

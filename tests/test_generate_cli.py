@@ -69,3 +69,13 @@ def test_bad_input_is_one_line(tiny_fp32, capsys, extra, message):
 def test_missing_model_folder(capsys, tmp_path):
     code, err = run_cli(capsys, "generate", "--model", tmp_path / "none" / "x", "--prompt", "x", "--models-dir", tmp_path)
     assert_one_line_error(code, err, "does not exist")
+
+
+def test_generate_exports_the_in_place_cache_on_request(hf_folder, tmp_path, capsys):
+    args = ["generate", "--model", str(hf_folder), "--kv-cache", "shared", "--models-dir", str(tmp_path), "--prompt", "Hi", "--prompt", "Hello there", "--max-new-tokens", "4", "--json"]
+    assert main(args) == 0
+    shared = json.loads(capsys.readouterr().out)["completions"]
+    assert [p.name for p in tmp_path.iterdir()][0].endswith("-fp32-shared")
+    assert main(["generate", "--model", str(hf_folder), "--models-dir", str(tmp_path), "--prompt", "Hi", "--prompt", "Hello there", "--max-new-tokens", "4", "--json"]) == 0
+    standard = json.loads(capsys.readouterr().out)["completions"]
+    assert [c["token_ids"] for c in shared] == [c["token_ids"] for c in standard]

@@ -19,6 +19,8 @@ def test_top_k_1_and_tiny_top_p_are_greedy(logits):
     for seed in range(5):
         rng = np.random.default_rng(seed)
         assert (next_tokens(logits, SamplingConfig(temperature=1.0, top_k=1), rng) == greedy).all()
+        assert (next_tokens(logits, SamplingConfig(top_k=1), rng) == greedy).all()  # through the sampling path
+        assert (next_tokens(logits, SamplingConfig(temperature=0.7, top_k=1, top_p=0.5), rng) == greedy).all()
         assert (next_tokens(logits, SamplingConfig(temperature=1.0, top_p=1e-9), rng) == greedy).all()
         assert (next_tokens(logits, SamplingConfig(temperature=0.0, top_k=50), rng) == greedy).all()
     assert SamplingConfig().greedy and not SamplingConfig(top_k=5).greedy
@@ -34,6 +36,7 @@ def test_temperature_scales_the_distribution(logits):
 def test_top_k_keeps_exactly_k(logits):
     kept = np.isfinite(S.mask_top_k(logits, 7))
     assert (kept.sum(-1) == 7).all()
+    assert (np.isfinite(S.mask_top_k(logits, 1)).sum(-1) == 1).all()
     assert (np.sort(logits, -1)[:, -7:] == np.sort(np.where(kept, logits, -np.inf), -1)[:, -7:]).all()
 
 
