@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2onnx.engine.contract import Manifest, read_manifest
+from gpt2onnx.engine.contract import Manifest, UserError, read_manifest
 
 from .machine import machine_info, read_bandwidth_gbs
 from .measure import summarize
@@ -32,6 +32,10 @@ ALL_BASELINES = ("transformers-eager", "optimum", "ort-plain-loop", "naive-no-ca
 WORKER = Path(__file__).resolve().parent / "worker.py"
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1 + 4 / 128}  # int8: one fp32 scale per 128 weights
 KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 4}
+
+
+class BenchError(UserError, RuntimeError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,10 @@ class BenchConfig:
     naive_max_batch: int = 1  # the O(n^2) loop is slow; run it only at small batches
     optimum_python: str | None = None  # a Python with optimum-onnx installed (its own environment)
     seed: int = 0  # prompts
+
+    def __post_init__(self) -> None:
+        if min(self.new_tokens) < 2:
+            raise ValueError("--new-tokens must be >= 2: decode speed is measured over the steps after the first token")
 
     @property
     def configs(self) -> list[tuple[int, int, int]]:
@@ -155,6 +163,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             folder = cfg.model_folder.resolve() if runner == "gpt2-onnx" else onnx_baseline_folder
             spec = {"runner": runner, "model_folder": str(folder), "hf_folder": str(hf_folder), "provider": cfg.provider, "max_batch": max(cfg.batches), "configs": configs, "prompts": prompts.tolist(), "warmup": cfg.warmup, "repeats": cfg.repeats}
             results["runners"][runner] = run_worker(python, spec, workdir)
+    if "error" in results["runners"]["gpt2-onnx"]:
+        raise BenchError("the gpt2-onnx run itself failed (its output is above); nothing to compare the baselines with")
     return add_summaries(results, manifest)
 
 

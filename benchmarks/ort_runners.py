@@ -9,7 +9,7 @@ import numpy as np
 
 from gpt2onnx.engine.contract import past_names, read_manifest
 from gpt2onnx.engine.engine import Engine
-from gpt2onnx.engine.session import create_session
+from gpt2onnx.engine.session import KV_DTYPES, create_session
 
 from .measure import Run, StepClock
 
@@ -29,7 +29,7 @@ def _plain(folder: Path, provider: str):
     manifest = read_manifest(folder)
     session, device = create_session(folder / manifest.model_file, provider, None)
     c = manifest.config
-    kv_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+    kv_dtype = KV_DTYPES[manifest.dtype]
     empty = lambda B: {name: np.zeros((B, c.n_head, 0, c.head_dim), kv_dtype) for name in past_names(c.n_layer)}  # noqa: E731
     return session, device, empty
 

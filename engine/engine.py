@@ -77,7 +77,8 @@ class Engine:
 
     @property
     def n_positions(self) -> int:
-        return self.manifest.config.n_positions
+        """The context this engine serves: the model's n_positions, or less when max_seq says so."""
+        return self.session.max_seq
 
     # -- tokenization ----------------------------------------------------------------------
     def to_tokens(self, text: str, prepend_bos: bool = True) -> list[int]:

@@ -39,9 +39,9 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        if self.temperature is None:
-            return self.top_k == 0 and self.top_p == 1.0 and self.min_p == 0.0
-        return self.temperature == 0 or self.top_k == 1
+        if self.top_k == 1 or self.temperature == 0:
+            return True
+        return self.temperature is None and self.top_k == 0 and self.top_p == 1.0 and self.min_p == 0.0
 
     @property
     def uses_history(self) -> bool:

@@ -12,7 +12,8 @@ to max_batch x max_seq. Two layouts, chosen by the model folder's manifest:
   GroupQueryAttention writes each new token's K/V in place. Nothing is rebound during decode.
 
 Inputs are written into preallocated host buffers and bound by pointer (rebound only when their
-shape changes); only the logits of each row's last position come back to the host.
+shape changes); only the logits of each row's last position come back to the host, or, for
+greedy decoding on the fast graph, only the ids the graph picked.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .contract import Manifest, ModelFolderError, UserError, input_names, output_names, past_names, present_names
+from .contract import ONNX_ELEM_TYPE, Manifest, ModelFolderError, UserError, input_names, output_names, past_names, present_names
 
 log = logging.getLogger(__name__)
 
-KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float32}
-ONE = np.ones((), dtype=np.int64)  # logits_to_keep for decoding: the last position only
+KV_DTYPES = {dtype: np.dtype(elem).type for dtype, elem in ONNX_ELEM_TYPE.items()}  # numpy type of the cache
+ONE = np.ones((), dtype=np.int64)  # logits_to_keep for generation: the last position only
 SEQ_GRANULE = 256  # the cache grows in steps of this many positions, so short calls do not each reallocate
 
 
@@ -109,6 +110,7 @@ class ModelSession:
         outs = [o.name for o in self.session.get_outputs()]
         if ins != input_names(self.n_layer, manifest.kv_cache) or outs != output_names(self.n_layer, manifest.kv_cache):
             raise ModelFolderError("model.onnx does not have the inputs/outputs its manifest describes; re-export the model folder")
+        self.can_pick_on_device = "next_token" in outs  # the graph has its own greedy argmax
         self.kv_dtype = KV_DTYPES[manifest.dtype]
         self.n_head, self.head_dim = c.n_head, c.head_dim
         self._past, self._present = past_names(c.n_layer), present_names(c.n_layer)
@@ -158,10 +160,6 @@ class ModelSession:
         else:
             self._out = self._host_logits[: batch * self.vocab_size].reshape(batch, 1, self.vocab_size)
             self._bind_host("logits", np.float32, self._out.shape, self._host_logits, output=True)
-
-    @property
-    def can_pick_on_device(self) -> bool:
-        return "next_token" in (o.name for o in self.session.get_outputs())
 
     def _feed(self, **arrays: np.ndarray) -> None:
         """Copy step inputs into their host buffers and bind them (only when the shape changed)."""
@@ -267,7 +265,7 @@ class SharedCacheSession(ModelSession):
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         self._seqlens += 1
-        self._total[...] = self._seqlens.max() + 1
+        self._total += 1  # every row grows by one
         logits = self._step(tokens[:, None], self._position, self._decode_index)
         self._position += 1
         return logits

@@ -35,8 +35,9 @@ class Tokenizer:
         ids = self.to_tokens(text, prepend_bos) if isinstance(text, str) else list(text)
         return [self._tok.decode([i], skip_special_tokens=False) for i in ids]
 
-    def to_string(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    def to_string(self, ids: list[int]) -> str:
+        """Text of the ids, special tokens included (as the walkthrough shows them)."""
+        return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def decode_stream(self) -> "StreamDecoder":
         return StreamDecoder(self._tok)

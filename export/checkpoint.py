@@ -33,7 +33,7 @@ SIZE_ALIASES = {"124m": "gpt2", "small": "gpt2", "medium": "gpt2-medium", "large
 
 # Hugging Face activation names -> ours.
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # in order of preference
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -256,9 +256,12 @@ def download(repo_id: str) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     log.info("fetching %s from the Hugging Face hub (cached after the first time)", repo_id)
-    patterns = ["config.json", "model.safetensors", *TOKENIZER_FILES]
+    safetensors = ["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", *safetensors, *TOKENIZER_FILES]))
+        if not any((folder / name).is_file() for name in WEIGHT_FILES):  # an older repo: .bin only
+            folder = Path(snapshot_download(repo_id, allow_patterns=["pytorch_model.bin"]))
+        return folder
     except RepositoryNotFoundError as e:
         raise CheckpointError(f"{repo_id!r} is neither a local folder nor a model on the Hugging Face hub") from e
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:

@@ -1,6 +1,7 @@
 """Fused graph for a fast runtime: attention comes out of tracing as one MultiHeadAttention op per
-layer (export/model.py), then onnxruntime's transformer optimizer fuses residual adds with
-LayerNorm (SkipLayerNormalization) and the tanh GELU (FastGelu).
+layer (GroupQueryAttention for the shared cache; export/model.py), then onnxruntime's transformer
+optimizer fuses residual adds with LayerNorm (SkipLayerNormalization) and the GELU (FastGelu for
+GPT-2's tanh GELU, Gelu for erf).
 
 The counts are asserted: a fusion that silently fails would leave a slower graph that still
 passes parity, so it must fail the export instead.
@@ -38,5 +39,6 @@ def fuse(proto: onnx.ModelProto, config: GPT2Config, kv_cache: str = "concat") -
     missing = {op: (n, counts[op]) for op, n in expected_fusions(config, kv_cache).items() if counts[op] != n}
     if missing:
         detail = ", ".join(f"{op} {got} (expected {n})" for op, (n, got) in missing.items())
-        raise FusionError(f"graph fusion came out wrong: {detail}; export with --no-optimize to get the unfused graph")
+        fix = "export with --kv-cache concat --no-optimize" if kv_cache == "shared" else "export with --no-optimize"
+        raise FusionError(f"graph fusion came out wrong: {detail}; {fix} to get the unfused graph")
     return model.model

@@ -41,6 +41,11 @@ def test_bench_unknown_baseline_is_one_line(tiny_fp32, capsys):
     assert code == 2 and err.count("\n") == 1 and "unknown baselines" in err
 
 
+def test_bench_needs_two_new_tokens(tiny_fp32, capsys):
+    code = main(["--quiet", "bench", "--model", str(tiny_fp32), "--new-tokens", "1"])
+    assert code == 2 and "--new-tokens must be >= 2" in capsys.readouterr().err
+
+
 def test_bench_rejects_a_zero_batch(tiny_fp32, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--model", str(tiny_fp32), "--batches", "1,0"])

@@ -288,8 +288,17 @@ def test_greedy_argmax_on_the_device_equals_the_host(tiny_shared, hf_model):
     engine = Engine.load(tiny_shared, provider="cpu")
     on_device = engine.generate(PROMPTS, max_new_tokens=10)
     assert engine.session.greedy_on_device and "logits" not in engine.session._bound
-    on_host = engine.generate(PROMPTS, max_new_tokens=10, top_k=1)  # sampling path: logits to the host
+    on_host = engine.generate(PROMPTS, max_new_tokens=10, logit_bias={0: 0.0})  # a bias needs the logits on the host
     assert not engine.session.greedy_on_device
     assert [c.token_ids for c in on_device.completions] == [c.token_ids for c in on_host.completions]
     for c in on_device.completions:
         assert c.token_ids == hf_greedy(hf_model, c.prompt_token_ids, 10)
+
+
+def test_a_lower_max_seq_is_the_context(tiny_fp32):
+    small = Engine.load(tiny_fp32, provider="cpu", max_seq=32)
+    assert small.n_positions == 32
+    with pytest.raises(ValueError, match="32-token context"):
+        small.generate("word " * 40, max_new_tokens=4)
+    c = small.generate("word " * 40, max_new_tokens=4, truncate="left").completions[0]
+    assert len(c.prompt_token_ids) == 28 and len(c.token_ids) == 4

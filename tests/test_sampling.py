@@ -23,7 +23,7 @@ def test_top_k_1_and_tiny_top_p_are_greedy(logits):
         assert (next_tokens(logits, SamplingConfig(temperature=0.7, top_k=1, top_p=0.5), rng) == greedy).all()
         assert (next_tokens(logits, SamplingConfig(temperature=1.0, top_p=1e-9), rng) == greedy).all()
         assert (next_tokens(logits, SamplingConfig(temperature=0.0, top_k=50), rng) == greedy).all()
-    assert SamplingConfig().greedy and not SamplingConfig(top_k=5).greedy
+    assert SamplingConfig().greedy and SamplingConfig(top_k=1).greedy and not SamplingConfig(top_k=5).greedy
 
 
 def test_temperature_scales_the_distribution(logits):
