@@ -111,7 +111,7 @@ class Engine:
 
     def _run(self, prompts, max_new_tokens, stop, prepend_bos, truncate, sampling, rows_out, timing, ignore_eos=False) -> Iterator[tuple[int, str]]:
         cfg = SamplingConfig(**sampling)
-        self._check_logit_bias(cfg)
+        self._check_request(cfg, max_new_tokens, truncate)
         stop = (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
         prompt_ids = [self._prompt_tokens(p, prepend_bos, max_new_tokens, truncate) for p in prompts]
         rng = np.random.default_rng(cfg.seed)
@@ -125,12 +125,6 @@ class Engine:
 
     def _prompt_tokens(self, prompt: str | Sequence[int], prepend_bos: bool, max_new_tokens: int, truncate: str | None) -> list[int]:
         """A prompt's ids: text is tokenized (BOS prepended unless prepend_bos=False), ids are taken as they are."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if max_new_tokens >= self.n_positions:
-            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {self.n_positions}-token context")
-        if truncate not in (None, "left"):
-            raise ValueError(f"truncate must be None or 'left', got {truncate!r}")
         if isinstance(prompt, str):
             ids = self.tokenizer.to_tokens(prompt, prepend_bos)
         else:
@@ -144,7 +138,14 @@ class Engine:
             ids = ids[len(ids) - room :]
         return ids
 
-    def _check_logit_bias(self, cfg: SamplingConfig) -> None:
+    def _check_request(self, cfg: SamplingConfig, max_new_tokens: int, truncate: str | None) -> None:
+        """The settings of one call, checked once before any prompt is looked at."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if max_new_tokens >= self.n_positions:
+            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {self.n_positions}-token context")
+        if truncate not in (None, "left"):
+            raise ValueError(f"truncate must be None or 'left', got {truncate!r}")
         bad = [t for t in cfg.logit_bias if not 0 <= int(t) < self.manifest.config.vocab_size]
         if bad:
             raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.manifest.config.vocab_size})")

@@ -48,7 +48,7 @@ class Timing:
 
 @dataclass
 class Row:
-    """One prompt's progress. `emit` holds back text that might be the start of a stop string."""
+    """One prompt's progress. `push` holds back text that might be the start of a stop string."""
 
     prompt_ids: list[int]
     decoder: StreamDecoder
