@@ -67,9 +67,10 @@ class Engine:
             log.info("%s holds RANDOM weights (%s, seed %s): its text is meaningless", self.folder, self.manifest.source.checkpoint, self.manifest.source.seed)
 
     @classmethod
-    def load(cls, path: str | Path, provider: str = "auto", max_batch: int = 8, max_seq: int | None = None, threads: int | None = None) -> "Engine":
-        """Load a model folder. Raises ModelFolderError (missing/corrupt folder), ProviderError (cuda unavailable)."""
-        return cls(Path(path), SessionConfig(provider=provider, max_batch=max_batch, max_seq=max_seq, threads=threads))
+    def load(cls, path: str | Path, provider: str = "auto", max_batch: int = 8, max_seq: int | None = None, threads: int | None = None, device_sampling: bool | None = None) -> "Engine":
+        """Load a model folder. device_sampling: pick tokens with the sampling graph (default:
+        on the GPU only). Raises ModelFolderError (missing/corrupt folder), ProviderError (cuda unavailable)."""
+        return cls(Path(path), SessionConfig(provider=provider, max_batch=max_batch, max_seq=max_seq, threads=threads, device_sampling=device_sampling))
 
     @property
     def provider(self) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .device_sampling import row_params, runs_on_device
 from .sampling import SamplingConfig, next_tokens
 from .session import ModelSession
 from .tokenizer import StreamDecoder
@@ -94,10 +95,10 @@ def decode_batch(session: ModelSession, rows: list[Row], max_new_tokens: int, sa
     """Yield (row index, text piece) as tokens are produced; closing the generator stops the work."""
     ids, mask, positions = left_pad([r.prompt_ids for r in rows])
     B, width = ids.shape
-    # Plain greedy decoding can take the argmax inside the graph: only B ids reach the host.
-    on_device = sampling.greedy and not sampling.uses_history and not sampling.logit_bias
-    session.start(B, width + max_new_tokens, greedy_on_device=on_device)
-    on_device = session.greedy_on_device
+    # When the graph's argmax or the sampling graph can pick the tokens, only B ids reach the host.
+    session.start(B, width + max_new_tokens, row_params(sampling, B) if runs_on_device(sampling) else None)
+    on_device = session.picks_on_device
+    draw = (lambda: rng.random(B)) if on_device and not sampling.greedy else (lambda: None)  # the host path's draws, in order
     seen = counts = None
     if sampling.uses_history:
         seen = np.zeros((B, session.vocab_size), dtype=bool)
@@ -106,7 +107,7 @@ def decode_batch(session: ModelSession, rows: list[Row], max_new_tokens: int, sa
             seen[r, row.prompt_ids] = True
 
     t0 = time.perf_counter()
-    out = session.prefill(ids, mask, positions)  # logits (B, vocab), or ids (B,) when on_device
+    out = session.prefill(ids, mask, positions, draw())  # logits (B, vocab), or ids (B,) when on_device
     timing.prefill_s += time.perf_counter() - t0
     last, run_before = t0, 0.0
     for step in range(max_new_tokens):
@@ -128,4 +129,4 @@ def decode_batch(session: ModelSession, rows: list[Row], max_new_tokens: int, sa
         if all(row.finish_reason for row in rows):
             break
         run_before = session.run_s
-        out = session.decode(tokens)
+        out = session.decode(tokens, draw())

@@ -12,8 +12,9 @@ to max_batch x max_seq. Two layouts, chosen by the model folder's manifest:
   GroupQueryAttention writes each new token's K/V in place. Nothing is rebound during decode.
 
 Inputs are written into preallocated host buffers and bound by pointer (rebound only when their
-shape changes); only the logits of each row's last position come back to the host, or, for
-greedy decoding on the fast graph, only the ids the graph picked.
+shape changes). What comes back to the host is chosen per batch (`start`): the logits of each
+row's last position when the host samples; only the ids when the fast graph's own argmax
+(`next_token`) or the sampling graph (device_sampling.py) picks the tokens on the device.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .device_sampling import build_sampler
 from .contract import ONNX_ELEM_TYPE, Manifest, ModelFolderError, UserError, input_names, output_names, past_names, present_names
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class SessionConfig:
     max_batch: int = 8
     max_seq: int | None = None  # None: the model's n_positions
     threads: int | None = None  # CPU intra-op threads; None lets onnxruntime choose
+    device_sampling: bool | None = None  # sample with the sampling graph; None: on the GPU only (on the CPU numpy is faster)
 
     def __post_init__(self) -> None:
         if self.provider not in ("auto", "cuda", "cpu"):
@@ -67,8 +70,9 @@ def cuda_device_count() -> int:
     return count.value
 
 
-def create_session(model_path: Path, provider: str, threads: int | None) -> tuple[ort.InferenceSession, str]:
-    """The one place that picks a provider and checks what onnxruntime actually gave us."""
+def create_session(model: Path | bytes, provider: str, threads: int | None) -> tuple[ort.InferenceSession, str]:
+    """The one place that picks a provider and checks what onnxruntime actually gave us.
+    `model` is a model file, or a serialized model (the sampling graph)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -82,9 +86,9 @@ def create_session(model_path: Path, provider: str, threads: int | None) -> tupl
             ort.preload_dlls()  # cuBLAS / cuDNN from the torch or nvidia-* wheels, when present
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(str(model_path), options, providers=providers)
+        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
-        raise ModelFolderError(f"{model_path} could not be loaded by onnxruntime ({str(e).splitlines()[0][:200]}); re-export the model folder") from e
+        raise ModelFolderError(f"{model if isinstance(model, Path) else 'the sampling graph'} could not be loaded by onnxruntime ({str(e).splitlines()[0][:200]}); re-export the model folder") from e
     got = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
     if want_cuda and got != "cuda":
         if provider == "cuda":
@@ -110,7 +114,13 @@ class ModelSession:
         outs = [o.name for o in self.session.get_outputs()]
         if ins != input_names(self.n_layer, manifest.kv_cache) or outs != output_names(self.n_layer, manifest.kv_cache):
             raise ModelFolderError("model.onnx does not have the inputs/outputs its manifest describes; re-export the model folder")
-        self.can_pick_on_device = "next_token" in outs  # the graph has its own greedy argmax
+        self.has_argmax = "next_token" in outs  # the graph has its own greedy argmax
+        self.device_sampling = self.device == "cuda" if config.device_sampling is None else config.device_sampling
+        self._sampler = None
+        if self.device_sampling:  # same provider as the model, so it reads the logits where they are
+            self._sampler, _ = create_session(build_sampler(self.vocab_size).SerializeToString(), self.device, config.threads)
+            self._sampler_io = self._sampler.io_binding()
+        self.picks_on_device = False
         self.kv_dtype = KV_DTYPES[manifest.dtype]
         self.n_head, self.head_dim = c.n_head, c.head_dim
         self._past, self._present = past_names(c.n_layer), present_names(c.n_layer)
@@ -138,6 +148,12 @@ class ModelSession:
         self._host = {name: np.zeros(n, dtype=dtype) for name, dtype in self.host_inputs.items()}
         self._host_logits = np.zeros(self._cap_batch * self.vocab_size, dtype=np.float32)
         self._host_next = np.zeros(self._cap_batch, dtype=np.int64)
+        if self._sampler is not None:  # its inputs live on the device; host mirrors of full size for update_inplace
+            cap, V = self._cap_batch, self.vocab_size
+            self._dev_logits = ort.OrtValue.ortvalue_from_shape_and_type((cap, 1, V), np.float32, self.device, 0)
+            self._dev_params = ort.OrtValue.ortvalue_from_shape_and_type((cap, 4), np.float32, self.device, 0)
+            self._dev_uniform = ort.OrtValue.ortvalue_from_shape_and_type((cap,), np.float32, self.device, 0)
+            self._host_params, self._host_uniform = np.zeros((cap, 4), np.float32), np.zeros(cap, np.float32)
         self._bound = {}  # new buffers: every host binding is stale
 
     @property
@@ -145,18 +161,32 @@ class ModelSession:
         """Device addresses of the cache buffers (tests check that steps write into these)."""
         return [list(p) for p in self._kv_ptrs]
 
-    def start(self, batch: int, seq: int, greedy_on_device: bool = False) -> None:
-        """Begin a new batch with an empty cache that must hold `seq` positions. With
-        greedy_on_device (and a graph that has `next_token`), steps return the argmax ids
-        instead of logits, so only the ids come back to the host."""
+    def start(self, batch: int, seq: int, params: np.ndarray | None = None) -> None:
+        """Begin a new batch with an empty cache that must hold `seq` positions.
+
+        params: (batch, 4) sampling settings per row (device_sampling.row_params) when the
+        tokens may be picked on the device; None when the host samples. `picks_on_device` then
+        says whether steps return (batch,) ids (greedy rows through the graph's own argmax, or
+        any row through the sampling graph) or (batch, vocab) logits for the host to sample."""
         self.reserve(batch, seq)
         self.batch = batch
-        self.greedy_on_device = greedy_on_device and self.can_pick_on_device
+        greedy = params is not None and not params[:, 0].any()  # temperature 0 on every row
+        self.pick = "host" if params is None else "argmax" if greedy and self.has_argmax else "sampler" if self._sampler else "host"
+        self.picks_on_device = self.pick != "host"
         self._io.clear_binding_outputs()  # what comes back is chosen per batch
         self._bound = {k: v for k, v in self._bound.items() if k not in ("logits", "next_token")}
-        if self.greedy_on_device:
+        if self.pick == "argmax":
             self._out = self._host_next[:batch].reshape(batch, 1)
             self._bind_host("next_token", np.int64, self._out.shape, self._host_next, output=True)
+        elif self.pick == "sampler":  # logits stay on the device, where the sampling graph reads them
+            self._io.bind_output("logits", self.device, 0, np.float32, (batch, 1, self.vocab_size), self._dev_logits.data_ptr())
+            self._host_params[:batch] = params
+            self._dev_params.update_inplace(self._host_params)
+            bind = self._sampler_io.bind_input
+            bind("logits", self.device, 0, np.float32, (batch, self.vocab_size), self._dev_logits.data_ptr())
+            bind("params", self.device, 0, np.float32, (batch, 4), self._dev_params.data_ptr())
+            bind("uniform", self.device, 0, np.float32, (batch,), self._dev_uniform.data_ptr())
+            self._sampler_io.bind_output("token", "cpu", 0, np.int64, (batch,), self._host_next.ctypes.data)
         else:
             self._out = self._host_logits[: batch * self.vocab_size].reshape(batch, 1, self.vocab_size)
             self._bind_host("logits", np.float32, self._out.shape, self._host_logits, output=True)
@@ -179,11 +209,18 @@ class ModelSession:
         shape = (self.batch, self.n_head, seq, self.head_dim)
         (self._io.bind_output if output else self._io.bind_input)(name, self.device, 0, self.kv_dtype, shape, ptr)
 
-    def _run(self) -> np.ndarray:
+    def _run(self, uniform: np.ndarray | None) -> np.ndarray:
         """Run the bound graph; (batch, vocab) logits of one position per row, or (batch,) ids
-        when greedy_on_device, in a host buffer (bound in start) that the next step overwrites."""
+        when picks_on_device, in a host buffer (bound in start) that the next step overwrites.
+        uniform: (batch,) draws in [0, 1) for the sampling graph (None for greedy rows)."""
         t0 = time.perf_counter()
         self.session.run_with_iobinding(self._io)
+        if self.pick == "sampler":
+            self._host_uniform[: self.batch] = 0.0 if uniform is None else uniform
+            self._dev_uniform.update_inplace(self._host_uniform)
+            self._sampler.run_with_iobinding(self._sampler_io)
+            self.run_s += time.perf_counter() - t0
+            return self._host_next[: self.batch]
         self.run_s += time.perf_counter() - t0
         return self._out[:, 0]
 
@@ -194,23 +231,23 @@ class ConcatCacheSession(ModelSession):
     kv_sets = 2
     host_inputs = {"input_ids": np.int64, "position_ids": np.int64, "attention_mask": np.int64, "logits_to_keep": np.int64}
 
-    def prefill(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Left-padded prompts (batch, width) with their mask and positions -> last-position logits."""
+    def prefill(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, uniform: np.ndarray | None = None) -> np.ndarray:
+        """Left-padded prompts (batch, width) with their mask and positions -> last-position logits (or ids, see start)."""
         B, width = ids.shape
         assert B == self.batch, f"prefill of {B} rows after start({self.batch})"
         self._mask = np.ones((B, self._cap_seq), dtype=np.int64)  # decode steps add real tokens
         self._mask[:, :width] = mask
         self._next_position = positions[:, -1:] + 1
         self.past_len, self._cur = 0, 0
-        return self._step(ids, positions)
+        return self._step(ids, positions, uniform)
 
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """One new token per row (batch,) -> its logits."""
-        logits = self._step(tokens[:, None], self._next_position)
+    def decode(self, tokens: np.ndarray, uniform: np.ndarray | None = None) -> np.ndarray:
+        """One new token per row (batch,) -> its logits (or the next ids, see start)."""
+        out = self._step(tokens[:, None], self._next_position, uniform)
         self._next_position += 1
-        return logits
+        return out
 
-    def _step(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _step(self, ids: np.ndarray, positions: np.ndarray, uniform) -> np.ndarray:
         total = self.past_len + ids.shape[1]
         assert total <= self._cap_seq, f"cache holds {self._cap_seq} positions, step needs {total}"
         self._feed(input_ids=ids, position_ids=positions, attention_mask=self._mask[:, :total], logits_to_keep=ONE)
@@ -219,9 +256,9 @@ class ConcatCacheSession(ModelSession):
             self._bind_cache(name, ptr, self.past_len, output=False)
         for name, ptr in zip(self._present, self._kv_ptrs[1 - self._cur]):
             self._bind_cache(name, ptr, total, output=True)
-        logits = self._run()
+        out = self._run(uniform)
         self._cur, self.past_len = 1 - self._cur, total
-        return logits
+        return out
 
     def full_logits(self, ids: np.ndarray) -> np.ndarray:
         """Logits at every position of ids (batch, seq), no cache kept: for scoring."""
@@ -242,8 +279,8 @@ class SharedCacheSession(ModelSession):
 
     host_inputs = {"input_ids": np.int64, "position_ids": np.int64, "seqlens_k": np.int32, "total_sequence_length": np.int32, "logits_index": np.int64}
 
-    def prefill(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Left-padded prompts -> each row's last-token logits. Rows are moved to the left of a
+    def prefill(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, uniform: np.ndarray | None = None) -> np.ndarray:
+        """Left-padded prompts -> each row's last-token logits (or ids, see start). Rows are moved to the left of a
         right-padded batch; padding K/V past a row's length is overwritten by its next token."""
         B, width = ids.shape
         assert B == self.batch, f"prefill of {B} rows after start({self.batch})"
@@ -260,20 +297,19 @@ class SharedCacheSession(ModelSession):
         self._position = lengths.astype(np.int64)[:, None]  # the next token's position (and slot)
         self._decode_index = np.zeros((B, 1), dtype=np.int64)  # a decode step's only position
         self._total = np.array(width, dtype=np.int32)
-        logits = self._step(right, right_pos, (lengths - 1)[:, None])
-        return logits
+        return self._step(right, right_pos, (lengths - 1)[:, None], uniform)
 
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
+    def decode(self, tokens: np.ndarray, uniform: np.ndarray | None = None) -> np.ndarray:
         self._seqlens += 1
         self._total += 1  # every row grows by one
-        logits = self._step(tokens[:, None], self._position, self._decode_index)
+        out = self._step(tokens[:, None], self._position, self._decode_index, uniform)
         self._position += 1
-        return logits
+        return out
 
-    def _step(self, ids, positions, logits_index) -> np.ndarray:
+    def _step(self, ids, positions, logits_index, uniform) -> np.ndarray:
         assert self._total <= self._cap_seq, f"cache holds {self._cap_seq} positions, step needs {self._total}"
         self._feed(input_ids=ids, position_ids=positions, seqlens_k=self._seqlens, total_sequence_length=self._total, logits_index=logits_index)
-        return self._run()
+        return self._run(uniform)
 
     def full_logits(self, ids: np.ndarray) -> np.ndarray:
         """Logits at every position of ids (batch, seq): a one-off prompt pass with its own cache."""

@@ -225,7 +225,7 @@ def test_concurrent_use_is_refused(engine):
 def test_breaking_out_of_a_stream_stops_work(engine):
     runs = []
     real = engine.session._run
-    engine.session._run = lambda: (runs.append(1), real())[1]
+    engine.session._run = lambda *a: (runs.append(1), real(*a))[1]
     try:
         for i, _ in enumerate(engine.stream("Hello", max_new_tokens=50)):
             if i == 2:
@@ -287,9 +287,9 @@ def test_greedy_argmax_on_the_device_equals_the_host(tiny_shared, hf_model):
     B x vocab logits, and give exactly the host's greedy tokens."""
     engine = Engine.load(tiny_shared, provider="cpu")
     on_device = engine.generate(PROMPTS, max_new_tokens=10)
-    assert engine.session.greedy_on_device and "logits" not in engine.session._bound
+    assert engine.session.pick == "argmax" and "logits" not in engine.session._bound
     on_host = engine.generate(PROMPTS, max_new_tokens=10, logit_bias={0: 0.0})  # a bias needs the logits on the host
-    assert not engine.session.greedy_on_device
+    assert engine.session.pick == "host"
     assert [c.token_ids for c in on_device.completions] == [c.token_ids for c in on_host.completions]
     for c in on_device.completions:
         assert c.token_ids == hf_greedy(hf_model, c.prompt_token_ids, 10)
@@ -302,3 +302,26 @@ def test_a_lower_max_seq_is_the_context(tiny_fp32):
         small.generate("word " * 40, max_new_tokens=4)
     c = small.generate("word " * 40, max_new_tokens=4, truncate="left").completions[0]
     assert len(c.prompt_token_ids) == 28 and len(c.token_ids) == 4
+
+
+DEVICE_SETTINGS = [{}, {"top_k": 20, "seed": 1}, {"temperature": 0.7, "seed": 2}, {"top_k": 40, "top_p": 0.8, "temperature": 1.3, "seed": 3}, {"min_p": 0.2, "seed": 4}]
+
+
+@pytest.mark.parametrize("settings", DEVICE_SETTINGS, ids=lambda s: ",".join(s) or "greedy")
+def test_sampling_graph_picks_what_the_host_picks(engine, settings):
+    """The sampling graph (the GPU default, forced on here) reads the logits where the model
+    wrote them and returns ids only; with the same seed it draws the host's tokens."""
+    device = Engine.load(engine.folder, provider="cpu", max_batch=4, device_sampling=True)
+    on_device = device.generate(PROMPTS, max_new_tokens=12, **settings)
+    assert device.session.picks_on_device and "logits" not in device.session._bound
+    assert device.session.pick == ("argmax" if not settings and device.session.has_argmax else "sampler")
+    on_host = engine.generate(PROMPTS, max_new_tokens=12, **settings)
+    assert engine.session.pick != "sampler"
+    assert [c.token_ids for c in on_device.completions] == [c.token_ids for c in on_host.completions]
+
+
+def test_settings_the_sampling_graph_cannot_match_stay_on_the_host(tiny_fp32):
+    device = Engine.load(tiny_fp32, provider="cpu", device_sampling=True)
+    for settings in ({"top_p": 0.9}, {"top_k": 500}, {"repetition_penalty": 1.3}, {"logit_bias": {5: 2.0}, "top_k": 5}):
+        device.generate(PROMPTS[0], max_new_tokens=2, **settings)
+        assert device.session.pick == "host", settings

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gpt2onnx.engine import sampling as S
+from gpt2onnx.engine.device_sampling import TOP_K_MAX, build_sampler, row_params, runs_on_device
 from gpt2onnx.engine.sampling import SamplingConfig, next_tokens
 
 
@@ -107,3 +108,48 @@ def test_top_k_sampling_only_draws_kept_tokens(logits):
 def test_bad_settings_are_rejected(kwargs):
     with pytest.raises(ValueError):
         SamplingConfig(**kwargs)
+
+
+DEVICE_CONFIGS = [
+    SamplingConfig(),
+    SamplingConfig(temperature=0.0),
+    SamplingConfig(top_k=1, temperature=1.5),
+    SamplingConfig(temperature=0.8),
+    SamplingConfig(top_k=40),
+    SamplingConfig(top_k=TOP_K_MAX, top_p=0.5, temperature=2.0),
+    SamplingConfig(top_k=50, top_p=0.9, temperature=0.7),
+    SamplingConfig(min_p=0.1),
+    SamplingConfig(top_k=7, min_p=0.3, temperature=1.2),
+]
+
+
+@pytest.fixture(scope="module", params=[50257, 100])
+def sampler(request):
+    """The sampling graph for GPT-2's vocabulary, and for one smaller than TOP_K_MAX."""
+    import onnxruntime as ort
+
+    return request.param, ort.InferenceSession(build_sampler(request.param).SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("cfg", DEVICE_CONFIGS, ids=str)
+def test_the_sampling_graph_draws_what_next_tokens_draws(sampler, cfg):
+    """Same logits, same uniform draws: the ONNX sampling graph and the numpy functions pick the
+    same token for every row (peaked and flat logits)."""
+    vocab, sampler = sampler
+    gen = np.random.default_rng(7)
+    assert runs_on_device(cfg)
+    for trial in range(30):
+        logits = (gen.standard_normal((5, vocab)) * (0.3 if trial % 2 else 4.0)).astype(np.float32)
+        seed = int(gen.integers(1 << 30))
+        host = next_tokens(logits, cfg, np.random.default_rng(seed))
+        uniform = np.random.default_rng(seed).random(5).astype(np.float32)
+        (device,) = sampler.run(None, {"logits": logits, "params": row_params(cfg, 5), "uniform": uniform})
+        np.testing.assert_array_equal(device, host, err_msg=f"trial {trial}")
+
+
+def test_settings_outside_the_sampling_graph_stay_on_the_host():
+    assert not runs_on_device(SamplingConfig(top_p=0.9))  # its cut-off may lie past TOP_K_MAX
+    assert not runs_on_device(SamplingConfig(top_k=TOP_K_MAX + 1))
+    assert not runs_on_device(SamplingConfig(repetition_penalty=1.2))
+    assert not runs_on_device(SamplingConfig(logit_bias={1: 1.0}))
+    assert runs_on_device(SamplingConfig(top_k=10, top_p=0.9)) and runs_on_device(SamplingConfig(temperature=0.5))
