@@ -27,7 +27,7 @@ def ours(folder: Path, provider: str, max_batch: int):
 
 def _plain(folder: Path, provider: str):
     manifest = read_manifest(folder)
-    session, device = create_session(folder / manifest.model_file, provider, None)
+    session, device, _ = create_session(folder / manifest.model_file, provider, None)
     c = manifest.config
     kv_dtype = KV_DTYPES[manifest.dtype]
     empty = lambda B: {name: np.zeros((B, c.n_head, 0, c.head_dim), kv_dtype) for name in past_names(c.n_layer)}  # noqa: E731

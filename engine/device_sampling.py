@@ -58,7 +58,13 @@ def build_sampler(vocab_size: int) -> onnx.ModelProto:
         nodes.append(helper.make_node(kind, inputs, [output], **attrs))
         return output
 
+    # Counts and ranks are float32 (exact below 2**24) and become int64 only as indices: float
+    # kernels exist on every provider, so no node of this graph falls back to the CPU.
+    def index(x: str) -> str:
+        return op("Cast", [x], f"{x}_index", to=TensorProto.INT64)
+
     neg_inf, one, zero = const("neg_inf", -np.inf), const("one", 1.0), const("zero", 0.0)
+    last_rank = const("last_rank", k - 1.0)
     axis1 = const("axis1", [1], np.int64)
     nodes.append(helper.make_node("Split", ["params"], ["temperature", "top_k", "top_p", "min_p"], axis=1))  # each (B, 1)
     sampling = op("Greater", ["temperature", zero], "sampling")  # (B, 1): False = greedy row
@@ -66,13 +72,13 @@ def build_sampler(vocab_size: int) -> onnx.ModelProto:
     nodes.append(helper.make_node("TopK", [scaled, const("k", [k], np.int64)], ["best", "best_idx"], axis=-1))  # (B, k) descending
 
     # top-k: keep values >= the k-th best (ties included, as in sampling.mask_top_k)
-    k_at = op("Clip", [op("Sub", [op("Cast", ["top_k"], "k_int", to=TensorProto.INT64), const("i1", 1, np.int64)], "k_m1"), const("i0", 0, np.int64), const("ik", k - 1, np.int64)], "k_at")
+    k_at = index(op("Clip", [op("Sub", ["top_k", one], "k_m1"), zero, last_rank], "k_at"))
     floor_k = op("Where", [op("Greater", ["top_k", zero], "has_k"), op("GatherElements", ["best", k_at], "kth", axis=1), neg_inf], "floor_k")
     # top-p among the top-k survivors: the last best value whose higher-ranked mass is below p
     probs_k = op("Softmax", [op("Where", [op("GreaterOrEqual", ["best", floor_k], "in_k"), "best", neg_inf], "best_k")], "probs_k", axis=-1)
     before = op("Sub", [op("CumSum", [probs_k, const("ax1", 1, np.int64)], "cum_k"), probs_k], "before")
-    count = op("ReduceSum", [op("Cast", [op("Less", [before, "top_p"], "in_p")], "in_p_int", to=TensorProto.INT64), axis1], "n_p", keepdims=1)
-    p_at = op("Clip", [op("Sub", [count, "i1"], "n_p_m1"), "i0", "ik"], "p_at")
+    count = op("ReduceSum", [op("Cast", [op("Less", [before, "top_p"], "in_p")], "in_p_count", to=TensorProto.FLOAT), axis1], "n_p", keepdims=1)
+    p_at = index(op("Clip", [op("Sub", [count, one], "n_p_m1"), zero, last_rank], "p_at"))
     floor_p = op("Where", [op("Less", ["top_p", one], "has_p"), op("GatherElements", ["best", p_at], "pth", axis=1), neg_inf], "floor_p")
     # min-p: p >= min_p * p_max  <=>  logit >= best + log(min_p)  (log 0 = -inf: off)
     top = op("Slice", ["best", const("first", [0], np.int64), const("second", [1], np.int64), axis1], "top")  # (B, 1): the best scaled logit
@@ -84,8 +90,8 @@ def build_sampler(vocab_size: int) -> onnx.ModelProto:
     cdf = op("CumSum", [probs, "ax1"], "cdf")
     total = op("Slice", [cdf, const("last", [-1], np.int64), const("end", [vocab_size], np.int64), axis1], "total")
     target = op("Mul", [op("Unsqueeze", ["uniform", axis1], "u"), total], "target")
-    drawn = op("ReduceSum", [op("Cast", [op("Less", [cdf, target], "below")], "below_int", to=TensorProto.INT64), axis1], "n_below", keepdims=0)
-    drawn = op("Min", [drawn, const("v_m1", vocab_size - 1, np.int64)], "drawn")
+    drawn = op("ReduceSum", [op("Cast", [op("Less", [cdf, target], "below")], "below_count", to=TensorProto.FLOAT), axis1], "n_below", keepdims=0)
+    drawn = index(op("Min", [drawn, const("last_token", vocab_size - 1.0)], "drawn"))
     greedy = op("ArgMax", [scaled], "greedy", axis=-1, keepdims=0)
     op("Where", [op("Squeeze", [sampling, axis1], "sampling_row"), drawn, greedy], "token")
 

@@ -67,10 +67,12 @@ class Engine:
             log.info("%s holds RANDOM weights (%s, seed %s): its text is meaningless", self.folder, self.manifest.source.checkpoint, self.manifest.source.seed)
 
     @classmethod
-    def load(cls, path: str | Path, provider: str = "auto", max_batch: int = 8, max_seq: int | None = None, threads: int | None = None, device_sampling: bool | None = None) -> "Engine":
-        """Load a model folder. device_sampling: pick tokens with the sampling graph (default:
-        on the GPU only). Raises ModelFolderError (missing/corrupt folder), ProviderError (cuda unavailable)."""
-        return cls(Path(path), SessionConfig(provider=provider, max_batch=max_batch, max_seq=max_seq, threads=threads, device_sampling=device_sampling))
+    def load(cls, path: str | Path, provider: str = "auto", max_batch: int = 8, max_seq: int | None = None, threads: int | None = None, device_sampling: bool | None = None, static_decode: bool | None = None) -> "Engine":
+        """Load a model folder. device_sampling: pick tokens with the sampling graph; static_decode:
+        decode steps of fixed shapes, captured as CUDA graphs (in-place cache only). Both default
+        to on with the CUDA provider, off on the CPU.
+        Raises ModelFolderError (missing/corrupt folder), ProviderError (cuda unavailable)."""
+        return cls(Path(path), SessionConfig(provider=provider, max_batch=max_batch, max_seq=max_seq, threads=threads, device_sampling=device_sampling, static_decode=static_decode))
 
     @property
     def provider(self) -> str:

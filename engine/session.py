@@ -49,6 +49,7 @@ class SessionConfig:
     max_seq: int | None = None  # None: the model's n_positions
     threads: int | None = None  # CPU intra-op threads; None lets onnxruntime choose
     device_sampling: bool | None = None  # sample with the sampling graph; None: on the GPU only (on the CPU numpy is faster)
+    static_decode: bool | None = None  # fixed decode shapes and addresses (CUDA graphs; shared cache only); None: on the GPU
 
     def __post_init__(self) -> None:
         if self.provider not in ("auto", "cuda", "cpu"):
@@ -70,9 +71,11 @@ def cuda_device_count() -> int:
     return count.value
 
 
-def create_session(model: Path | bytes, provider: str, threads: int | None) -> tuple[ort.InferenceSession, str]:
+def create_session(model: Path | bytes, provider: str, threads: int | None, cuda_graph: bool = False) -> tuple[ort.InferenceSession, str, bool]:
     """The one place that picks a provider and checks what onnxruntime actually gave us.
-    `model` is a model file, or a serialized model (the sampling graph)."""
+    `model` is a model file, or a serialized model (the sampling graph). cuda_graph asks the
+    CUDA provider to capture runs as CUDA graphs. Returns (session, "cuda" | "cpu", whether
+    graphs are on)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -84,9 +87,17 @@ def create_session(model: Path | bytes, provider: str, threads: int | None) -> t
     if want_cuda:
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # cuBLAS / cuDNN from the torch or nvidia-* wheels, when present
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if cuda_graph else {}), "CPUExecutionProvider"]
+    source = model if isinstance(model, bytes) else str(model)
     try:
-        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
+        try:
+            session = ort.InferenceSession(source, options, providers=providers)
+        except Exception as e:
+            if not (want_cuda and cuda_graph):
+                raise
+            # Capture needs every compute node on the CUDA provider; run without graphs rather than fail.
+            log.warning("CUDA graphs are off: onnxruntime cannot capture this graph (%s)", str(e).splitlines()[0][:200])
+            return *create_session(model, provider, threads)[:2], False
     except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
         raise ModelFolderError(f"{model if isinstance(model, Path) else 'the sampling graph'} could not be loaded by onnxruntime ({str(e).splitlines()[0][:200]}); re-export the model folder") from e
     got = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
@@ -94,8 +105,8 @@ def create_session(model: Path | bytes, provider: str, threads: int | None) -> t
         if provider == "cuda":
             raise ProviderError("the CUDA execution provider failed to start (missing CUDA 13 / cuDNN 9 libraries?); use --provider cpu")
         log.warning("a GPU is present but the CUDA execution provider failed to start; running on the CPU")
-    log.info("running on %s (%s)", got.upper(), session.get_providers()[0])
-    return session, got
+    log.info("running on %s (%s)%s", got.upper(), session.get_providers()[0], " with CUDA graphs" if cuda_graph and got == "cuda" else "")
+    return session, got, cuda_graph and got == "cuda"
 
 
 class ModelSession:
@@ -103,13 +114,14 @@ class ModelSession:
     Use `open_session`, which picks the layout from the manifest."""
 
     kv_sets = 1
+    captures = False  # whether to ask the CUDA provider for CUDA graphs (StaticCacheSession)
 
     def __init__(self, folder: Path, manifest: Manifest, config: SessionConfig):
         c = manifest.config
         self.manifest, self.n_layer, self.vocab_size = manifest, c.n_layer, c.vocab_size
         self.max_batch = config.max_batch
         self.max_seq = min(config.max_seq or c.n_positions, c.n_positions)
-        self.session, self.device = create_session(folder / manifest.model_file, config.provider, config.threads)
+        self.session, self.device, self.cuda_graph = create_session(folder / manifest.model_file, config.provider, config.threads, self.captures)
         ins = [i.name for i in self.session.get_inputs()]
         outs = [o.name for o in self.session.get_outputs()]
         if ins != input_names(self.n_layer, manifest.kv_cache) or outs != output_names(self.n_layer, manifest.kv_cache):
@@ -118,7 +130,7 @@ class ModelSession:
         self.device_sampling = self.device == "cuda" if config.device_sampling is None else config.device_sampling
         self._sampler = None
         if self.device_sampling:  # same provider as the model, so it reads the logits where they are
-            self._sampler, _ = create_session(build_sampler(self.vocab_size).SerializeToString(), self.device, config.threads)
+            self._sampler, _, self.sampler_graph = create_session(build_sampler(self.vocab_size).SerializeToString(), self.device, config.threads, self.captures)
             self._sampler_io = self._sampler.io_binding()
         self.picks_on_device = False
         self.kv_dtype = KV_DTYPES[manifest.dtype]
@@ -170,8 +182,7 @@ class ModelSession:
         any row through the sampling graph) or (batch, vocab) logits for the host to sample."""
         self.reserve(batch, seq)
         self.batch = batch
-        greedy = params is not None and not params[:, 0].any()  # temperature 0 on every row
-        self.pick = "host" if params is None else "argmax" if greedy and self.has_argmax else "sampler" if self._sampler else "host"
+        self.pick = self._choose_pick(params)
         self.picks_on_device = self.pick != "host"
         self._io.clear_binding_outputs()  # what comes back is chosen per batch
         self._bound = {k: v for k, v in self._bound.items() if k not in ("logits", "next_token")}
@@ -190,6 +201,15 @@ class ModelSession:
         else:
             self._out = self._host_logits[: batch * self.vocab_size].reshape(batch, 1, self.vocab_size)
             self._bind_host("logits", np.float32, self._out.shape, self._host_logits, output=True)
+
+    def _choose_pick(self, params: np.ndarray | None) -> str:
+        """Who picks the tokens: "argmax" (the graph's own, for all-greedy rows), "sampler" (the
+        sampling graph) or "host" (numpy, from the logits)."""
+        if params is None:
+            return "host"
+        if not params[:, 0].any() and self.has_argmax:  # temperature 0 on every row
+            return "argmax"
+        return "sampler" if self._sampler else "host"
 
     def _feed(self, **arrays: np.ndarray) -> None:
         """Copy step inputs into their host buffers and bind them (only when the shape changed)."""
@@ -313,8 +333,11 @@ class SharedCacheSession(ModelSession):
 
     def full_logits(self, ids: np.ndarray) -> np.ndarray:
         """Logits at every position of ids (batch, seq): a one-off prompt pass with its own cache."""
+        return self.session.run(["logits"], self._full_feeds(ids))[0]
+
+    def _full_feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         B, T = ids.shape
-        feeds = {
+        return {
             "input_ids": ids,
             "position_ids": np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),
             "seqlens_k": np.full(B, T - 1, dtype=np.int32),
@@ -322,9 +345,19 @@ class SharedCacheSession(ModelSession):
             "logits_index": np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),
             **{name: np.zeros((B, self.n_head, T, self.head_dim), dtype=self.kv_dtype) for name in self._past},
         }
-        return self.session.run(["logits"], feeds)[0]
 
 
 def open_session(folder: Path, manifest: Manifest, config: SessionConfig) -> ModelSession:
-    cls = SharedCacheSession if manifest.kv_cache == "shared" else ConcatCacheSession
-    return cls(folder, manifest, config)
+    """The session class for the folder's cache layout; on the GPU, the in-place cache's decode
+    steps are static and captured as CUDA graphs (static_session.py) unless static_decode=False."""
+    from .static_session import StaticCacheSession
+
+    on_gpu = config.provider == "cuda" or (config.provider == "auto" and cuda_device_count() > 0)
+    static = on_gpu if config.static_decode is None else config.static_decode
+    if manifest.kv_cache != "shared":
+        if config.static_decode:
+            raise ValueError("static decode (CUDA graphs) needs the in-place cache: export with --kv-cache shared")
+        return ConcatCacheSession(folder, manifest, config)
+    if on_gpu and manifest.dtype != "fp16":
+        log.warning("onnxruntime's GroupQueryAttention runs on the GPU in fp16 only; this %s model moves its cache to the CPU every step: export it with --dtype fp16", manifest.dtype)
+    return (StaticCacheSession if static else SharedCacheSession)(folder, manifest, config)

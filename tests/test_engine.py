@@ -17,10 +17,12 @@ from gpt2onnx.engine.session import ProviderError, cuda_device_count
 PROMPTS = ["Hello", "The quick brown fox jumps over", "a", "Once upon a time, in a land far away, there lived"]
 
 
-@pytest.fixture(scope="module", params=["tiny_fp32", "tiny_shared"])
+@pytest.fixture(scope="module", params=["standard", "shared", "static"])
 def engine(request):
-    """Every engine test runs on the standard graph and on the in-place (shared) cache."""
-    return Engine.load(request.getfixturevalue(request.param), provider="cpu", max_batch=4)
+    """Every engine test runs on the standard graph, on the in-place (shared) cache, and on the
+    in-place cache with static decode steps (what CUDA graphs capture; no capture on the CPU)."""
+    folder = request.getfixturevalue("tiny_fp32" if request.param == "standard" else "tiny_shared")
+    return Engine.load(folder, provider="cpu", max_batch=4, static_decode=request.param == "static")
 
 
 def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
@@ -121,14 +123,14 @@ def test_kv_cache_lives_in_the_preallocated_buffers(engine):
         if step == 1:
             counting.calls.clear()  # the first decode step rebinds ids and positions: (B, 2) -> (B, 1)
         session.decode(np.array([5, 6]))
-        outputs = session._io.get_outputs()  # in binding order: logits, then the presents
-        written = [v.data_ptr() for v in outputs[1:]]
+        outputs = session._io.get_outputs()  # in binding order: logits (and next_token), then the presents
+        written = [v.data_ptr() for v in outputs[-2 * c.n_layer :]]
         if engine.manifest.kv_cache == "shared":
             assert written == pointers[0], f"step {step}: presents were not written in place"
-            assert outputs[1].shape()[2] == session._cap_seq
+            assert outputs[-1].shape()[2] == session._cap_seq
         else:
             assert written == pointers[step % 2], f"step {step}: presents were not written into the preallocated set"
-            assert outputs[1].shape() == [2, c.n_head, 3 + step, c.head_dim]
+            assert outputs[-1].shape() == [2, c.n_head, 3 + step, c.head_dim]
     cache_binds = [name for _, name in counting.calls if name.startswith(("past", "present"))]
     if engine.manifest.kv_cache == "shared":
         assert counting.calls == [], f"decode steps rebound {counting.calls[:4]}..."
@@ -325,3 +327,48 @@ def test_settings_the_sampling_graph_cannot_match_stay_on_the_host(tiny_fp32):
     for settings in ({"top_p": 0.9}, {"top_k": 500}, {"repetition_penalty": 1.3}, {"logit_bias": {5: 2.0}, "top_k": 5}):
         device.generate(PROMPTS[0], max_new_tokens=2, **settings)
         assert device.session.pick == "host", settings
+
+
+class RecordingSession:
+    """Wraps an InferenceSession; records (gpu_graph_id, output addresses, bind calls so far) per run."""
+
+    def __init__(self, session, binds: list):
+        self.session, self.binds, self.runs = session, binds, []
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def run_with_iobinding(self, io, options=None):
+        self.session.run_with_iobinding(io, options)
+        graph = options.get_run_config_entry("gpu_graph_id") if options else None
+        self.runs.append((graph, [v.data_ptr() for v in io.get_outputs()], len(self.binds)))
+
+
+def test_static_decode_steps_keep_their_shapes_and_addresses(tiny_shared):
+    """What a CUDA graph needs, checked on the CPU: the cache is allocated once at load; a batch
+    runs in its bucket with that bucket's graph id (prefill without a graph); every decode step
+    of every call in that bucket uses the same buffers, and only the first one binds anything."""
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=6, max_seq=64, static_decode=True)
+    session = engine.session
+    assert session.buckets == [1, 2, 4, 6] and (session._cap_batch, session._cap_seq) == (6, 64)
+    pointers = session.kv_pointers
+    session._io = counting = CountingBinding(session._io)
+    session.session = recorder = RecordingSession(session.session, counting.calls)
+    addresses = {}
+    for prompts in (PROMPTS[:3], PROMPTS[1:4], PROMPTS[:1], PROMPTS + PROMPTS[:2]):
+        recorder.runs.clear()
+        engine.generate(prompts, max_new_tokens=5, ignore_eos=True)
+        bucket = session.bucket
+        assert bucket == {1: 1, 3: 4, 6: 6}[len(prompts)]
+        graph_ids, outputs, binds = zip(*recorder.runs)
+        assert graph_ids == ("-1",) + (str(session.buckets.index(bucket) + 1),) * 4, graph_ids
+        assert all(out == outputs[1] for out in outputs[1:]) and len(outputs[1]) == 2 + 2 * engine.manifest.config.n_layer
+        assert addresses.setdefault(bucket, outputs[1]) == outputs[1], "a bucket's buffers moved between calls"
+        assert binds[1] > binds[0] and len(set(binds[1:])) == 1, "a decode step after the first bound something"
+    assert session.kv_pointers == pointers
+    session.session, session._io = recorder.session, counting.io
+
+
+def test_static_decode_needs_the_in_place_cache(tiny_fp32):
+    with pytest.raises(ValueError, match="--kv-cache shared"):
+        Engine.load(tiny_fp32, provider="cpu", static_decode=True)
