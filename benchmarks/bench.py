@@ -26,9 +26,10 @@ from .machine import machine_info, read_bandwidth_gbs
 from .measure import summarize
 
 log = logging.getLogger(__name__)
-ORT_RUNNERS = ("gpt2-onnx", "ort-plain-loop", "naive-no-cache")
+ORT_RUNNERS = ("gpt2-onnx", "gpt2-onnx-eager", "ort-plain-loop", "naive-no-cache")
 HF_RUNNERS = ("transformers-eager", "optimum")
 ALL_BASELINES = ("transformers-eager", "optimum", "ort-plain-loop", "naive-no-cache")
+EXTRA_BASELINES = ("gpt2-onnx-eager",)  # on request: ours without CUDA graphs and device sampling (GPU runs)
 WORKER = Path(__file__).resolve().parent / "worker.py"
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1 + 4 / 128}  # int8: one fp32 scale per 128 weights
 KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 4}
@@ -160,8 +161,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                     continue
                 python = optimum_python
             log.info("running %s over %d configurations", runner, len(configs))
-            folder = cfg.model_folder.resolve() if runner == "gpt2-onnx" else onnx_baseline_folder
-            spec = {"runner": runner, "model_folder": str(folder), "hf_folder": str(hf_folder), "provider": cfg.provider, "max_batch": max(cfg.batches), "configs": configs, "prompts": prompts.tolist(), "warmup": cfg.warmup, "repeats": cfg.repeats}
+            folder = cfg.model_folder.resolve() if runner.startswith("gpt2-onnx") else onnx_baseline_folder
+            spec = {"runner": runner, "model_folder": str(folder), "hf_folder": str(hf_folder), "provider": cfg.provider, "dtype": manifest.dtype, "max_batch": max(cfg.batches), "configs": configs, "prompts": prompts.tolist(), "warmup": cfg.warmup, "repeats": cfg.repeats}
             results["runners"][runner] = run_worker(python, spec, workdir)
     if "error" in results["runners"]["gpt2-onnx"]:
         raise BenchError("the gpt2-onnx run itself failed (its output is above); nothing to compare the baselines with")

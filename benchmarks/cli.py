@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--new-tokens", type=ints, default=(128,), help="tokens generated per row")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (after warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration")
-    p.add_argument("--baselines", default=",".join(ALL_BASELINES), help="comma-separated baselines to run beside ours")
+    p.add_argument("--baselines", default=",".join(ALL_BASELINES), help="comma-separated baselines to run beside ours (also: gpt2-onnx-eager, ours without CUDA graphs and device sampling)")
     p.add_argument("--optimum-python", help="a Python interpreter whose environment has optimum-onnx (default: this one, else .venv-optimum)")
     p.set_defaults(run=run)
 
@@ -51,12 +51,12 @@ def run(args: argparse.Namespace) -> int:
     from gpt2onnx.engine.cli import resolve_model
 
     from . import report
-    from .bench import ALL_BASELINES, QUICK, BenchConfig, run_bench
+    from .bench import ALL_BASELINES, EXTRA_BASELINES, QUICK, BenchConfig, run_bench
 
     baselines = tuple(b for b in args.baselines.split(",") if b)
-    unknown = set(baselines) - set(ALL_BASELINES)
+    unknown = set(baselines) - set(ALL_BASELINES) - set(EXTRA_BASELINES)
     if unknown:
-        raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {', '.join(ALL_BASELINES)}")
+        raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {', '.join(ALL_BASELINES + EXTRA_BASELINES)}")
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
     folder = resolve_model(args.model, args.random_init, args.seed, args.dtype, args.tokenizer, args.models_dir, args.kv_cache)

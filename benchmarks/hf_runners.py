@@ -13,17 +13,19 @@ import torch
 from measure import Run, StepClock
 
 
-def _timed_generate(model, prompts: np.ndarray, new_tokens: int) -> Run:
+def _timed_generate(model, prompts: np.ndarray, new_tokens: int, device: str = "cpu") -> Run:
     from transformers import LogitsProcessor, LogitsProcessorList
 
     clock = StepClock()
 
     class Tick(LogitsProcessor):
         def __call__(self, input_ids, scores):
+            if device == "cuda":
+                torch.cuda.synchronize()  # the step is done when its kernels are, not when they are queued
             clock.tick()
             return scores
 
-    ids = torch.from_numpy(prompts)
+    ids = torch.from_numpy(prompts).to(device)
     with torch.inference_mode():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, use_cache=True,
@@ -32,15 +34,17 @@ def _timed_generate(model, prompts: np.ndarray, new_tokens: int) -> Run:
     return Run(clock.ttft_s, clock.steps, out[:, prompts.shape[1] :].tolist())
 
 
-def transformers_eager(hf_folder: str, provider: str):
+def transformers_eager(hf_folder: str, provider: str, dtype: str = "fp32"):
+    """On the GPU in the model's dtype (fp16 against an fp16 export); fp32 on the CPU."""
     from transformers import GPT2LMHeadModel
 
-    device = "cuda" if provider == "cuda" else "cpu"
-    model = GPT2LMHeadModel.from_pretrained(hf_folder, attn_implementation="eager").to(device).eval()
+    device = "cuda" if provider == "cuda" or (provider == "auto" and torch.cuda.is_available()) else "cpu"
+    torch_dtype = torch.float16 if device == "cuda" and dtype == "fp16" else torch.float32
+    model = GPT2LMHeadModel.from_pretrained(hf_folder, attn_implementation="eager", torch_dtype=torch_dtype).to(device).eval()
     model.generation_config.eos_token_id = None
 
     def run(prompts: np.ndarray, new_tokens: int) -> Run:
-        return _timed_generate(model, prompts, new_tokens)
+        return _timed_generate(model, prompts, new_tokens, device)
 
     return run, device
 

@@ -14,8 +14,10 @@ from gpt2onnx.engine.session import KV_DTYPES, create_session
 from .measure import Run, StepClock
 
 
-def ours(folder: Path, provider: str, max_batch: int):
-    engine = Engine.load(folder, provider=provider, max_batch=max_batch)
+def ours(folder: Path, provider: str, max_batch: int, fast_gpu_path: bool | None = None):
+    """The engine as users get it; fast_gpu_path=False turns off CUDA graphs and device sampling
+    (the "gpt2-onnx-eager" baseline: what those two are worth on a GPU)."""
+    engine = Engine.load(folder, provider=provider, max_batch=max_batch, static_decode=fast_gpu_path, device_sampling=fast_gpu_path)
 
     def run(prompts: np.ndarray, new_tokens: int) -> Run:
         result = engine.generate([row.tolist() for row in prompts], max_new_tokens=new_tokens, ignore_eos=True)
@@ -74,4 +76,4 @@ def naive_no_cache(folder: Path, provider: str):
     return run, device
 
 
-RUNNERS = {"gpt2-onnx": ours, "ort-plain-loop": plain_run_loop, "naive-no-cache": naive_no_cache}
+RUNNERS = {"gpt2-onnx": ours, "gpt2-onnx-eager": lambda *a: ours(*a, fast_gpu_path=False), "ort-plain-loop": plain_run_loop, "naive-no-cache": naive_no_cache}

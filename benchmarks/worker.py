@@ -25,10 +25,10 @@ def make_runner(spec: dict):
     if name in ("transformers-eager", "optimum"):
         from hf_runners import RUNNERS
 
-        return RUNNERS[name](spec["hf_folder"], spec["provider"])
+        return RUNNERS[name](spec["hf_folder"], spec["provider"], *([spec["dtype"]] if name == "transformers-eager" else []))
     from gpt2onnx.benchmarks.ort_runners import RUNNERS
 
-    if name == "gpt2-onnx":
+    if name.startswith("gpt2-onnx"):
         return RUNNERS[name](Path(spec["model_folder"]), spec["provider"], spec["max_batch"])
     return RUNNERS[name](Path(spec["model_folder"]), spec["provider"])
 

@@ -61,6 +61,8 @@ def add_generate_parser(sub: argparse._SubParsersAction, parents: list[argparse.
     p.add_argument("--truncate", choices=["left"], help="drop a too-long prompt's oldest tokens instead of failing")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="execution provider")
     p.add_argument("--max-batch", type=int, default=8, help="prompts run together; more are run in turns")
+    p.add_argument("--cuda-graphs", choices=SWITCH, default="auto", help="decode steps of fixed shapes, captured as CUDA graphs (needs --kv-cache shared; auto: on with the CUDA provider; on the CPU: fixed shapes, no capture)")
+    p.add_argument("--device-sampling", choices=SWITCH, default="auto", help="pick tokens with the sampling graph where the logits are (auto: on with the CUDA provider)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object with completions and timing")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype when exporting on first use (int8: CPU)")
@@ -68,6 +70,9 @@ def add_generate_parser(sub: argparse._SubParsersAction, parents: list[argparse.
     p.add_argument("--tokenizer", help="tokenizer folder when exporting on first use")
     p.add_argument("--models-dir", default="models", help="where models exported on first use are kept")
     p.set_defaults(run=run_generate)
+
+
+SWITCH = {"auto": None, "on": True, "off": False}
 
 
 def resolve_model(model: str | None, random_init: str | None = None, seed: int = 0, dtype: str = "fp32", tokenizer: str | None = None, models_dir: str = "models", kv_cache: str = "concat") -> Path:
@@ -118,7 +123,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.no_bos and not all(args.prompt):
         raise ValueError("an empty prompt needs the BOS token to generate from; drop --no-bos or pass some text")
     folder = resolve_model(args.model, args.random_init, args.seed or 0, args.dtype, args.tokenizer, args.models_dir, args.kv_cache)
-    engine = Engine.load(folder, provider=args.provider, max_batch=args.max_batch)
+    engine = Engine.load(folder, provider=args.provider, max_batch=args.max_batch, static_decode=SWITCH[args.cuda_graphs], device_sampling=SWITCH[args.device_sampling])
     options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, prepend_bos=not args.no_bos, truncate=args.truncate, **sampling)
     if args.stream and not args.json:
         for prompt in args.prompt:

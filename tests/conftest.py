@@ -155,3 +155,9 @@ def left_padded(lengths: list[int], gen: np.random.Generator, vocab_size: int):
         mask[row, width - n :] = 1
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     return ids, mask, positions
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_shared(hf_folder, tmp_path_factory) -> Path:
+    """The GPU's fast path: fp16 with the in-place cache (GroupQueryAttention runs fp16 only on CUDA)."""
+    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-fp16-shared", dtype="fp16", kv_cache="shared")

@@ -1,0 +1,102 @@
+"""The CUDA provider: fp16 parity, CUDA graphs and the sampling graph on the GPU.
+
+Skipped without an NVIDIA GPU and onnxruntime-gpu's CUDA provider (.ci/gpu-run runs them on a
+GPU machine). Every test first checks that the session really is on CUDA: a run that quietly
+fell back to the CPU proves nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from gpt2onnx.engine.device_sampling import build_sampler, row_params
+from gpt2onnx.engine.engine import Engine
+from gpt2onnx.engine.sampling import SamplingConfig, next_tokens
+from gpt2onnx.engine.session import cuda_device_count
+from gpt2onnx.export.verify import TOLERANCES, top1_agreement
+
+pytestmark = pytest.mark.skipif(
+    cuda_device_count() == 0 or "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="needs an NVIDIA GPU and onnxruntime-gpu (see .ci/gpu-run)",
+)
+
+PROMPTS = ["Hello", "The quick brown fox jumps over", "a", "Once upon a time, in a land far away, there lived"]
+
+
+def on_cuda(engine: Engine) -> Engine:
+    assert engine.provider == "cuda" and engine.session.session.get_providers()[0] == "CUDAExecutionProvider"
+    return engine
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny_fp16_shared):
+    """The GPU default: fp16, in-place cache, CUDA graphs, sampling on the device."""
+    engine = on_cuda(Engine.load(tiny_fp16_shared, provider="cuda", max_batch=8))
+    assert engine.session.cuda_graph, "onnxruntime refused to capture the decode graph (a node fell back to the CPU?)"
+    assert engine.session.sampler_graph, "onnxruntime refused to capture the sampling graph"
+    return engine
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_fp16_shared):
+    """The same model on CUDA without graphs or device sampling."""
+    return on_cuda(Engine.load(tiny_fp16_shared, provider="cuda", max_batch=8, static_decode=False, device_sampling=False))
+
+
+def test_fp16_on_cuda_matches_transformers_fp32(graphs, hf_model):
+    ids = [graphs.to_tokens(p) for p in PROMPTS]
+    for row in ids:
+        got = graphs.logits(row)[0]
+        with torch.no_grad():
+            want = hf_model(torch.tensor([row])).logits[0].numpy()
+        tol = TOLERANCES["fp16"]
+        limit = tol.atol + tol.rtol * np.abs(want).max()
+        assert np.abs(got - want).max() <= limit, f"max |Δ logits| {np.abs(got - want).max():.3g} > {limit:.3g}"
+        agree, n = top1_agreement(got, want, limit)  # raises on a disagreement that is not a near-tie
+        assert agree >= 0.9 * n
+
+
+def test_cuda_graph_replays_give_the_eager_tokens(graphs, eager):
+    """Buckets 4, 1, 4 again (a replay of a captured graph), 8: token for token as without graphs."""
+    for prompts in (PROMPTS, PROMPTS[:1], PROMPTS[1:4], PROMPTS + PROMPTS):
+        want = [c.token_ids for c in eager.generate(prompts, max_new_tokens=16).completions]
+        got = [c.token_ids for c in graphs.generate(prompts, max_new_tokens=16).completions]
+        assert got == want, f"batch {len(prompts)} (bucket {graphs.session.bucket})"
+        assert graphs.session.pick == "argmax"
+
+
+@pytest.mark.parametrize("settings", [{"top_k": 20, "seed": 1}, {"temperature": 0.8, "seed": 2}, {"top_k": 50, "top_p": 0.9, "min_p": 0.05, "seed": 3}])
+def test_sampling_graph_on_cuda_agrees_with_the_host(graphs, eager, settings):
+    """Same seed, same draws; the logits differ only by kernel rounding, so nearly every token agrees."""
+    got = graphs.generate(PROMPTS, max_new_tokens=16, **settings)
+    assert graphs.session.pick == "sampler"
+    want = eager.generate(PROMPTS, max_new_tokens=16, **settings)
+    pairs = [(a, b) for g, w in zip(got.completions, want.completions) for a, b in zip(g.token_ids, w.token_ids)]
+    assert np.mean([a == b for a, b in pairs]) >= 0.9
+
+
+def test_sampling_graph_alone_on_cuda():
+    """The sampling graph on CUDA with the host's draws picks the host's tokens (a parallel
+    cumulative sum may move a draw that sits on a boundary: allow 1 in 200)."""
+    vocab = 50257
+    session = ort.InferenceSession(build_sampler(vocab).SerializeToString(), providers=["CUDAExecutionProvider"])
+    assert session.get_providers()[0] == "CUDAExecutionProvider"
+    gen, same, total = np.random.default_rng(0), 0, 0
+    for cfg in (SamplingConfig(), SamplingConfig(top_k=40), SamplingConfig(temperature=0.7), SamplingConfig(top_k=100, top_p=0.8, min_p=0.02)):
+        for _ in range(20):
+            logits = (gen.standard_normal((8, vocab)) * 3).astype(np.float32)
+            seed = int(gen.integers(1 << 30))
+            host = next_tokens(logits, cfg, np.random.default_rng(seed))
+            (device,) = session.run(None, {"logits": logits, "params": row_params(cfg, 8), "uniform": np.random.default_rng(seed).random(8).astype(np.float32)})
+            same, total = same + int((device == host).sum()), total + 8
+    assert same >= total - total // 200, f"{total - same} of {total} draws differ"
+
+
+def test_kv_cache_stays_on_the_gpu(graphs):
+    graphs.generate(PROMPTS[:2], max_new_tokens=4)
+    session = graphs.session
+    assert all(v.device_name().lower() == "cuda" for kv_set in session._kv for v in kv_set)
+    assert all(v.device_name().lower() == "cuda" for v in session._step_in.values())
