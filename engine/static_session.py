@@ -33,13 +33,33 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch sizes that get their own graph (and max_batch)
 OUTPUT_DTYPES = {"logits": np.float32, "next_token": np.int64}
-DECODE_INPUTS = {"input_ids": (np.int64, (1,)), "position_ids": (np.int64, (1,)), "seqlens_k": (np.int32, ()), "logits_index": (np.int64, (1,))}  # dtype, shape after batch
+# Every buffer a decode step (and the sampling graph) reads or writes: dtype, shape after the batch dim.
+STEP_INPUTS = {"input_ids": (np.int64, (1,)), "position_ids": (np.int64, (1,)), "seqlens_k": (np.int32, ()), "logits_index": (np.int64, (1,))}
+SAMPLER_INPUTS = {"params": (np.float32, (4,)), "uniform": (np.float32, ())}
+UPDATED_PER_STEP = ("input_ids", "position_ids", "seqlens_k")
 
 
 def run_options(graph_id: int) -> ort.RunOptions:
     options = ort.RunOptions()
     options.add_run_config_entry("gpu_graph_id", str(graph_id))
     return options
+
+
+class Bucket:
+    """The device buffers of one batch size, with host mirrors of the inputs (update_inplace
+    copies a whole buffer, so each bucket has its own: a step copies its rows, no more)."""
+
+    def __init__(self, batch: int, vocab_size: int, device: str):
+        new = lambda shape, dtype: ort.OrtValue.ortvalue_from_shape_and_type((batch, *shape), dtype, device, 0)  # noqa: E731
+        inputs = STEP_INPUTS | SAMPLER_INPUTS
+        self.batch = batch
+        self.host = {name: np.zeros((batch, *shape), dtype) for name, (dtype, shape) in inputs.items()}
+        self.dev = {name: new(shape, dtype) for name, (dtype, shape) in inputs.items()}
+        self.dev |= {"logits": new((1, vocab_size), np.float32), "next_token": new((1,), np.int64), "token": new((), np.int64)}
+
+    def upload(self, *names: str) -> None:
+        for name in names:
+            self.dev[name].update_inplace(self.host[name])
 
 
 class StaticCacheSession(SharedCacheSession):
@@ -49,14 +69,11 @@ class StaticCacheSession(SharedCacheSession):
 
     def __init__(self, folder, manifest, config):
         super().__init__(folder, manifest, config)
-        cap, V = self.max_batch, self.vocab_size
+        cap = self.max_batch
         self.buckets = [b for b in BUCKETS if b < cap] + [cap]
         self.reserve(cap, self.max_seq)  # once: captured graphs hold these addresses
-        device = lambda shape, dtype: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)  # noqa: E731
-        self._step_in = {name: device((cap, *shape), dtype) for name, (dtype, shape) in DECODE_INPUTS.items()}
-        self._step_host = {name: np.zeros((cap, *shape), dtype) for name, (dtype, shape) in DECODE_INPUTS.items()}  # their host mirrors
+        self._bufs = {b: Bucket(b, self.vocab_size, self.device) for b in self.buckets}
         self._total_decode = np.array(self._cap_seq, dtype=np.int32)  # a host input: constant during decode
-        self._outs = {b: {"logits": device((b, 1, V), np.float32), "next_token": device((b, 1), np.int64), "token": device((b,), np.int64)} for b in self.buckets}
         self._graph = {b: run_options(i + 1) for i, b in enumerate(self.buckets)}
         self._eager = run_options(-1)
         log.info("static decode: cache for %d x %d positions, batch buckets %s, CUDA graphs %s", cap, self._cap_seq, self.buckets, "on" if self.cuda_graph else "off")
@@ -67,39 +84,35 @@ class StaticCacheSession(SharedCacheSession):
         self.bucket = next(b for b in self.buckets if b >= batch)
         self.pick = self._choose_pick(params)
         self.picks_on_device = self.pick != "host"
-        outs = self._outs[self.bucket]
-        if self.pick == "sampler":  # padded to the bucket, bound once: the sampling graph is captured per bucket too
-            self._host_params[:] = 0.0
-            self._host_params[:batch] = params
-            self._dev_params.update_inplace(self._host_params)
-            io, b = self._sampler_io, self.bucket
-            io.bind_input("logits", self.device, 0, np.float32, (b, self.vocab_size), outs["logits"].data_ptr())
-            io.bind_input("params", self.device, 0, np.float32, (b, 4), self._dev_params.data_ptr())
-            io.bind_input("uniform", self.device, 0, np.float32, (b,), self._dev_uniform.data_ptr())
-            io.bind_ortvalue_output("token", outs["token"])
-        for buf in self._step_host.values():
-            buf[:] = 0  # padding rows: token 0 at position 0, alone in its row
-        self._step_in["logits_index"].update_inplace(self._step_host["logits_index"])
+        buf = self._buf = self._bufs[self.bucket]
+        for host in buf.host.values():
+            host[:] = 0  # padding rows: token 0 at position 0, alone in its row; greedy
+        if params is not None:
+            buf.host["params"][:batch] = params
+        buf.upload("logits_index", "params")
+        if self.pick == "sampler":  # bound once per call; the sampling graph is captured per bucket too
+            logits = buf.dev["logits"]  # the model's (b, 1, vocab) output, read as (b, vocab)
+            self._sampler_io.bind_input("logits", self.device, 0, np.float32, (buf.batch, self.vocab_size), logits.data_ptr())
+            for name in ("params", "uniform"):
+                self._sampler_io.bind_ortvalue_input(name, buf.dev[name])
+            self._sampler_io.bind_ortvalue_output("token", buf.dev["token"])
 
     def prefill(self, ids, mask, positions, uniform=None):
         """As SharedCacheSession.prefill, without a graph; its outputs go to the bucket's buffers."""
-        B = self.batch
         self._io.clear_binding_outputs()
         for name, dtype in OUTPUT_DTYPES.items():
-            out = self._outs[self.bucket][name]
-            self._io.bind_output(name, self.device, 0, dtype, (B, *out.shape()[1:]), out.data_ptr())
+            out = self._buf.dev[name]
+            self._io.bind_output(name, self.device, 0, dtype, (self.batch, *out.shape()[1:]), out.data_ptr())
         self._bound = {}
         self._options, self._decode_bound = self._eager, False
         return super().prefill(ids, mask, positions, uniform)
 
     def decode(self, tokens: np.ndarray, uniform: np.ndarray | None = None) -> np.ndarray:
-        B = self.batch
+        B, host = self.batch, self._buf.host
         self._seqlens += 1
         assert self._position.max() < self._cap_seq, f"cache holds {self._cap_seq} positions"
-        host = self._step_host
         host["input_ids"][:B, 0], host["position_ids"][:B], host["seqlens_k"][:B] = tokens, self._position, self._seqlens
-        for name in ("input_ids", "position_ids", "seqlens_k"):
-            self._step_in[name].update_inplace(host[name])
+        self._buf.upload(*UPDATED_PER_STEP)
         if not self._decode_bound:
             self._bind_decode()
         out = self._run(uniform)
@@ -108,33 +121,33 @@ class StaticCacheSession(SharedCacheSession):
 
     def _bind_decode(self) -> None:
         """Bind the bucket's shapes and buffers; every decode step of this call reuses them."""
-        b, io = self.bucket, self._io
-        for name, (dtype, shape) in DECODE_INPUTS.items():
-            io.bind_input(name, self.device, 0, dtype, (b, *shape), self._step_in[name].data_ptr())
+        io, buf = self._io, self._buf
+        for name in STEP_INPUTS:
+            io.bind_ortvalue_input(name, buf.dev[name])
         io.bind_cpu_input("total_sequence_length", self._total_decode)
         io.clear_binding_outputs()
         for name in OUTPUT_DTYPES:
-            io.bind_ortvalue_output(name, self._outs[b][name])
-        cache = (b, self.n_head, self._cap_seq, self.head_dim)
+            io.bind_ortvalue_output(name, buf.dev[name])
+        cache = (buf.batch, self.n_head, self._cap_seq, self.head_dim)
         for past, present, ptr in zip(self._past, self._present, self._kv_ptrs[0]):
             io.bind_input(past, self.device, 0, self.kv_dtype, cache, ptr)
             io.bind_output(present, self.device, 0, self.kv_dtype, cache, ptr)
         self._bound = {}  # the host bindings of prefill are gone
-        self._options, self._decode_bound = self._graph[b], True
+        self._options, self._decode_bound = self._graph[buf.batch], True
 
     def _run(self, uniform: np.ndarray | None) -> np.ndarray:
-        B, outs = self.batch, self._outs[self.bucket]
+        B, buf = self.batch, self._buf
         t0 = time.perf_counter()
         self.session.run_with_iobinding(self._io, self._options)
         if self.pick == "sampler":
-            self._host_uniform[:B] = 0.0 if uniform is None else uniform
-            self._dev_uniform.update_inplace(self._host_uniform)
-            self._sampler.run_with_iobinding(self._sampler_io, self._graph[self.bucket])
-            out = outs["token"].numpy()[:B]
+            buf.host["uniform"][:B] = 0.0 if uniform is None else uniform
+            buf.upload("uniform")
+            self._sampler.run_with_iobinding(self._sampler_io, self._graph[buf.batch])
+            out = buf.dev["token"].numpy()[:B]
         elif self.pick == "argmax":
-            out = outs["next_token"].numpy()[:B, 0]
+            out = buf.dev["next_token"].numpy()[:B, 0]
         else:
-            out = outs["logits"].numpy()[:B, 0]
+            out = buf.dev["logits"].numpy()[:B, 0]
         self.run_s += time.perf_counter() - t0
         return out
 

@@ -313,7 +313,8 @@ DEVICE_SETTINGS = [{}, {"top_k": 20, "seed": 1}, {"temperature": 0.7, "seed": 2}
 def test_sampling_graph_picks_what_the_host_picks(engine, settings):
     """The sampling graph (the GPU default, forced on here) reads the logits where the model
     wrote them and returns ids only; with the same seed it draws the host's tokens."""
-    device = Engine.load(engine.folder, provider="cpu", max_batch=4, device_sampling=True)
+    static = type(engine.session).__name__ == "StaticCacheSession"
+    device = Engine.load(engine.folder, provider="cpu", max_batch=4, device_sampling=True, static_decode=static)
     on_device = device.generate(PROMPTS, max_new_tokens=12, **settings)
     assert device.session.picks_on_device and "logits" not in device.session._bound
     assert device.session.pick == ("argmax" if not settings and device.session.has_argmax else "sampler")

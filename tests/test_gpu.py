@@ -99,4 +99,4 @@ def test_kv_cache_stays_on_the_gpu(graphs):
     graphs.generate(PROMPTS[:2], max_new_tokens=4)
     session = graphs.session
     assert all(v.device_name().lower() == "cuda" for kv_set in session._kv for v in kv_set)
-    assert all(v.device_name().lower() == "cuda" for v in session._step_in.values())
+    assert all(v.device_name().lower() == "cuda" for v in session._buf.dev.values())
