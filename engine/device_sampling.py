@@ -2,7 +2,7 @@
 
 The model's logits stay where the model wrote them (GPU memory on the CUDA provider); this graph
 reads them there, and only B token ids (8 bytes a row) cross to the host, plus one uniform draw
-per row (4 bytes) going the other way. It picks exactly what `sampling.next_tokens` would pick
+per row (8 bytes) going the other way. It picks exactly what `sampling.next_tokens` would pick
 for the same draw: temperature, then top-k, top-p and min-p cut-offs, then the inverse CDF over
 the vocabulary in token order. A row with temperature 0 is greedy (argmax).
 
@@ -14,7 +14,7 @@ history), top_k > TOP_K_MAX, and top-p without a top-k (its cut-off may lie past
 
     logits   float32 (batch, vocab)
     params   float32 (batch, 4)     per row: temperature (0 = greedy), top_k (0 = off), top_p, min_p
-    uniform  float32 (batch,)       one U[0, 1) draw per row
+    uniform  float64 (batch,)       one U[0, 1) draw per row
   ->
     token    int64   (batch,)
 """
@@ -43,6 +43,25 @@ def row_params(cfg: SamplingConfig, batch: int) -> np.ndarray:
     """(batch, 4) float32: the graph's `params` for one call's settings."""
     temperature = 0.0 if cfg.greedy else (1.0 if cfg.temperature is None else cfg.temperature)
     return np.tile(np.array([temperature, cfg.top_k, cfg.top_p, cfg.min_p], dtype=np.float32), (batch, 1))
+
+
+CUMSUM_BLOCK = 256
+
+
+def blocked_cumsum(op, const, x: str, n: int) -> str:
+    """Inclusive cumulative sum of float32 (B, n) along axis 1, in float64 (as sampling.sample_from:
+    a float32 sum over 50257 tokens drifts enough to move draws), in blocks of CUMSUM_BLOCK:
+    onnxruntime's CUDA CumSum makes each element add up everything before it (quadratic in the
+    row length, milliseconds over the vocabulary), so sum within blocks, then across block totals.
+    The result is padded with zeros to whole blocks (its extra entries equal the total)."""
+    blocks = -(-n // CUMSUM_BLOCK)
+    padded = op("Pad", [x, const("cumsum_pads", [0, 0, 0, blocks * CUMSUM_BLOCK - n], np.int64)], "cumsum_padded")
+    padded = op("Cast", [padded], "cumsum_f64", to=TensorProto.DOUBLE)
+    tiles = op("Reshape", [padded, const("cumsum_tiles", [-1, blocks, CUMSUM_BLOCK], np.int64)], "cumsum_tiles_of")  # (B, blocks, block)
+    within = op("CumSum", [tiles, const("cumsum_ax2", 2, np.int64)], "cumsum_within")
+    sums = op("ReduceSum", [tiles, const("cumsum_axes2", [2], np.int64)], "cumsum_block_sums", keepdims=1)  # (B, blocks, 1)
+    before = op("CumSum", [sums, const("cumsum_ax1", 1, np.int64)], "cumsum_before", exclusive=1)
+    return op("Reshape", [op("Add", [within, before], "cumsum_tiled"), const("cumsum_flat", [0, -1], np.int64)], "cdf")
 
 
 def build_sampler(vocab_size: int) -> onnx.ModelProto:
@@ -87,9 +106,9 @@ def build_sampler(vocab_size: int) -> onnx.ModelProto:
 
     # inverse CDF over the vocabulary in token order, as sampling.sample_from
     probs = op("Softmax", [op("Where", [op("GreaterOrEqual", [scaled, floor], "kept"), scaled, neg_inf], "masked")], "probs", axis=-1)
-    cdf = op("CumSum", [probs, "ax1"], "cdf")
-    total = op("Slice", [cdf, const("last", [-1], np.int64), const("end", [vocab_size], np.int64), axis1], "total")
-    target = op("Mul", [op("Unsqueeze", ["uniform", axis1], "u"), total], "target")
+    cdf = blocked_cumsum(op, const, probs, vocab_size)  # (B, padded vocab); padding adds 0
+    total = op("Slice", [cdf, const("last", [-1], np.int64), const("end", [1 << 30], np.int64), axis1], "total")
+    target = op("Mul", [op("Unsqueeze", ["uniform", axis1], "u"), total], "target")  # float64, as the host's draw
     drawn = op("ReduceSum", [op("Cast", [op("Less", [cdf, target], "below")], "below_count", to=TensorProto.FLOAT), axis1], "n_below", keepdims=0)
     drawn = index(op("Min", [drawn, const("last_token", vocab_size - 1.0)], "drawn"))
     greedy = op("ArgMax", [scaled], "greedy", axis=-1, keepdims=0)
@@ -99,7 +118,7 @@ def build_sampler(vocab_size: int) -> onnx.ModelProto:
         nodes, "sampler",
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", vocab_size]),
          helper.make_tensor_value_info("params", TensorProto.FLOAT, ["batch", 4]),
-         helper.make_tensor_value_info("uniform", TensorProto.FLOAT, ["batch"])],
+         helper.make_tensor_value_info("uniform", TensorProto.DOUBLE, ["batch"])],
         [helper.make_tensor_value_info("token", TensorProto.INT64, ["batch"])],
         inits,
     )  # fmt: skip

@@ -164,8 +164,8 @@ class ModelSession:
             cap, V = self._cap_batch, self.vocab_size
             self._dev_logits = ort.OrtValue.ortvalue_from_shape_and_type((cap, 1, V), np.float32, self.device, 0)
             self._dev_params = ort.OrtValue.ortvalue_from_shape_and_type((cap, 4), np.float32, self.device, 0)
-            self._dev_uniform = ort.OrtValue.ortvalue_from_shape_and_type((cap,), np.float32, self.device, 0)
-            self._host_params, self._host_uniform = np.zeros((cap, 4), np.float32), np.zeros(cap, np.float32)
+            self._dev_uniform = ort.OrtValue.ortvalue_from_shape_and_type((cap,), np.float64, self.device, 0)
+            self._host_params, self._host_uniform = np.zeros((cap, 4), np.float32), np.zeros(cap, np.float64)
         self._bound = {}  # new buffers: every host binding is stale
 
     @property
@@ -196,7 +196,7 @@ class ModelSession:
             bind = self._sampler_io.bind_input
             bind("logits", self.device, 0, np.float32, (batch, self.vocab_size), self._dev_logits.data_ptr())
             bind("params", self.device, 0, np.float32, (batch, 4), self._dev_params.data_ptr())
-            bind("uniform", self.device, 0, np.float32, (batch,), self._dev_uniform.data_ptr())
+            bind("uniform", self.device, 0, np.float64, (batch,), self._dev_uniform.data_ptr())
             self._sampler_io.bind_output("token", "cpu", 0, np.int64, (batch,), self._host_next.ctypes.data)
         else:
             self._out = self._host_logits[: batch * self.vocab_size].reshape(batch, 1, self.vocab_size)

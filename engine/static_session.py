@@ -35,7 +35,7 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch sizes that get their own g
 OUTPUT_DTYPES = {"logits": np.float32, "next_token": np.int64}
 # Every buffer a decode step (and the sampling graph) reads or writes: dtype, shape after the batch dim.
 STEP_INPUTS = {"input_ids": (np.int64, (1,)), "position_ids": (np.int64, (1,)), "seqlens_k": (np.int32, ()), "logits_index": (np.int64, (1,))}
-SAMPLER_INPUTS = {"params": (np.float32, (4,)), "uniform": (np.float32, ())}
+SAMPLER_INPUTS = {"params": (np.float32, (4,)), "uniform": (np.float64, ())}
 UPDATED_PER_STEP = ("input_ids", "position_ids", "seqlens_k")
 
 

@@ -7,6 +7,8 @@ fell back to the CPU proves nothing.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -18,10 +20,12 @@ from gpt2onnx.engine.sampling import SamplingConfig, next_tokens
 from gpt2onnx.engine.session import cuda_device_count
 from gpt2onnx.export.verify import TOLERANCES, top1_agreement
 
-pytestmark = pytest.mark.skipif(
-    cuda_device_count() == 0 or "CUDAExecutionProvider" not in ort.get_available_providers(),
-    reason="needs an NVIDIA GPU and onnxruntime-gpu (see .ci/gpu-run)",
-)
+from conftest import export_folder, make_hf_model, save_hf_folder
+
+HAVE_CUDA = cuda_device_count() > 0 and "CUDAExecutionProvider" in ort.get_available_providers()
+if os.environ.get("GPT2_ONNX_REQUIRE_GPU") and not HAVE_CUDA:  # .ci/gpu-run: a skip there would prove nothing
+    raise RuntimeError(f"GPT2_ONNX_REQUIRE_GPU is set but no CUDA provider is usable (GPUs: {cuda_device_count()}, providers: {ort.get_available_providers()})")
+pytestmark = pytest.mark.skipif(not HAVE_CUDA, reason="needs an NVIDIA GPU and onnxruntime-gpu (see .ci/gpu-run)")
 
 PROMPTS = ["Hello", "The quick brown fox jumps over", "a", "Once upon a time, in a land far away, there lived"]
 
@@ -29,6 +33,18 @@ PROMPTS = ["Hello", "The quick brown fox jumps over", "a", "Once upon a time, in
 def on_cuda(engine: Engine) -> Engine:
     assert engine.provider == "cuda" and engine.session.session.get_providers()[0] == "CUDAExecutionProvider"
     return engine
+
+
+@pytest.fixture(scope="module")
+def hf_model(vocab):
+    """GPT-2's head size (64), so the GPU picks the attention kernels the real model gets."""
+    return make_hf_model(vocab, n_embd=128, n_head=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16_shared(hf_model, tokenizer_dir, tmp_path_factory):
+    folder = save_hf_folder(hf_model, tmp_path_factory.mktemp("hf") / "head64", tokenizer_dir)
+    return export_folder(folder, tmp_path_factory.mktemp("export") / "head64-fp16-shared", dtype="fp16", kv_cache="shared")
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +76,16 @@ def test_fp16_on_cuda_matches_transformers_fp32(graphs, hf_model):
 
 
 def test_cuda_graph_replays_give_the_eager_tokens(graphs, eager):
-    """Buckets 4, 1, 4 again (a replay of a captured graph), 8: token for token as without graphs."""
+    """Buckets 4, 1, 4 again, 8, each called twice: a replay gives exactly the tokens of the call
+    that captured the graph, and the eager session's tokens (fp16 kernels of other shapes may
+    round near-ties differently, so 95% of them)."""
     for prompts in (PROMPTS, PROMPTS[:1], PROMPTS[1:4], PROMPTS + PROMPTS):
-        want = [c.token_ids for c in eager.generate(prompts, max_new_tokens=16).completions]
         got = [c.token_ids for c in graphs.generate(prompts, max_new_tokens=16).completions]
-        assert got == want, f"batch {len(prompts)} (bucket {graphs.session.bucket})"
         assert graphs.session.pick == "argmax"
+        assert [c.token_ids for c in graphs.generate(prompts, max_new_tokens=16).completions] == got, f"batch {len(prompts)}: a replay differs"
+        want = [c.token_ids for c in eager.generate(prompts, max_new_tokens=16).completions]
+        pairs = [(a, b) for g, w in zip(got, want) for a, b in zip(g, w)]
+        assert np.mean([a == b for a, b in pairs]) >= 0.95, f"batch {len(prompts)} (bucket {graphs.session.bucket}): {got} vs {want}"
 
 
 @pytest.mark.parametrize("settings", [{"top_k": 20, "seed": 1}, {"temperature": 0.8, "seed": 2}, {"top_k": 50, "top_p": 0.9, "min_p": 0.05, "seed": 3}])
@@ -90,7 +110,7 @@ def test_sampling_graph_alone_on_cuda():
             logits = (gen.standard_normal((8, vocab)) * 3).astype(np.float32)
             seed = int(gen.integers(1 << 30))
             host = next_tokens(logits, cfg, np.random.default_rng(seed))
-            (device,) = session.run(None, {"logits": logits, "params": row_params(cfg, 8), "uniform": np.random.default_rng(seed).random(8).astype(np.float32)})
+            (device,) = session.run(None, {"logits": logits, "params": row_params(cfg, 8), "uniform": np.random.default_rng(seed).random(8)})
             same, total = same + int((device == host).sum()), total + 8
     assert same >= total - total // 200, f"{total - same} of {total} draws differ"
 

@@ -142,7 +142,7 @@ def test_the_sampling_graph_draws_what_next_tokens_draws(sampler, cfg):
         logits = (gen.standard_normal((5, vocab)) * (0.3 if trial % 2 else 4.0)).astype(np.float32)
         seed = int(gen.integers(1 << 30))
         host = next_tokens(logits, cfg, np.random.default_rng(seed))
-        uniform = np.random.default_rng(seed).random(5).astype(np.float32)
+        uniform = np.random.default_rng(seed).random(5)
         (device,) = sampler.run(None, {"logits": logits, "params": row_params(cfg, 5), "uniform": uniform})
         np.testing.assert_array_equal(device, host, err_msg=f"trial {trial}")
 
