@@ -132,7 +132,7 @@ class ModelSession:
         if self.device_sampling:  # same provider as the model, so it reads the logits where they are
             self._sampler, _, self.sampler_graph = create_session(build_sampler(self.vocab_size).SerializeToString(), self.device, config.threads, self.captures)
             self._sampler_io = self._sampler.io_binding()
-        self.picks_on_device = False
+        self.pick = "host"  # who picks the tokens of the current batch (see _choose_pick)
         self.kv_dtype = KV_DTYPES[manifest.dtype]
         self.n_head, self.head_dim = c.n_head, c.head_dim
         self._past, self._present = past_names(c.n_layer), present_names(c.n_layer)
@@ -169,6 +169,11 @@ class ModelSession:
         self._bound = {}  # new buffers: every host binding is stale
 
     @property
+    def picks_on_device(self) -> bool:
+        """Whether steps return (batch,) ids rather than (batch, vocab) logits."""
+        return self.pick != "host"
+
+    @property
     def kv_pointers(self) -> list[list[int]]:
         """Device addresses of the cache buffers (tests check that steps write into these)."""
         return [list(p) for p in self._kv_ptrs]
@@ -183,7 +188,6 @@ class ModelSession:
         self.reserve(batch, seq)
         self.batch = batch
         self.pick = self._choose_pick(params)
-        self.picks_on_device = self.pick != "host"
         self._io.clear_binding_outputs()  # what comes back is chosen per batch
         self._bound = {k: v for k, v in self._bound.items() if k not in ("logits", "next_token")}
         if self.pick == "argmax":

@@ -83,7 +83,6 @@ class StaticCacheSession(SharedCacheSession):
         self.batch = batch
         self.bucket = next(b for b in self.buckets if b >= batch)
         self.pick = self._choose_pick(params)
-        self.picks_on_device = self.pick != "host"
         buf = self._buf = self._bufs[self.bucket]
         for host in buf.host.values():
             host[:] = 0  # padding rows: token 0 at position 0, alone in its row; greedy
