@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     chatty = args.command in ("export", "bench") or args.verbose
     level = logging.DEBUG if args.debug else logging.INFO if chatty and not args.quiet else logging.WARNING
-    logging.basicConfig(level=level, format="gpt2-onnx: %(message)s", stream=sys.stderr, force=True)
+    # Our progress at `level`; the libraries' own INFO (the fusion and quantizer chatter) only with --debug.
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="gpt2-onnx: %(message)s", stream=sys.stderr, force=True)
+    log.setLevel(level)
     try:
         return args.run(args)
     except KeyboardInterrupt:

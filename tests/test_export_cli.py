@@ -147,3 +147,14 @@ def test_a_fusion_that_fails_fails_the_export(capsys, tmp_path, hf_folder, monke
     assert_one_line_error(code, err, "MultiHeadAttention", "--no-optimize")
     assert not (tmp_path / "out").exists()
     assert_nothing_left(tmp_path)
+
+
+def test_progress_is_ours_and_library_chatter_needs_debug(capsys, tmp_path, hf_folder):
+    """The default log is our few progress lines; onnxruntime's optimizer and quantizer log every
+    node at INFO, which a user sees only with --debug."""
+    capsys.readouterr()
+    assert main(["export", "--model", str(hf_folder), "--dtype", "int8", "--output", str(tmp_path / "q")]) == 0
+    err = capsys.readouterr().err
+    assert "export check passed" in err and "quantizing weights to int8" in err
+    assert "skip to quantize" not in err and "Fused SkipLayerNormalization" not in err, err
+    assert len(err.splitlines()) < 20, err
