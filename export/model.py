@@ -102,20 +102,24 @@ class FusedAttention(torch.autograd.Function):
 class SharedCacheAttention(torch.autograd.Function):
     """Exports as onnxruntime's com.microsoft::GroupQueryAttention (kv_num_heads = num_heads, no
     rotary): past and present are one (batch, n_head, max_seq, head_dim) buffer that the op
-    updates in place at each row's own length (seqlens_k). Its PyTorch side only gives tracing
-    the output shapes; the export check runs the graph against `attend` through the engine."""
+    updates in place at each row's own length (seqlens_k). It takes c_attn's output as one packed
+    (B, T, 3C) query (no Split node; key and value inputs left empty). Its PyTorch side only gives
+    tracing the output shapes; the export check runs the graph against `attend` through the engine."""
 
     @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total_len, n_head: int, scale: float):
-        return q.clone(), past_k.clone(), past_v.clone()
+    def forward(ctx, qkv, past_k, past_v, seqlens_k, total_len, n_head: int, scale: float):
+        return qkv[..., : qkv.shape[-1] // 3].clone(), past_k.clone(), past_v.clone()
 
     @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, n_head, scale):
+    def symbolic(g, qkv, past_k, past_v, seqlens_k, total_len, n_head, scale):
+        from torch.onnx._internal.torchscript_exporter.symbolic_helper import _optional_input_placeholder_tensor
+
+        none = _optional_input_placeholder_tensor(g)
         y, k_all, v_all = g.op(
-            "com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len,
+            "com.microsoft::GroupQueryAttention", qkv, none, none, past_k, past_v, seqlens_k, total_len,
             num_heads_i=n_head, kv_num_heads_i=n_head, scale_f=scale, outputs=3,
         )  # fmt: skip
-        y.setType(q.type())
+        y.setType(qkv.type().with_sizes([None, None, None]))
         k_all.setType(past_k.type())
         v_all.setType(past_v.type())
         return y, k_all, v_all
@@ -138,13 +142,15 @@ class Attention(nn.Module):
 
     def forward(self, x, masks: tuple, past_k, past_v):
         """masks: (allowed, attention_mask) for plain / mha, (seqlens_k, total_len) for gqa."""
-        q, k, v = self.c_attn(x).split(x.shape[-1], dim=2)
-        if self.kind == "gqa":
-            y, k, v = SharedCacheAttention.apply(q, k, v, past_k, past_v, *masks, self.n_head, self.scale)
-        elif self.kind == "mha":
-            y, k, v = FusedAttention.apply(q, k, v, masks[1], past_k, past_v, self.n_head, self.scale)
+        qkv = self.c_attn(x)
+        if self.kind == "gqa":  # takes the packed qkv
+            y, k, v = SharedCacheAttention.apply(qkv, past_k, past_v, *masks, self.n_head, self.scale)
         else:
-            y, k, v = attend(q, k, v, past_k, past_v, masks[0], self.n_head, self.scale)
+            q, k, v = qkv.split(x.shape[-1], dim=2)
+            if self.kind == "mha":
+                y, k, v = FusedAttention.apply(q, k, v, masks[1], past_k, past_v, self.n_head, self.scale)
+            else:
+                y, k, v = attend(q, k, v, past_k, past_v, masks[0], self.n_head, self.scale)
         return self.c_proj(y), k, v
 
 

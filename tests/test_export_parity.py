@@ -126,6 +126,8 @@ def test_optimized_graph_has_the_fused_ops(tiny_fp32, tiny_fp16, tiny_fp32_plain
         assert read_manifest(folder).optimized
     plain = Counter(n.op_type for n in onnx.load(str(tiny_fp32_plain / "model.onnx")).graph.node)
     assert not any(op in plain for op in expected_fusions(config)) and not read_manifest(tiny_fp32_plain).optimized
+    shared = Counter(n.op_type for n in onnx.load(str(tiny_shared / "model.onnx")).graph.node)
+    assert shared["Split"] == 0, "GroupQueryAttention takes c_attn's packed output, no Split per layer"
     int8 = Counter(n.op_type for n in onnx.load(str(tiny_int8 / "model.onnx")).graph.node)
     assert int8["MatMulNBits"] == 4 * config.n_layer + 1 and int8["MatMul"] == 0
 
