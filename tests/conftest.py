@@ -131,6 +131,11 @@ def tiny_int8(hf_folder, tmp_path_factory) -> Path:
     return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-int8", dtype="int8")
 
 
+@pytest.fixture(scope="session")
+def tiny_int8_shared(hf_folder, tmp_path_factory) -> Path:
+    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-int8-shared", dtype="int8", kv_cache="shared")
+
+
 def hf_forward(model, ids, mask, positions, cache=None):
     """One GPT2LMHeadModel call; returns (logits, cache). transformers renamed past_key_values to cache."""
     kwargs = dict(attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(positions), use_cache=True)
