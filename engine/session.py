@@ -160,13 +160,17 @@ class ModelSession:
         self._host = {name: np.zeros(n, dtype=dtype) for name, dtype in self.host_inputs.items()}
         self._host_logits = np.zeros(self._cap_batch * self.vocab_size, dtype=np.float32)
         self._host_next = np.zeros(self._cap_batch, dtype=np.int64)
-        if self._sampler is not None:  # its inputs live on the device; host mirrors of full size for update_inplace
-            cap, V = self._cap_batch, self.vocab_size
-            self._dev_logits = ort.OrtValue.ortvalue_from_shape_and_type((cap, 1, V), np.float32, self.device, 0)
-            self._dev_params = ort.OrtValue.ortvalue_from_shape_and_type((cap, 4), np.float32, self.device, 0)
-            self._dev_uniform = ort.OrtValue.ortvalue_from_shape_and_type((cap,), np.float64, self.device, 0)
-            self._host_params, self._host_uniform = np.zeros((cap, 4), np.float32), np.zeros(cap, np.float64)
+        if self._sampler is not None:
+            self._reserve_sampler(self._cap_batch)
         self._bound = {}  # new buffers: every host binding is stale
+
+    def _reserve_sampler(self, cap: int) -> None:
+        """The sampling graph's inputs live on the device; host mirrors of full size for update_inplace."""
+        V = self.vocab_size
+        self._dev_logits = ort.OrtValue.ortvalue_from_shape_and_type((cap, 1, V), np.float32, self.device, 0)
+        self._dev_params = ort.OrtValue.ortvalue_from_shape_and_type((cap, 4), np.float32, self.device, 0)
+        self._dev_uniform = ort.OrtValue.ortvalue_from_shape_and_type((cap,), np.float64, self.device, 0)
+        self._host_params, self._host_uniform = np.zeros((cap, 4), np.float32), np.zeros(cap, np.float64)
 
     @property
     def picks_on_device(self) -> bool:

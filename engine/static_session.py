@@ -78,6 +78,9 @@ class StaticCacheSession(SharedCacheSession):
         self._eager = run_options(-1)
         log.info("static decode: cache for %d x %d positions, batch buckets %s, CUDA graphs %s", cap, self._cap_seq, self.buckets, "on" if self.cuda_graph else "off")
 
+    def _reserve_sampler(self, cap: int) -> None:
+        pass  # every bucket has its own sampling buffers
+
     def start(self, batch: int, seq: int, params: np.ndarray | None = None) -> None:
         self.reserve(batch, seq)  # allocates nothing: only checks the limits
         self.batch = batch
