@@ -58,6 +58,8 @@ def export_graph(model: GPT2, dtype: str, path: Path, external_data_threshold: i
     scratch = path.parent / "trace"
     scratch.mkdir()
     model.use_attention("gqa" if kv_cache == "shared" else "mha" if optimize else "plain")
+    if dtype == "int8":
+        model.untie_embedding()  # the lm_head's copy becomes int8; the Gather's stays float
     traced = SharedCacheGraph(model) if kv_cache == "shared" else model
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices are not for our users
