@@ -78,6 +78,8 @@ def create_session(model: Path | bytes, provider: str, threads: int | None, cuda
     graphs are on)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # onnxruntime's own warnings (shape ops placed on the CPU, ...) only with --debug; what matters is checked below.
+    options.log_severity_level = 2 if log.isEnabledFor(logging.DEBUG) else 3
     if threads:
         options.intra_op_num_threads = threads
     want_cuda = provider == "cuda" or (provider == "auto" and cuda_device_count() > 0)

@@ -284,6 +284,31 @@ def test_auto_provider_is_quiet_on_a_cpu_machine(tiny_fp32, capfd):
     assert "CUDAExecutionProvider" not in capfd.readouterr().err
 
 
+def test_onnxruntime_warnings_only_in_debug(tiny_fp32, tmp_path, capfd):
+    """onnxruntime prints its own warnings (here: an initializer no node uses) to stderr; an
+    embedding app sees them only when gpt2onnx's logger is at DEBUG."""
+    import logging
+
+    import onnx
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_fp32, folder)
+    proto = onnx.load(str(folder / "model.onnx"))
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(3, np.float32), "unused_weight"))
+    onnx.save(proto, str(folder / "model.onnx"))
+    capfd.readouterr()
+    Engine.load(folder, provider="cpu")
+    assert "unused_weight" not in capfd.readouterr().err
+    logger = logging.getLogger("gpt2onnx")
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        Engine.load(folder, provider="cpu")
+    finally:
+        logger.setLevel(old)
+    assert "unused_weight" in capfd.readouterr().err  # the same warning, shown: the check above can fail
+
+
 def test_greedy_argmax_on_the_device_equals_the_host(tiny_shared, hf_model):
     """The fast graph returns next_token (its own argmax): greedy steps bring back B ids, not
     B x vocab logits, and give exactly the host's greedy tokens."""
