@@ -76,6 +76,7 @@ def export_graph(model: GPT2, dtype: str, path: Path, external_data_threshold: i
             custom_opsets={"com.microsoft": 1},
         )
     model.use_attention("plain")
+    model.wte = None  # tied again: the module is left as it came
     proto = onnx.load(str(scratch / "model.onnx"))  # also pulls in any external data the tracer wrote
     if optimize or kv_cache == "shared":
         from .fusion import fuse

@@ -229,7 +229,7 @@ class GPT2(nn.Module):
     def untie_embedding(self) -> None:
         """Give the token Gather its own (vocab, C) table. For int8 only: the lm_head's wte_t becomes
         int8 blocks there, so the float table is a second copy anyway, and row-major its Gather
-        reads one contiguous row instead of n_embd values a vocab apart (~90 us a step on the CPU)."""
+        reads one contiguous row instead of n_embd values a vocab apart (86 -> 27 us a step on our CPU)."""
         self.wte = nn.Parameter(self.wte_t.detach().t().contiguous())
 
     def use_attention(self, kind: str) -> None:
