@@ -71,7 +71,7 @@ class Row:
                     self.text, self.finish_reason = self.text[:at], "stop"
         if self.finish_reason is None and len(self.token_ids) >= max_new_tokens:
             self.finish_reason = "length"
-        final = len(self.text) if self.finish_reason else len(self.text) - self._held()
+        final = len(self.text) if self.finish_reason or not self.stop else len(self.text) - self._held()
         piece, self.emitted = self.text[self.emitted : final], max(self.emitted, final)
         return piece
 
