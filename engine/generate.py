@@ -119,12 +119,12 @@ def decode_batch(session: ModelSession, rows: list[Row], max_new_tokens: int, sa
             timing.step_s.append(now - last)
             timing.decode_run_s += session.run_s - run_before
         last = now
-        for r, row in enumerate(rows):
+        for r, (row, token) in enumerate(zip(rows, tokens.tolist())):
             if row.finish_reason is None:
                 timing.new_tokens += 1
                 if seen is not None:
-                    seen[r, tokens[r]], counts[r, tokens[r]] = True, counts[r, tokens[r]] + 1
-                if piece := row.push(int(tokens[r]), eos_id, max_new_tokens):
+                    seen[r, token], counts[r, token] = True, counts[r, token] + 1
+                if piece := row.push(token, eos_id, max_new_tokens):
                     yield r, piece
         if all(row.finish_reason for row in rows):
             break
