@@ -102,7 +102,7 @@ class Engine:
         not fit the context (unless truncate="left" drops its oldest tokens)."""
         prompts = [prompts] if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))) else list(prompts)
         rows, timing = [], Timing()
-        for _ in self._run(prompts, max_new_tokens, stop, prepend_bos, truncate, sampling, rows, timing, ignore_eos):
+        for _ in self._run(prompts, max_new_tokens, stop, prepend_bos, truncate, sampling, rows, timing, ignore_eos, streaming=False):
             pass
         completions = [Completion(p if isinstance(p, str) else self.to_string(r.prompt_ids), r.prompt_ids, r.token_ids, r.text, r.finish_reason) for p, r in zip(prompts, rows)]
         return Generation(completions, timing.as_dict(), timing)
@@ -112,7 +112,7 @@ class Engine:
         for _, piece in self._run([prompt], max_new_tokens, stop, prepend_bos, truncate, sampling, [], Timing()):
             yield piece
 
-    def _run(self, prompts, max_new_tokens, stop, prepend_bos, truncate, sampling, rows_out, timing, ignore_eos=False) -> Iterator[tuple[int, str]]:
+    def _run(self, prompts, max_new_tokens, stop, prepend_bos, truncate, sampling, rows_out, timing, ignore_eos=False, streaming=True) -> Iterator[tuple[int, str]]:
         cfg = SamplingConfig(**sampling)
         self._check_request(cfg, max_new_tokens, truncate)
         stop = (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
@@ -121,10 +121,15 @@ class Engine:
         eos = -1 if ignore_eos else self.manifest.config.eos_token_id
         with self._exclusive():
             for start in range(0, len(prompts), self.session.max_batch):
-                rows = [Row(ids, self.tokenizer.decode_stream(), stop) for ids in prompt_ids[start : start + self.session.max_batch]]
+                # Text as tokens come only when someone reads it (a stream) or stop strings need it.
+                text_per_step = streaming or bool(stop)
+                rows = [Row(ids, self.tokenizer.decode_stream() if text_per_step else None, stop) for ids in prompt_ids[start : start + self.session.max_batch]]
                 rows_out.extend(rows)
                 for r, piece in decode_batch(self.session, rows, max_new_tokens, cfg, rng, eos, timing):
                     yield start + r, piece
+                if not text_per_step:
+                    for row in rows:
+                        row.text = self.tokenizer.completion_text(row.token_ids[:-1] if row.finish_reason == "eos" else row.token_ids)
 
     def _prompt_tokens(self, prompt: str | Sequence[int], prepend_bos: bool, max_new_tokens: int, truncate: str | None) -> list[int]:
         """A prompt's ids: text is tokenized (BOS prepended unless prepend_bos=False), ids are taken as they are."""

@@ -49,10 +49,12 @@ class Timing:
 
 @dataclass
 class Row:
-    """One prompt's progress. `push` holds back text that might be the start of a stop string."""
+    """One prompt's progress. `push` holds back text that might be the start of a stop string.
+    A row without a decoder (nobody streams it, no stop strings) only collects token ids: its
+    text is made in one call once they are all in (Tokenizer.completion_text)."""
 
     prompt_ids: list[int]
-    decoder: StreamDecoder
+    decoder: StreamDecoder | None
     stop: tuple[str, ...]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -64,13 +66,15 @@ class Row:
         self.token_ids.append(token)
         if token == eos_id:
             self.finish_reason = "eos"
-        else:
+        elif self.decoder is not None:
             self.text += self.decoder.push(token)
             for s in self.stop:
                 if (at := self.text.find(s, max(0, self.emitted - len(s)))) >= 0:
                     self.text, self.finish_reason = self.text[:at], "stop"
         if self.finish_reason is None and len(self.token_ids) >= max_new_tokens:
             self.finish_reason = "length"
+        if self.decoder is None:
+            return ""
         final = len(self.text) if self.finish_reason or not self.stop else len(self.text) - self._held()
         piece, self.emitted = self.text[self.emitted : final], max(self.emitted, final)
         return piece

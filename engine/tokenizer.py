@@ -39,6 +39,15 @@ class Tokenizer:
         """Text of the ids, special tokens included (as the walkthrough shows them)."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def completion_text(self, ids: list[int]) -> str:
+        """The text a StreamDecoder fed `ids` gives in all, in one call: the same as a full decode
+        unless that ends mid-character, a tail the stream holds back (then the stream's own)."""
+        text = self._tok.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            decoder = self.decode_stream()
+            text = "".join(decoder.push(i) for i in ids)
+        return text
+
     def decode_stream(self) -> "StreamDecoder":
         return StreamDecoder(self._tok)
 

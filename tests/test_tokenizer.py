@@ -77,3 +77,25 @@ def test_walkthrough_example_runs(tiny_fp32):
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(root / "examples" / "walkthrough.py"), "--model", str(tiny_fp32)], capture_output=True, text=True, check=True)
     assert "logits shape: (1, " in proc.stdout and "continuation ids:" in proc.stdout
+
+
+def test_completion_text_is_what_the_stream_gives(tokenizer, vocab):
+    """generate() without stop strings makes a row's text in one call after the loop; it must be
+    exactly the streamed text: random ids (many end or break mid-character), the EOS among them."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    split = tokenizer.to_tokens("ok 𝔘", prepend_bos=False)  # a 4-byte character no merge covers
+    samples = [split[:-1], split[:-1] + [vocab[1]], split]  # ends mid-character, then not
+    for _ in range(500):
+        ids = rng.integers(0, vocab[0], size=rng.integers(1, 30)).tolist()
+        if rng.random() < 0.2:
+            ids.insert(int(rng.integers(len(ids))), vocab[1])
+        samples.append(ids)
+    held_tails = 0
+    for ids in samples:
+        decoder = tokenizer.decode_stream()
+        streamed = "".join(decoder.push(i) for i in ids)
+        assert tokenizer.completion_text(ids) == streamed, ids
+        held_tails += tokenizer.to_string(ids).endswith("\ufffd")
+    assert held_tails > 0, "no sample ended mid-character: the fallback went untested"
