@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -128,8 +129,10 @@ class Engine:
                 for r, piece in decode_batch(self.session, rows, max_new_tokens, cfg, rng, eos, timing):
                     yield start + r, piece
                 if not text_per_step:
+                    t0 = time.perf_counter()
                     for row in rows:
                         row.text = self.tokenizer.completion_text(row.token_ids[:-1] if row.finish_reason == "eos" else row.token_ids)
+                    timing.text_s += time.perf_counter() - t0
 
     def _prompt_tokens(self, prompt: str | Sequence[int], prepend_bos: bool, max_new_tokens: int, truncate: str | None) -> list[int]:
         """A prompt's ids: text is tokenized (BOS prepended unless prepend_bos=False), ids are taken as they are."""

@@ -27,6 +27,7 @@ class Timing:
     first_token_s: float = 0.0  # prefill + the first token's sampling: time to first token
     step_s: list[float] = field(default_factory=list)
     decode_run_s: float = 0.0
+    text_s: float = 0.0  # rows' text made after the loop (generate without stop strings)
     new_tokens: int = 0
 
     @property
@@ -34,7 +35,7 @@ class Timing:
         return sum(self.step_s)
 
     def as_dict(self) -> dict[str, float]:
-        total = self.first_token_s + self.decode_s
+        total = self.first_token_s + self.decode_s + self.text_s
         steps = len(self.step_s)
         return {
             "prefill_ms": 1e3 * self.prefill_s,
