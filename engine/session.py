@@ -29,13 +29,18 @@ import numpy as np
 import onnxruntime as ort
 
 from .device_sampling import build_sampler
-from .contract import ONNX_ELEM_TYPE, Manifest, ModelFolderError, UserError, input_names, output_names, past_names, present_names
+from .contract import ONNX_ELEM_TYPE, STEP_INPUTS, Manifest, ModelFolderError, UserError, input_names, output_names, past_names, present_names
 
 log = logging.getLogger(__name__)
 
 KV_DTYPES = {dtype: np.dtype(elem).type for dtype, elem in ONNX_ELEM_TYPE.items()}  # numpy type of the cache
 ONE = np.ones((), dtype=np.int64)  # logits_to_keep for generation: the last position only
 SEQ_GRANULE = 256  # the cache grows in steps of this many positions, so short calls do not each reallocate
+
+
+def host_dtypes(kv_cache: str) -> dict[str, type]:
+    """numpy type of each step input of a cache layout, from the contract's table."""
+    return {name: np.dtype(t).type for name, (t, _) in STEP_INPUTS[kv_cache].items()}
 
 
 class ProviderError(UserError, RuntimeError):
@@ -259,7 +264,7 @@ class ConcatCacheSession(ModelSession):
     """The standard graph: present = past + new, ping-pong between two preallocated sets."""
 
     kv_sets = 2
-    host_inputs = {"input_ids": np.int64, "position_ids": np.int64, "attention_mask": np.int64, "logits_to_keep": np.int64}
+    host_inputs = host_dtypes("concat")
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, uniform: np.ndarray | None = None) -> np.ndarray:
         """Left-padded prompts (batch, width) with their mask and positions -> last-position logits (or ids, see start)."""
@@ -307,7 +312,7 @@ class SharedCacheSession(ModelSession):
     """The fast graph: one buffer per layer, bound as past and present, updated in place.
     Rows are left-aligned in the cache, each with its own length: no padding inside it."""
 
-    host_inputs = {"input_ids": np.int64, "position_ids": np.int64, "seqlens_k": np.int32, "total_sequence_length": np.int32, "logits_index": np.int64}
+    host_inputs = host_dtypes("shared")
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, uniform: np.ndarray | None = None) -> np.ndarray:
         """Left-padded prompts -> each row's last-token logits (or ids, see start). Rows are moved to the left of a

@@ -27,6 +27,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
+from . import contract
 from .session import SharedCacheSession
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch sizes that get their own graph (and max_batch)
 OUTPUT_DTYPES = {"logits": np.float32, "next_token": np.int64}
 # Every buffer a decode step (and the sampling graph) reads or writes: dtype, shape after the batch dim.
-STEP_INPUTS = {"input_ids": (np.int64, (1,)), "position_ids": (np.int64, (1,)), "seqlens_k": (np.int32, ()), "logits_index": (np.int64, (1,))}
+# dims after the batch are 1 in a decode step (seq, kept); total_sequence_length, a host scalar, is not among them
+STEP_INPUTS = {name: (np.dtype(t).type, (1,) * (len(dims) - 1)) for name, (t, dims) in contract.STEP_INPUTS["shared"].items() if dims}
 SAMPLER_INPUTS = {"params": (np.float32, (4,)), "uniform": (np.float64, ())}
 UPDATED_PER_STEP = ("input_ids", "position_ids", "seqlens_k")
 
