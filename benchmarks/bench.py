@@ -22,7 +22,7 @@ import numpy as np
 
 from gpt2onnx.engine.contract import Manifest, UserError, read_manifest
 
-from .machine import machine_info, read_bandwidth_gbs
+from .machine import bandwidth_method, machine_info, read_bandwidth_gbs
 from .measure import summarize
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         "runners": {},
     }
     log.info("measuring memory bandwidth")
-    provider_for_bw = "cuda" if results["machine"]["gpu"] and cfg.provider != "cpu" else "cpu"
-    results["machine"]["read_bandwidth_gbs"] = read_bandwidth_gbs(provider_for_bw)
-    results["machine"]["bandwidth_method"] = "onnxruntime MatMul (1x1024)@(1024xN) over 512 MiB of fp32 weights, all threads, median of 10"
+    device_for_bw = "cuda" if results["machine"]["gpu"] and cfg.provider != "cpu" else "cpu"
+    results["machine"]["read_bandwidth_gbs"] = read_bandwidth_gbs(device_for_bw)
+    results["machine"]["bandwidth_method"] = bandwidth_method(device_for_bw)
     with tempfile.TemporaryDirectory(prefix="gpt2-onnx-bench-") as tmp:
         workdir = Path(tmp)
         hf_folder = workdir / "hf-reference"

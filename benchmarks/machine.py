@@ -64,28 +64,33 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def read_bandwidth_gbs(provider: str = "cpu", mbytes: int | None = None, repeats: int = 10) -> float:
+BANDWIDTH_MIB = {"cpu": 512, "cuda": 2048}  # weights streamed by the probe: larger than any cache
+
+
+def bandwidth_method(device: str, repeats: int = 10) -> str:
+    """How read_bandwidth_gbs measured, for the results file."""
+    return f"onnxruntime MatMul (1x1024)@(1024xN) over {BANDWIDTH_MIB[device]} MiB of fp32 weights on {device}, all threads, median of {repeats}"
+
+
+def read_bandwidth_gbs(device: str = "cpu", repeats: int = 10) -> float:
     """Weight-streaming read bandwidth through onnxruntime itself: a (1 x 1024) @ (1024 x N) MatMul
-    over `mbytes` of float32 weights (512 MiB on the CPU, 2 GiB on a GPU), all threads. A
-    memory-bound decode step cannot read its weights faster than this, so it is the floor the
-    benchmarks compare against. The weights are larger than any cache (with 128 MiB this CPU's
-    caches inflate the figure by half). On a GPU, input and output stay on the device (IO
-    binding), so no host copy is timed."""
+    over BANDWIDTH_MIB[device] of float32 weights, all threads. A memory-bound decode step cannot
+    read its weights faster than this, so it is the floor the benchmarks compare against. The
+    weights are larger than any cache (with 128 MiB this CPU's caches inflate the figure by half).
+    On a GPU, input and output stay on the device (IO binding), so no host copy is timed."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    device = "cuda" if provider == "cuda" else "cpu"
-    mbytes = mbytes or (2048 if device == "cuda" else 512)
-    k, n = 1024, mbytes * 2**20 // 4 // 1024
+    from gpt2onnx.engine.session import create_session
+
+    k, n = 1024, BANDWIDTH_MIB[device] * 2**20 // 4 // 1024
     weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n), dtype=np.float32), "w")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])], "bandwidth",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [weight],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    if device == "cuda" and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"])
+    session, device, _ = create_session(model.SerializeToString(), device, None)
     io = session.io_binding()
     io.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(np.ones((1, k), dtype=np.float32), device, 0))
     io.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_shape_and_type((1, n), np.float32, device, 0))

@@ -106,7 +106,7 @@ def create_session(model: Path | bytes, provider: str, threads: int | None, cuda
             log.warning("CUDA graphs are off: onnxruntime cannot capture this graph (%s)", str(e).splitlines()[0][:200])
             return *create_session(model, provider, threads)[:2], False
     except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
-        raise ModelFolderError(f"{model if isinstance(model, Path) else 'the sampling graph'} could not be loaded by onnxruntime ({str(e).splitlines()[0][:200]}); re-export the model folder") from e
+        raise ModelFolderError(f"{model if isinstance(model, Path) else 'an in-memory graph'} could not be loaded by onnxruntime ({str(e).splitlines()[0][:200]}); re-export the model folder") from e
     got = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
     if want_cuda and got != "cuda":
         if provider == "cuda":

@@ -95,7 +95,7 @@ def export(cfg: ExportConfig) -> Manifest:
             exporter_version=exporter_version(),
             io=io_spec(ckpt.config, cfg.dtype, cfg.kv_cache),
             external_data=external,
-            optimized=cfg.optimize or cfg.kv_cache == "shared",
+            optimized=cfg.optimize,  # __post_init__ refuses the shared cache without it
             kv_cache=cfg.kv_cache,
         )
         report = _check(tmp, manifest, reference)

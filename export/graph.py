@@ -53,7 +53,7 @@ def example_inputs(config: GPT2Config, dtype: torch.dtype, kv_cache: str) -> tup
 def export_graph(model: GPT2, dtype: str, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, optimize: bool = False, kv_cache: str = "concat") -> str | None:
     """Write `path` (and `path`.data when the weights pass the threshold). Returns the external data file name.
     optimize: fused attention and onnxruntime's fusions, with their counts checked (the shared
-    cache needs the fused GroupQueryAttention, so it implies optimize)."""
+    cache needs it: ExportConfig refuses kv_cache="shared" without it)."""
     n_layer = model.config.n_layer
     scratch = path.parent / "trace"
     scratch.mkdir()
@@ -78,7 +78,7 @@ def export_graph(model: GPT2, dtype: str, path: Path, external_data_threshold: i
     model.use_attention("plain")
     model.wte = None  # tied again: the module is left as it came
     proto = onnx.load(str(scratch / "model.onnx"))  # also pulls in any external data the tracer wrote
-    if optimize or kv_cache == "shared":
+    if optimize:
         from .fusion import fuse
 
         proto = fuse(proto, model.config, kv_cache)
