@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2onnx.engine.contract import Manifest, UserError, read_manifest
+from gpt2onnx.engine.contract import Manifest, UserError
+from gpt2onnx.engine.model_folder import read_manifest
 
 from .machine import bandwidth_method, machine_info, read_bandwidth_gbs
 from .measure import summarize

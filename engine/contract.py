@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -61,8 +60,13 @@ class UserError(Exception):
     """Bad input from the user: the CLI prints the message as one line, without a traceback."""
 
 
+class InputError(UserError, ValueError):
+    """A bad argument to a public method of the engine; the message names the argument."""
+
+
 class ModelFolderError(UserError, ValueError):
-    """A model folder is missing, incomplete or of an unknown version."""
+    """A model folder is missing, incomplete, inconsistent or of an unknown version; the message
+    names the file or field, the value and the fix."""
 
 
 @dataclass(frozen=True)
@@ -171,51 +175,3 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Manifest":
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ModelFolderError(
-                f"manifest schema_version {version!r} is not supported (this gpt2-onnx reads "
-                f"version {SCHEMA_VERSION}); re-export the model with this version of gpt2-onnx"
-            )
-        try:
-            return cls(
-                **{
-                    **data,
-                    "config": GPT2Config(**data["config"]),
-                    "source": Source(**data["source"]),
-                }
-            )
-        except (KeyError, TypeError) as e:
-            raise ModelFolderError(f"manifest is malformed ({e}); re-export the model") from e
-
-
-def read_manifest(folder: str | Path) -> Manifest:
-    """Read and validate `manifest.json`. Raises ModelFolderError with the fix in its message."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelFolderError(
-            f"model folder {str(folder)!r} does not exist; export one with "
-            f"`gpt2-onnx export --model gpt2 --output {folder}`"
-        )
-    path = folder / MANIFEST_FILE
-    if not path.is_file():
-        raise ModelFolderError(
-            f"{str(folder)!r} has no {MANIFEST_FILE}, so it is not a gpt2-onnx model folder; "
-            "export one with `gpt2-onnx export --model SRC --output DIR`"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFolderError(f"{path} is not valid JSON ({e}); re-export the model") from e
-    if not isinstance(data, dict):
-        raise ModelFolderError(f"{path} is not a JSON object; re-export the model")
-    manifest = Manifest.from_dict(data)
-    if manifest.dtype not in DTYPES or manifest.kv_cache not in KV_CACHES:
-        raise ModelFolderError(f"{path}: unknown dtype {manifest.dtype!r} or kv_cache {manifest.kv_cache!r}; re-export the model with this gpt2-onnx")
-    for name in (manifest.model_file, manifest.external_data, manifest.tokenizer_file):
-        if name and not (folder / name).is_file():
-            raise ModelFolderError(f"{folder / name} is missing; the folder is incomplete, re-export it")
-    return manifest

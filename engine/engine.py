@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import ModelFolderError, UserError, read_manifest
+from .contract import ModelFolderError, UserError
 from .generate import Row, Timing, decode_batch
+from .model_folder import check_tokenizer, read_manifest
 from .sampling import SamplingConfig, softmax
 from .session import SessionConfig, open_session
 from .tokenizer import Tokenizer
@@ -59,13 +60,26 @@ class Engine:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         c = self.manifest.config
-        self.tokenizer = Tokenizer(self.folder / self.manifest.tokenizer_file, c.bos_token_id, c.eos_token_id)
-        if self.tokenizer.vocab_size > c.vocab_size:
-            raise ModelFolderError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model only {c.vocab_size}; put the model's own tokenizer.json in {self.folder}")
-        self.session = open_session(self.folder, self.manifest, config)
+        tokenizer_path = self.folder / self.manifest.tokenizer_file
+        self.tokenizer = Tokenizer(tokenizer_path, c.bos_token_id, c.eos_token_id)
+        check_tokenizer(self.tokenizer, c, tokenizer_path)
+        self.session = open_session(self.folder, self.manifest, config)  # checks the graph against the manifest
+        self._probe()
         self._lock = threading.Lock()
         if self.manifest.source.random_init:
             log.info("%s holds RANDOM weights (%s, seed %s): its text is meaningless", self.folder, self.manifest.source.checkpoint, self.manifest.source.seed)
+
+    def _probe(self) -> None:
+        """One token through the graph at load: a folder whose graph cannot run (or gives no finite
+        logits) fails here with the fix, not at the first generate with onnxruntime's error."""
+        c = self.manifest.config
+        try:
+            logits = self.session.full_logits(np.array([[c.bos_token_id]], dtype=np.int64))
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ModelFolderError(f"{self.folder}: the graph fails on one token ({first}); re-export the model folder") from e
+        if logits.shape != (1, 1, c.vocab_size) or not np.isfinite(logits).all():
+            raise ModelFolderError(f"{self.folder}: the graph gives logits of shape {logits.shape} (finite: {bool(np.isfinite(logits).all())}) for one token, expected (1, 1, {c.vocab_size}) and finite; re-export the model folder")
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", max_batch: int = 8, max_seq: int | None = None, threads: int | None = None, device_sampling: bool | None = None, static_decode: bool | None = None) -> "Engine":

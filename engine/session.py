@@ -29,7 +29,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .device_sampling import build_sampler
-from .contract import ONNX_ELEM_TYPE, STEP_INPUTS, Manifest, ModelFolderError, UserError, input_names, output_names, past_names, present_names
+from .contract import ONNX_ELEM_TYPE, STEP_INPUTS, Manifest, ModelFolderError, UserError, past_names, present_names
+from .model_folder import check_graph
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +130,9 @@ class ModelSession:
         self.max_batch = config.max_batch
         self.max_seq = min(config.max_seq or c.n_positions, c.n_positions)
         self.session, self.device, self.cuda_graph = create_session(folder / manifest.model_file, config.provider, config.threads, self.captures)
-        ins = [i.name for i in self.session.get_inputs()]
-        outs = [o.name for o in self.session.get_outputs()]
-        if ins != input_names(self.n_layer, manifest.kv_cache) or outs != output_names(self.n_layer, manifest.kv_cache):
-            raise ModelFolderError("model.onnx does not have the inputs/outputs its manifest describes; re-export the model folder")
-        self.has_argmax = "next_token" in outs  # the graph has its own greedy argmax
+        outs = self.session.get_outputs()
+        check_graph(self.session.get_inputs(), outs, manifest, folder / manifest.model_file)
+        self.has_argmax = any(o.name == "next_token" for o in outs)  # the graph has its own greedy argmax
         self.device_sampling = self.device == "cuda" if config.device_sampling is None else config.device_sampling
         self._sampler = None
         if self.device_sampling:  # same provider as the model, so it reads the logits where they are

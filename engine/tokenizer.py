@@ -13,9 +13,14 @@ from tokenizers.decoders import DecodeStream
 
 from .contract import ModelFolderError
 
+MAX_TOKENIZER_BYTES = 64 << 20
+
 
 class Tokenizer:
     def __init__(self, path: str | Path, bos_token_id: int, eos_token_id: int):
+        size = Path(path).stat().st_size
+        if size > MAX_TOKENIZER_BYTES:  # GPT-2's is 2 MB; a huge file would be read whole
+            raise ModelFolderError(f"{path} is {size} bytes, more than a tokenizer's {MAX_TOKENIZER_BYTES}; put the model's own tokenizer.json in the folder")
         try:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
@@ -25,6 +30,13 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def max_token_id(self) -> int:
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
 
     def to_tokens(self, text: str, prepend_bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids

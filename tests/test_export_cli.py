@@ -12,7 +12,7 @@ import pytest
 
 from conftest import save_hf_folder
 from gpt2onnx.engine.cli import main
-from gpt2onnx.engine.contract import Manifest, read_manifest
+from gpt2onnx.engine.model_folder import parse_manifest, read_manifest
 from gpt2onnx.export import verify
 
 
@@ -114,7 +114,7 @@ def test_failed_check_leaves_no_folder(capsys, tmp_path, hf_folder, monkeypatch)
 
 def test_manifest_round_trip(tiny_fp32, hf_folder):
     manifest = read_manifest(tiny_fp32)
-    assert Manifest.from_dict(json.loads(manifest.to_json())) == manifest
+    assert parse_manifest(json.loads(manifest.to_json())) == manifest
     assert manifest.source.checkpoint == str(hf_folder.resolve()) and not manifest.source.random_init
     assert set(manifest.io["inputs"]) >= {"input_ids", "position_ids", "attention_mask", "past_key_0", "past_value_1"}
     assert manifest.io["outputs"]["present_key_0"]["dims"] == ["batch", manifest.config.n_head, "total_seq", manifest.config.head_dim]

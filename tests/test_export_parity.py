@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import export_folder, hf_cache_arrays, hf_forward, left_padded, make_hf_model, save_hf_folder
-from gpt2onnx.engine.contract import input_names, past_names, read_manifest
+from gpt2onnx.engine.contract import input_names, past_names
+from gpt2onnx.engine.model_folder import read_manifest
 from gpt2onnx.export.verify import TOLERANCES, top1_agreement
 
 VARIANTS = ["fp32", "fp32_plain", "fp16", "int8"]  # fixture tiny_<variant>; the dtype is the part before "_"
