@@ -70,11 +70,12 @@ class Engine:
             log.info("%s holds RANDOM weights (%s, seed %s): its text is meaningless", self.folder, self.manifest.source.checkpoint, self.manifest.source.seed)
 
     def _probe(self) -> None:
-        """One token through the graph at load: a folder whose graph cannot run (or gives no finite
-        logits) fails here with the fix, not at the first generate with onnxruntime's error."""
+        """One token through the graph at load, at the last position the manifest promises: a folder
+        whose graph cannot run, has fewer positions or gives no finite logits fails here with the
+        fix, not at a later generate with onnxruntime's error."""
         c = self.manifest.config
         try:
-            logits = self.session.full_logits(np.array([[c.bos_token_id]], dtype=np.int64))
+            logits = self.session.full_logits(np.array([[c.bos_token_id]], dtype=np.int64), c.n_positions - 1)
         except Exception as e:  # onnxruntime raises its own untyped errors
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise ModelFolderError(f"{self.folder}: the graph fails on one token ({first}); re-export the model folder") from e

@@ -224,11 +224,13 @@ def read_manifest(folder: str | Path) -> Manifest:
             f"{str(folder)!r} has no {MANIFEST_FILE}, so it is not a gpt2-onnx model folder; "
             "export one with `gpt2-onnx export --model SRC --output DIR`"
         )
-    size = path.stat().st_size
-    if size > MAX_MANIFEST_BYTES:
-        raise ModelFolderError(f"{path} is {size} bytes, more than a manifest's {MAX_MANIFEST_BYTES}; {REEXPORT}")
     try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ModelFolderError(f"{path} is {size} bytes, more than a manifest's {MAX_MANIFEST_BYTES}; {REEXPORT}")
         data = json.loads(path.read_bytes(), parse_constant=_reject_constant)
+    except OSError as e:
+        raise ModelFolderError(f"{path} cannot be read ({e.strerror}); check its permissions") from None
     except RecursionError:
         raise ModelFolderError(f"{path} is nested deeper than a manifest's {MAX_DEPTH} levels; {REEXPORT}") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity

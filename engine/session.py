@@ -44,6 +44,11 @@ def host_dtypes(kv_cache: str) -> dict[str, type]:
     return {name: np.dtype(t).type for name, (t, _) in STEP_INPUTS[kv_cache].items()}
 
 
+def positions_from(first: int, batch: int, seq: int) -> np.ndarray:
+    """(batch, seq) int64 positions first, first + 1, ... on every row."""
+    return np.broadcast_to(np.arange(first, first + seq, dtype=np.int64), (batch, seq)).copy()
+
+
 class ProviderError(UserError, RuntimeError):
     pass
 
@@ -58,10 +63,13 @@ class SessionConfig:
     static_decode: bool | None = None  # fixed decode shapes and addresses (CUDA graphs; shared cache only); None: on the GPU
 
     def __post_init__(self) -> None:
-        if self.provider not in ("auto", "cuda", "cpu"):
-            raise ValueError(f"provider must be auto, cuda or cpu, got {self.provider!r}")
-        if self.max_batch < 1 or (self.max_seq is not None and self.max_seq < 1):
-            raise ValueError("max_batch and max_seq must be >= 1")
+        """Every setting through the input gate (InputError names it), before any folder is read."""
+        from dataclasses import fields
+
+        from . import inputs
+
+        for f in fields(self):
+            object.__setattr__(self, f.name, inputs.check(f.name, getattr(self, f.name)))  # frozen: set once, here
 
 
 def cuda_device_count() -> int:
@@ -294,12 +302,13 @@ class ConcatCacheSession(ModelSession):
         self._cur, self.past_len = 1 - self._cur, total
         return out
 
-    def full_logits(self, ids: np.ndarray) -> np.ndarray:
-        """Logits at every position of ids (batch, seq), no cache kept: for scoring."""
+    def full_logits(self, ids: np.ndarray, first_position: int = 0) -> np.ndarray:
+        """Logits at every position of ids (batch, seq), no cache kept: for scoring.
+        first_position: the position of ids[:, 0] (the load check probes the last one)."""
         B, T = ids.shape
         feeds = {
             "input_ids": ids,
-            "position_ids": np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),
+            "position_ids": positions_from(first_position, B, T),
             "attention_mask": np.ones((B, T), dtype=np.int64),
             "logits_to_keep": np.array(T, dtype=np.int64),
             **{name: np.zeros((B, self.n_head, 0, self.head_dim), dtype=self.kv_dtype) for name in self._past},
@@ -345,15 +354,15 @@ class SharedCacheSession(ModelSession):
         self._feed(input_ids=ids, position_ids=positions, seqlens_k=self._seqlens, total_sequence_length=self._total, logits_index=logits_index)
         return self._run(uniform)
 
-    def full_logits(self, ids: np.ndarray) -> np.ndarray:
+    def full_logits(self, ids: np.ndarray, first_position: int = 0) -> np.ndarray:
         """Logits at every position of ids (batch, seq): a one-off prompt pass with its own cache."""
-        return self.session.run(["logits"], self._full_feeds(ids))[0]
+        return self.session.run(["logits"], self._full_feeds(ids, first_position))[0]
 
-    def _full_feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    def _full_feeds(self, ids: np.ndarray, first_position: int = 0) -> dict[str, np.ndarray]:
         B, T = ids.shape
         return {
             "input_ids": ids,
-            "position_ids": np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),
+            "position_ids": positions_from(first_position, B, T),
             "seqlens_k": np.full(B, T - 1, dtype=np.int32),
             "total_sequence_length": np.array(T, dtype=np.int32),
             "logits_index": np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),

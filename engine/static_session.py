@@ -155,5 +155,5 @@ class StaticCacheSession(SharedCacheSession):
         self.run_s += time.perf_counter() - t0
         return out
 
-    def full_logits(self, ids: np.ndarray) -> np.ndarray:
-        return self.session.run(["logits"], self._full_feeds(ids), self._eager)[0]
+    def full_logits(self, ids: np.ndarray, first_position: int = 0) -> np.ndarray:
+        return self.session.run(["logits"], self._full_feeds(ids, first_position), self._eager)[0]

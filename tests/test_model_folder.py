@@ -245,3 +245,11 @@ def test_cli_names_the_field_in_one_line(tiny_fp32, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith("gpt2-onnx: error:") and "config.n_layer is 1000000000" in err
+
+
+def test_more_positions_than_the_graph_has(tiny_fp32, tmp_path):
+    """n_positions past the graph's position table: refused at load, not at a long prompt."""
+    folder = copy_folder(tiny_fp32, tmp_path / "m")
+    edit_manifest(folder, setter("config", "n_positions", 4096))
+    with pytest.raises(ModelFolderError, match="the graph fails on one token"):
+        Engine.load(folder, provider="cpu")
