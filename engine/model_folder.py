@@ -45,23 +45,23 @@ def _short(value: object) -> str:
 class _Fields:
     """Typed reads from one JSON object of the manifest; a failure names the field's path."""
 
-    def __init__(self, data: object, where: str, prefix: str, defaults: dict[str, object]):
-        self.where, self.prefix = where, prefix
+    def __init__(self, data: object, where: str, prefix: str, defaults: dict[str, object], fix: str = REEXPORT):
+        self.where, self.prefix, self.fix = where, prefix, fix
         if not isinstance(data, dict):
             self.fail(prefix.rstrip(".") or "the manifest", data, "a JSON object")
         unknown = sorted(set(data) - set(defaults))
         if unknown:
-            raise ModelFolderError(f"{where}: unknown field {prefix}{unknown[0]}; the folder is not from this gpt2-onnx: {REEXPORT}")
+            raise ModelFolderError(f"{where}: unknown field {prefix}{unknown[0]}; the folder is not from this gpt2-onnx: {fix}")
         self.data, self.defaults = data, defaults
 
     def fail(self, field: str, value: object, rule: str):
-        raise ModelFolderError(f"{self.where}: {field} is {_short(value)}, but it must be {rule}; {REEXPORT}")
+        raise ModelFolderError(f"{self.where}: {field} is {_short(value)}, but it must be {rule}; {self.fix}")
 
     def get(self, key: str) -> object:
         if key in self.data:
             return self.data[key]
         if self.defaults[key] is dataclasses.MISSING:
-            raise ModelFolderError(f"{self.where}: {self.prefix}{key} is missing; {REEXPORT}")
+            raise ModelFolderError(f"{self.where}: {self.prefix}{key} is missing; {self.fix}")
         return self.defaults[key]
 
     def int(self, key: str, lo: int, hi: int, optional: bool = False) -> int | None:
@@ -113,11 +113,12 @@ def _defaults(cls) -> dict[str, object]:
     return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
-def parse_config(data: object, where: str) -> GPT2Config:
-    f = _Fields(data, where, "config.", _defaults(GPT2Config))
+def parse_config(data: object, where: str, prefix: str = "config.", fix: str = REEXPORT) -> GPT2Config:
+    """GPT2Config from JSON, each field typed and bounded (also used for checkpoints' config.json)."""
+    f = _Fields(data, where, prefix, _defaults(GPT2Config), fix)
     ints = {key: f.int(key, lo, hi) for key, (lo, hi) in CONFIG_INTS.items()}
     if ints["n_embd"] % ints["n_head"]:
-        f.fail("config.n_head", ints["n_head"], f"a divisor of config.n_embd ({ints['n_embd']})")
+        f.fail(f"{prefix}n_head", ints["n_head"], f"a divisor of {prefix}n_embd ({ints['n_embd']})")
     vocab = ints["vocab_size"]
     return GPT2Config(
         **ints,
@@ -207,6 +208,25 @@ def _depth(value: object) -> int:
     return depth
 
 
+def read_json(path: Path, what: str = "a manifest", fix: str = REEXPORT) -> object:
+    """A small JSON file, read with bounds: size, depth, and no NaN / Infinity."""
+    too_deep = ModelFolderError(f"{path} is nested deeper than {what}'s {MAX_DEPTH} levels; {fix}")
+    try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ModelFolderError(f"{path} is {size} bytes, more than {what}'s {MAX_MANIFEST_BYTES}; {fix}")
+        data = json.loads(path.read_bytes(), parse_constant=_reject_constant)
+    except OSError as e:
+        raise ModelFolderError(f"{path} cannot be read ({e.strerror}); check its permissions") from None
+    except RecursionError:
+        raise too_deep from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity
+        raise ModelFolderError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if _depth(data) > MAX_DEPTH:
+        raise too_deep
+    return data
+
+
 def read_manifest(folder: str | Path) -> Manifest:
     """Read and validate `manifest.json` and check that its files are there. Raises
     ModelFolderError with the fix in its message."""
@@ -224,20 +244,7 @@ def read_manifest(folder: str | Path) -> Manifest:
             f"{str(folder)!r} has no {MANIFEST_FILE}, so it is not a gpt2-onnx model folder; "
             "export one with `gpt2-onnx export --model SRC --output DIR`"
         )
-    try:
-        size = path.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise ModelFolderError(f"{path} is {size} bytes, more than a manifest's {MAX_MANIFEST_BYTES}; {REEXPORT}")
-        data = json.loads(path.read_bytes(), parse_constant=_reject_constant)
-    except OSError as e:
-        raise ModelFolderError(f"{path} cannot be read ({e.strerror}); check its permissions") from None
-    except RecursionError:
-        raise ModelFolderError(f"{path} is nested deeper than a manifest's {MAX_DEPTH} levels; {REEXPORT}") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity
-        raise ModelFolderError(f"{path} is not valid JSON ({e}); {REEXPORT}") from None
-    if _depth(data) > MAX_DEPTH:
-        raise ModelFolderError(f"{path} is nested deeper than a manifest's {MAX_DEPTH} levels; {REEXPORT}")
-    manifest = parse_manifest(data, str(path))
+    manifest = parse_manifest(read_json(path), str(path))
     for name in (manifest.model_file, manifest.external_data, manifest.tokenizer_file):
         if name and not (folder / name).is_file():
             raise ModelFolderError(f"{folder / name} is missing; the folder is incomplete, re-export it")

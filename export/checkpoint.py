@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from gpt2onnx.engine.contract import GPT2Config, Source, UserError
+from gpt2onnx.engine.contract import GPT2Config, ModelFolderError, Source, UserError
+from gpt2onnx.engine.model_folder import parse_config, read_json
 
 log = logging.getLogger(__name__)
 
@@ -136,36 +137,36 @@ def random_state_dict(config: GPT2Config, seed: int) -> dict[str, torch.Tensor]:
 
 
 def read_hf_config(folder: Path) -> GPT2Config:
+    """config.json of a Hugging Face GPT-2 checkpoint, read with the manifest's bounds and checks
+    (a hostile config cannot size anything before it is checked)."""
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json; pass a Hugging Face GPT-2 model folder (config.json + model.safetensors or pytorch_model.bin)")
+    fix = "fix config.json or pass a Hugging Face GPT-2 checkpoint"
     try:
-        hf = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
-    model_type = hf.get("model_type")
-    if model_type != "gpt2":
-        raise CheckpointError(f"{path} describes model_type {model_type!r}, not 'gpt2'; gpt2-onnx exports GPT-2 family checkpoints only")
-    if hf.get("reorder_and_upcast_attn") or hf.get("add_cross_attention"):
-        raise CheckpointError(f"{path}: reorder_and_upcast_attn / add_cross_attention are not supported")
-    if hf.get("scale_attn_weights") is False:
-        raise CheckpointError(f"{path}: scale_attn_weights=false is not supported")
-    act = hf.get("activation_function", "gelu_new")
-    if act not in ACTIVATIONS:
-        raise CheckpointError(f"{path}: activation_function {act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
-    try:
-        return GPT2Config(
-            n_layer=int(hf["n_layer"]), n_head=int(hf["n_head"]), n_embd=int(hf["n_embd"]),
-            n_positions=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
-            vocab_size=int(hf["vocab_size"]), n_inner=hf.get("n_inner"),
-            layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
+        hf = read_json(path, "a config.json", fix)
+        if not isinstance(hf, dict):
+            raise ModelFolderError(f"{path} is not a JSON object; {fix}")
+        model_type = hf.get("model_type")
+        if model_type != "gpt2":
+            raise CheckpointError(f"{path} describes model_type {model_type!r}, not 'gpt2'; gpt2-onnx exports GPT-2 family checkpoints only")
+        if hf.get("reorder_and_upcast_attn") or hf.get("add_cross_attention"):
+            raise CheckpointError(f"{path}: reorder_and_upcast_attn / add_cross_attention are not supported")
+        if hf.get("scale_attn_weights") is False:
+            raise CheckpointError(f"{path}: scale_attn_weights=false is not supported")
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ACTIVATIONS:
+            raise CheckpointError(f"{path}: activation_function {act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+        fields = {key: hf[key] for key in ("n_layer", "n_head", "n_embd", "vocab_size", "n_inner", "layer_norm_epsilon", "scale_attn_by_inverse_layer_idx") if key in hf}
+        fields |= dict(
+            n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
             activation=ACTIVATIONS[act],
-            scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
-            bos_token_id=int(_first(hf.get("bos_token_id"), 50256)),
-            eos_token_id=int(_first(hf.get("eos_token_id"), 50256)),
-        )  # fmt: skip
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a usable GPT-2 config ({e.__class__.__name__}: {e})") from e
+            bos_token_id=_first(hf.get("bos_token_id"), 50256),
+            eos_token_id=_first(hf.get("eos_token_id"), 50256),
+        )
+        return parse_config(fields, str(path), prefix="", fix=fix)
+    except ModelFolderError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _first(value, default):
