@@ -34,7 +34,9 @@ REEXPORT = "re-export the folder with `gpt2-onnx export`"
 # Texts the tokenizer must encode to something and decode back unchanged (GPT-2's byte-level
 # BPE always does; a tokenizer of another family, or a truncated vocabulary, does not).
 PROBE_TEXTS = ("Hello, world! The year is 2026.", " naïve café, 日本語 🙂\n")
-ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)", "int32": "tensor(int32)"}
+ORT_TYPES = {
+    "float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)", "int32": "tensor(int32)",
+}  # fmt: skip
 
 
 def _short(value: object) -> str:
@@ -51,7 +53,7 @@ class _Fields:
             self.fail(prefix.rstrip(".") or "the manifest", data, "a JSON object")
         unknown = sorted(set(data) - set(defaults))
         if unknown:
-            raise ModelFolderError(f"{where}: unknown field {prefix}{unknown[0]}; the folder is not from this gpt2-onnx: {fix}")
+            raise ModelFolderError(f"{where}: unknown field {prefix}{unknown[0]}; it is not from this gpt2-onnx: {fix}")
         self.data, self.defaults = data, defaults
 
     def fail(self, field: str, value: object, rule: str):
@@ -104,7 +106,8 @@ class _Fields:
         value = self.get(key)
         if value is None and optional:
             return None
-        if type(value) is not str or not 0 < len(value) <= 255 or value in (".", "..") or any(c in value for c in "/\\\0"):
+        plain = type(value) is str and 0 < len(value) <= 255 and value not in (".", "..")
+        if not plain or any(c in value for c in "/\\\0"):
             self.fail(self.prefix + key, value, "a plain file name inside the model folder (no '/', '\\' or '..')")
         return value
 
@@ -177,7 +180,8 @@ def parse_manifest(data: object, where: str = MANIFEST_FILE) -> Manifest:
     )
     expected = io_spec(config, dtype, kv_cache)
     if manifest.io != expected:
-        raise ModelFolderError(f"{where}: io is not what its config implies ({_first_difference(manifest.io, expected)}); {REEXPORT}")
+        difference = _first_difference(manifest.io, expected)
+        raise ModelFolderError(f"{where}: io is not what its config implies ({difference}); {REEXPORT}")
     return manifest
 
 
@@ -256,37 +260,47 @@ def check_graph(inputs: list, outputs: list, manifest: Manifest, path: Path) -> 
     order, element types, and every static dim (n_head, head_dim, vocab); the manifest's named
     dims must be dynamic in the graph."""
     n_layer, kv = manifest.config.n_layer, manifest.kv_cache
-    for side, args, names in (("input", inputs, input_names(n_layer, kv)), ("output", outputs, output_names(n_layer, kv))):
+    not_ours = f"the graph is not this folder's: {REEXPORT}"
+    sides = (("input", inputs, input_names(n_layer, kv)), ("output", outputs, output_names(n_layer, kv)))
+    for side, args, names in sides:
         got = [a.name for a in args]
         if got != names:
             i = next((i for i, (a, b) in enumerate(zip(got, names)) if a != b), min(len(got), len(names)))
-            have = got[i] if i < len(got) else "nothing"
-            want = names[i] if i < len(names) else "nothing"
-            raise ModelFolderError(f"{path}: graph {side} {i} is {have!r} where the manifest has {want!r}; the graph is not this folder's: {REEXPORT}")
+            have = repr(got[i]) if i < len(got) else "nothing"
+            want = repr(names[i]) if i < len(names) else "nothing"
+            raise ModelFolderError(f"{path}: graph {side} {i} is {have} where the manifest has {want}; {not_ours}")
         for arg in args:
             spec = manifest.io[f"{side}s"][arg.name]
             want_type = ORT_TYPES.get(spec["dtype"], spec["dtype"])
             if arg.type != want_type:
-                raise ModelFolderError(f"{path}: graph {side} {arg.name!r} is {arg.type} where the manifest has {want_type}; {REEXPORT}")
-            shape = arg.shape if isinstance(arg.shape, list) else []
-            same = len(shape) == len(spec["dims"]) and all(
-                g == w if isinstance(w, int) else not isinstance(g, int) for g, w in zip(shape, spec["dims"])
-            )
-            if not same:
-                raise ModelFolderError(f"{path}: graph {side} {arg.name!r} has shape {shape} where the manifest has {spec['dims']}; the graph is not this folder's: {REEXPORT}")
+                raise ModelFolderError(
+                    f"{path}: graph {side} {arg.name!r} is {arg.type} where the manifest has {want_type}; {not_ours}"
+                )
+            shape, dims = arg.shape if isinstance(arg.shape, list) else [], spec["dims"]
+            static_match = [g == w if isinstance(w, int) else not isinstance(g, int) for g, w in zip(shape, dims)]
+            if len(shape) != len(dims) or not all(static_match):
+                raise ModelFolderError(
+                    f"{path}: graph {side} {arg.name!r} has shape {shape} where the manifest has {dims}; {not_ours}"
+                )
 
 
 def check_tokenizer(tokenizer, config: GPT2Config, path: Path) -> None:
     """The tokenizer against the config: every id inside the model's vocabulary, BOS and EOS among
     its tokens, and text that encodes to tokens and decodes back unchanged."""
+    fix = "put the model's own tokenizer.json in the folder"
     top = tokenizer.max_token_id
     if top >= config.vocab_size:
-        raise ModelFolderError(f"{path}: the tokenizer has token ids up to {top} but the model's vocabulary has {config.vocab_size}; put the model's own tokenizer.json in the folder")
+        raise ModelFolderError(
+            f"{path}: the tokenizer has token ids up to {top} but the model's vocabulary has {config.vocab_size}; {fix}"
+        )
     for name in ("bos_token_id", "eos_token_id"):
         token_id = getattr(config, name)
         if tokenizer.id_to_token(token_id) is None:
-            raise ModelFolderError(f"{path}: the manifest's {name} {token_id} is not a token of the tokenizer; put the model's own tokenizer.json in the folder")
+            raise ModelFolderError(f"{path}: the manifest's {name} {token_id} is not a token of the tokenizer; {fix}")
     for text in PROBE_TEXTS:
         ids = tokenizer.to_tokens(text, prepend_bos=False)
         if not ids or tokenizer.to_string(ids) != text:
-            raise ModelFolderError(f"{path}: the tokenizer does not encode and decode text faithfully ({text!r} -> {ids[:8]}); GPT-2 models need a byte-level BPE tokenizer: put the model's own tokenizer.json in the folder")
+            raise ModelFolderError(
+                f"{path}: the tokenizer does not encode and decode text faithfully ({text!r} -> {ids[:8]}); "
+                f"GPT-2 models need a byte-level BPE tokenizer: {fix}"
+            )
