@@ -1,7 +1,8 @@
 """The export pipeline: checkpoint -> ONNX graph -> check against PyTorch -> model folder.
 
-Everything is written into a temporary sibling folder that is renamed into place only after
-the check passes, so a failed or interrupted export never leaves a half folder behind.
+Everything is written into a temporary sibling folder that is moved into place only after the
+check passes (engine/atomic_folder.py), so a failed, interrupted or killed export never leaves a
+half folder at --output, and the next export into the same parent clears what a killed one left.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import onnxruntime as ort
 
+from gpt2onnx.engine import atomic_folder
 from gpt2onnx.engine.contract import DTYPES, KV_CACHES, MANIFEST_FILE, MODEL_FILE, Manifest, UserError, io_spec
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, random_checkpoint
@@ -64,6 +65,10 @@ def exporter_version() -> str:
 def export(cfg: ExportConfig) -> Manifest:
     """Export, check and write a model folder. Raises CheckpointError, OutputExistsError, ExportCheckError."""
     out = Path(cfg.output)
+    atomic_folder.sweep(out.parent)  # first: puts back an --output a killed `export --force` left aside
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        kind = "a symbolic link" if out.is_symlink() else "a file"
+        raise OutputExistsError(f"{out} is {kind}, not a model folder; pass a folder path as --output")
     if out.exists() and not cfg.force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
@@ -77,9 +82,7 @@ def export(cfg: ExportConfig) -> Manifest:
     tokenizer_src = find_tokenizer(cfg.tokenizer, ckpt.folder, hub_fallback="gpt2")  # the family shares one
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = atomic_folder.partial_folder(out)
     try:
         write_tokenizer(tokenizer_src, tmp, ckpt.config)
         reference = build_module(ckpt.config, ckpt.state_dict, "fp32")
@@ -87,6 +90,7 @@ def export(cfg: ExportConfig) -> Manifest:
         log.info("tracing %d-layer GPT-2 (%.1fM parameters) to ONNX in %s", ckpt.config.n_layer, ckpt.config.n_params / 1e6, cfg.dtype)
         external = export_graph(graph_module, cfg.dtype, tmp / MODEL_FILE, cfg.external_data_threshold, optimize=cfg.optimize, kv_cache=cfg.kv_cache)
         del graph_module
+        atomic_folder.fault_point("weights-written")
         manifest = Manifest(
             config=ckpt.config,
             dtype=cfg.dtype,
@@ -100,11 +104,14 @@ def export(cfg: ExportConfig) -> Manifest:
         )
         report = _check(tmp, manifest, reference)
         log.info("export check passed: %s", report)
+        atomic_folder.fault_point("checked")
         manifest = dataclasses.replace(manifest, check=dataclasses.asdict(report))
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())
-        _replace(tmp, out)
+        atomic_folder.fault_point("manifest-written")
+        atomic_folder.seal(tmp)
+        atomic_folder.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_partial(tmp)
         raise
     log.info("wrote %s", out)
     return manifest
@@ -121,12 +128,12 @@ def _check(folder: Path, manifest: Manifest, reference) -> CheckReport:
     return check_export(ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"]), reference, manifest.dtype)
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move tmp to out; an old folder is moved aside first and removed only after the rename."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
+def _remove_partial(tmp: Path) -> None:
+    """The temp folder of a failed export, unless it was already moved into place. Called while an
+    error propagates, so a failure here is logged, not raised over it."""
+    if not os.path.lexists(tmp):
+        return
+    try:
+        atomic_folder.discard(tmp)
+    except OSError as e:
+        log.warning("could not remove %s (%s); the next export into %s removes it", tmp, e, tmp.parent)
