@@ -12,12 +12,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from .contract import ModelFolderError, UserError
+from . import atomic_folder, inputs
+from .contract import InputError, ModelFolderError, UserError
 from .generate import Row, Timing, decode_batch
 from .model_folder import check_tokenizer, read_manifest
 from .sampling import SamplingConfig, softmax
@@ -55,9 +56,27 @@ class Score:
     perplexity: float
 
 
+@dataclass(frozen=True)
+class Request:
+    """One generate/stream call's settings, checked by the input gate."""
+
+    max_new_tokens: int
+    stop: tuple[str, ...]
+    prepend_bos: bool
+    truncate: str | None
+    ignore_eos: bool
+    sampling: SamplingConfig
+
+
+SAMPLING_KEYWORDS = tuple(f.name for f in fields(SamplingConfig))
+MAX_WHOLE_PROMPT_CHARS = 1 << 20  # truncate="left" on a text with no place to cut: tokenized whole up to this
+MAX_LOGITS = 1 << 28  # floats (1 GiB) one logits() call may return
+
+
 class Engine:
     def __init__(self, folder: Path, config: SessionConfig):
         self.folder = Path(folder)
+        atomic_folder.recover(self.folder)  # an `export --force` killed mid-swap left it aside
         self.manifest = read_manifest(self.folder)
         c = self.manifest.config
         tokenizer_path = self.folder / self.manifest.tokenizer_file
@@ -83,12 +102,18 @@ class Engine:
             raise ModelFolderError(f"{self.folder}: the graph gives logits of shape {logits.shape} (finite: {bool(np.isfinite(logits).all())}) for one token, expected (1, 1, {c.vocab_size}) and finite; re-export the model folder")
 
     @classmethod
-    def load(cls, path: str | Path, provider: str = "auto", max_batch: int = 8, max_seq: int | None = None, threads: int | None = None, device_sampling: bool | None = None, static_decode: bool | None = None) -> "Engine":
+    def load(cls, path: str | Path, provider: str = "auto", max_batch: int = 8, max_seq: int | None = None,
+             threads: int | None = None, device_sampling: bool | None = None,
+             static_decode: bool | None = None) -> "Engine":  # fmt: skip
         """Load a model folder. device_sampling: pick tokens with the sampling graph; static_decode:
         decode steps of fixed shapes, captured as CUDA graphs (in-place cache only). Both default
         to on with the CUDA provider, off on the CPU.
-        Raises ModelFolderError (missing/corrupt folder), ProviderError (cuda unavailable)."""
-        return cls(Path(path), SessionConfig(provider=provider, max_batch=max_batch, max_seq=max_seq, threads=threads, device_sampling=device_sampling, static_decode=static_decode))
+        Raises InputError (a bad argument, before the folder is read), ModelFolderError
+        (missing/corrupt folder), ProviderError (cuda unavailable)."""
+        folder = inputs.folder_path(path)
+        config = SessionConfig(provider=provider, max_batch=max_batch, max_seq=max_seq, threads=threads,
+                               device_sampling=device_sampling, static_decode=static_decode)  # fmt: skip
+        return cls(folder, config)
 
     @property
     def provider(self) -> str:
@@ -99,49 +124,80 @@ class Engine:
         """The context this engine serves: the model's n_positions, or less when max_seq says so."""
         return self.session.max_seq
 
-    # -- tokenization ----------------------------------------------------------------------
-    def to_tokens(self, text: str, prepend_bos: bool = True) -> list[int]:
-        return self.tokenizer.to_tokens(text, prepend_bos)
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.config.vocab_size
 
-    def to_str_tokens(self, text: str | list[int], prepend_bos: bool = True) -> list[str]:
-        return self.tokenizer.to_str_tokens(text, prepend_bos)
+    # -- tokenization ----------------------------------------------------------------------
+    # Every public method checks its arguments through `inputs` (InputError) before any work.
+    def to_tokens(self, text: str, prepend_bos: bool = True) -> list[int]:
+        return self.tokenizer.to_tokens(inputs.text("text", text), inputs.check("prepend_bos", prepend_bos))
+
+    def to_str_tokens(self, text: str | Sequence[int], prepend_bos: bool = True) -> list[str]:
+        prepend_bos = inputs.check("prepend_bos", prepend_bos)
+        return self.tokenizer.to_str_tokens(inputs.prompt("text", text, self.vocab_size), prepend_bos)
 
     def to_string(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.to_string(list(ids))
+        return self.tokenizer.to_string(inputs.token_ids("ids", ids, self.vocab_size))
 
     # -- generation ------------------------------------------------------------------------
-    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32, *, stop: str | Sequence[str] = (), prepend_bos: bool = True, truncate: str | None = None, ignore_eos: bool = False, **sampling) -> Generation:
-        """Complete each prompt. Sampling keywords are SamplingConfig's (greedy by default);
-        ignore_eos=True always generates max_new_tokens (benchmarks).
+    def generate(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+                 max_new_tokens: int = 32, *, stop: str | Sequence[str] = (), prepend_bos: bool = True,
+                 truncate: str | None = None, ignore_eos: bool = False, **sampling) -> Generation:  # fmt: skip
+        """Complete each prompt: a str, a list of token ids, or a list of prompts (all str or all
+        id lists). Sampling keywords are SamplingConfig's (greedy by default); ignore_eos=True
+        always generates max_new_tokens (benchmarks).
 
-        Raises ValueError for bad settings, an empty prompt without BOS, or a prompt that does
-        not fit the context (unless truncate="left" drops its oldest tokens)."""
-        prompts = [prompts] if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))) else list(prompts)
+        Raises InputError (a ValueError) naming the argument for any bad argument, an empty
+        prompt without BOS, or a prompt that does not fit the context (unless truncate="left"
+        drops its oldest tokens)."""
+        request = self._request("generate", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
+        prompts = inputs.prompts(prompts, self.vocab_size)
+        prompt_ids = [self._prompt_tokens(p, request) for p in prompts]
         rows, timing = [], Timing()
-        for _ in self._run(prompts, max_new_tokens, stop, prepend_bos, truncate, sampling, rows, timing, ignore_eos, streaming=False):
+        for _ in self._run(prompt_ids, request, rows, timing, streaming=False):
             pass
-        completions = [Completion(p if isinstance(p, str) else self.to_string(r.prompt_ids), r.prompt_ids, r.token_ids, r.text, r.finish_reason) for p, r in zip(prompts, rows)]
+        completions = [
+            Completion(p if isinstance(p, str) else self.tokenizer.to_string(r.prompt_ids), r.prompt_ids, r.token_ids, r.text, r.finish_reason)
+            for p, r in zip(prompts, rows)
+        ]  # fmt: skip
         return Generation(completions, timing.as_dict(), timing)
 
-    def stream(self, prompt: str, max_new_tokens: int = 32, *, stop: str | Sequence[str] = (), prepend_bos: bool = True, truncate: str | None = None, **sampling) -> Iterator[str]:
-        """Yield the completion's text piece by piece; breaking out of the loop stops generation."""
-        for _, piece in self._run([prompt], max_new_tokens, stop, prepend_bos, truncate, sampling, [], Timing()):
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 32, *, stop: str | Sequence[str] = (),
+               prepend_bos: bool = True, truncate: str | None = None, **sampling) -> Iterator[str]:  # fmt: skip
+        """Yield the completion's text piece by piece; breaking out of the loop stops generation.
+        The arguments are checked (InputError) here, before the first piece is asked for."""
+        request = self._request("stream", max_new_tokens, stop, prepend_bos, truncate, False, sampling)
+        ids = self._prompt_tokens(inputs.prompt("prompt", prompt, self.vocab_size), request)
+        return self._pieces(ids, request)
+
+    def _pieces(self, ids: list[int], request: Request) -> Iterator[str]:
+        for _, piece in self._run([ids], request, [], Timing()):
             yield piece
 
-    def _run(self, prompts, max_new_tokens, stop, prepend_bos, truncate, sampling, rows_out, timing, ignore_eos=False, streaming=True) -> Iterator[tuple[int, str]]:
+    def _request(self, method: str, max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling: dict) -> Request:
+        """One call's settings through the input gate, before any prompt is looked at."""
+        inputs.known_keywords(method, sampling, SAMPLING_KEYWORDS)
         cfg = SamplingConfig(**sampling)
-        self._check_request(cfg, max_new_tokens, truncate)
-        stop = (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
-        prompt_ids = [self._prompt_tokens(p, prepend_bos, max_new_tokens, truncate) for p in prompts]
+        inputs.logit_bias(cfg.logit_bias, self.vocab_size)  # its ids against this model's vocabulary
+        n = inputs.check("max_new_tokens", max_new_tokens)
+        if n >= self.n_positions:
+            raise InputError(f"max_new_tokens {n} leaves no room for a prompt in the {self.n_positions}-token context; ask for fewer")
+        flags = [inputs.check(name, value) for name, value in (("prepend_bos", prepend_bos), ("truncate", truncate), ("ignore_eos", ignore_eos))]
+        return Request(n, inputs.stop_strings(stop), *flags, cfg)
+
+    def _run(self, prompt_ids: list[list[int]], request: Request, rows_out: list[Row], timing: Timing, streaming: bool = True) -> Iterator[tuple[int, str]]:
+        cfg, stop, n = request.sampling, request.stop, request.max_new_tokens
         rng = np.random.default_rng(cfg.seed)
-        eos = -1 if ignore_eos else self.manifest.config.eos_token_id
+        eos = -1 if request.ignore_eos else self.manifest.config.eos_token_id
         with self._exclusive():
-            for start in range(0, len(prompts), self.session.max_batch):
+            for start in range(0, len(prompt_ids), self.session.max_batch):
                 # Text as tokens come only when someone reads it (a stream) or stop strings need it.
                 text_per_step = streaming or bool(stop)
-                rows = [Row(ids, self.tokenizer.decode_stream() if text_per_step else None, stop) for ids in prompt_ids[start : start + self.session.max_batch]]
+                batch = prompt_ids[start : start + self.session.max_batch]
+                rows = [Row(ids, self.tokenizer.decode_stream() if text_per_step else None, stop) for ids in batch]
                 rows_out.extend(rows)
-                for r, piece in decode_batch(self.session, rows, max_new_tokens, cfg, rng, eos, timing):
+                for r, piece in decode_batch(self.session, rows, n, cfg, rng, eos, timing):
                     yield start + r, piece
                 if not text_per_step:
                     t0 = time.perf_counter()
@@ -149,32 +205,43 @@ class Engine:
                         row.text = self.tokenizer.completion_text(row.token_ids[:-1] if row.finish_reason == "eos" else row.token_ids)
                     timing.text_s += time.perf_counter() - t0
 
-    def _prompt_tokens(self, prompt: str | Sequence[int], prepend_bos: bool, max_new_tokens: int, truncate: str | None) -> list[int]:
-        """A prompt's ids: text is tokenized (BOS prepended unless prepend_bos=False), ids are taken as they are."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.to_tokens(prompt, prepend_bos)
-        else:
-            ids = self._token_array(prompt)[0].tolist() if len(prompt) else []
+    def _prompt_tokens(self, prompt: str | list[int], request: Request) -> list[int]:
+        """A checked prompt's ids, within the room the context leaves it: text is tokenized (BOS
+        first unless prepend_bos=False), ids are taken as they are."""
+        room = self.n_positions - request.max_new_tokens
+        left = request.truncate == "left"
+        ids = self._text_tokens(prompt, request, room) if isinstance(prompt, str) else prompt
         if not ids:
-            raise ValueError("the prompt is empty; pass some text, or keep the BOS token (drop --no-bos) to generate from nothing")
-        room = self.n_positions - max_new_tokens
+            raise InputError("the prompt is empty; pass some text, or keep the BOS token (prepend_bos=True, no --no-bos) to generate from nothing")
         if len(ids) > room:
-            if truncate != "left":
-                raise ValueError(f"the prompt has {len(ids)} tokens and {max_new_tokens} new tokens are asked for, past the {self.n_positions}-token context; shorten it, lower max_new_tokens or use truncate='left' (--truncate left)")
+            if not left:
+                raise InputError(self._too_long(str(len(ids)), request.max_new_tokens))
             ids = ids[len(ids) - room :]
         return ids
 
-    def _check_request(self, cfg: SamplingConfig, max_new_tokens: int, truncate: str | None) -> None:
-        """The settings of one call, checked once before any prompt is looked at."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if max_new_tokens >= self.n_positions:
-            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {self.n_positions}-token context")
-        if truncate not in (None, "left"):
-            raise ValueError(f"truncate must be None or 'left', got {truncate!r}")
-        bad = [t for t in cfg.logit_bias if not 0 <= int(t) < self.manifest.config.vocab_size]
-        if bad:
-            raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.manifest.config.vocab_size})")
+    def _text_tokens(self, text: str, request: Request, room: int) -> list[int]:
+        """A text's ids without tokenizing more than can fit: a text that surely has more tokens
+        than `room` is refused unread; with truncate="left" only a tail of it is tokenized (the
+        same last tokens as the whole text's, see Tokenizer.last_tokens). The caller trims."""
+        bos = [self.tokenizer.bos_token_id] if request.prepend_bos else []
+        if request.truncate == "left":
+            tail = self.tokenizer.last_tokens(text, room, MAX_WHOLE_PROMPT_CHARS)
+            if tail is None:
+                raise InputError(
+                    f"the prompt ({len(text)} characters) has no space or newline after other text in its last part, so "
+                    f"truncate='left' would have to tokenize all of it; pass at most its last {MAX_WHOLE_PROMPT_CHARS} characters"
+                )  # fmt: skip
+            return bos + tail
+        at_least = self.tokenizer.min_tokens(text) + len(bos)
+        if at_least > room:
+            raise InputError(self._too_long(f"at least {at_least}", request.max_new_tokens))
+        return self.tokenizer.to_tokens(text, request.prepend_bos)
+
+    def _too_long(self, tokens: str, max_new_tokens: int) -> str:
+        return (
+            f"the prompt has {tokens} tokens and {max_new_tokens} new tokens are asked for, past the {self.n_positions}-token "
+            "context; shorten it, lower max_new_tokens or use truncate='left' (--truncate left)"
+        )  # fmt: skip
 
     @contextmanager
     def _exclusive(self):
@@ -188,33 +255,27 @@ class Engine:
     # -- scoring ---------------------------------------------------------------------------
     def logits(self, tokens: Sequence[int] | Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Full-sequence logits, (batch, seq, vocab) float32; a flat list counts as batch 1.
-        Raises ValueError for ids outside the vocabulary, ragged rows or sequences past the context."""
-        ids = self._token_array(tokens)
-        if ids.shape[1] > self.n_positions:
-            raise ValueError(f"{ids.shape[1]} tokens exceed the {self.n_positions}-token context")
+        Raises InputError for ids that are not ints in the vocabulary, ragged or empty rows, more
+        rows than max_batch, sequences past the context, or more than 1 GiB of logits."""
+        rows = inputs.token_rows("tokens", tokens, self.vocab_size, self.session.max_batch)
+        batch, seq = len(rows), len(rows[0])
+        if seq > self.n_positions:
+            raise InputError(f"tokens has {seq} ids per row, past the {self.n_positions}-token context; pass at most {self.n_positions}")
+        if batch * seq * self.vocab_size > MAX_LOGITS:
+            raise InputError(f"tokens of {batch} x {seq} ids would return {batch * seq * self.vocab_size * 4 / 2**30:.1f} GiB of logits; pass fewer rows at a time")
         with self._exclusive():
-            return self.session.full_logits(ids)
-
-    def _token_array(self, tokens) -> np.ndarray:
-        """(batch, seq) int64 ids, checked against the vocabulary; a flat list is batch 1."""
-        try:
-            ids = np.asarray(tokens, dtype=np.int64)
-        except (ValueError, TypeError, OverflowError) as e:
-            raise ValueError(f"tokens must be a list of token ids or equal-length lists of them ({e})") from e
-        ids = ids[None] if ids.ndim == 1 else ids
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"tokens must be a non-empty list of ids or a (batch, seq) array, got shape {ids.shape}")
-        vocab = self.manifest.config.vocab_size
-        if ids.min() < 0 or ids.max() >= vocab:
-            bad = ids[(ids < 0) | (ids >= vocab)]
-            raise ValueError(f"token ids {bad[:5].tolist()} are outside the vocabulary [0, {vocab})")
-        return ids
+            return self.session.full_logits(np.array(rows, dtype=np.int64))
 
     def score(self, text: str, prepend_bos: bool = True) -> Score:
-        """Per-token log-probs of `text` and its perplexity (over every token after the first)."""
-        ids = self.to_tokens(text, prepend_bos)
+        """Per-token log-probs of `text` and its perplexity (over every token after the first).
+        Raises InputError for a non-str text, one that does not fit the context, or one token."""
+        text, prepend_bos = inputs.text("text", text), inputs.check("prepend_bos", prepend_bos)
+        at_least = self.tokenizer.min_tokens(text) + int(prepend_bos)
+        if at_least > self.n_positions:
+            raise InputError(f"text has at least {at_least} tokens, past the {self.n_positions}-token context; score it in parts")
+        ids = self.tokenizer.to_tokens(text, prepend_bos)
         if len(ids) < 2:
-            raise ValueError("scoring needs at least two tokens; pass a longer text (or keep the BOS)")
+            raise InputError("scoring needs at least two tokens; pass a longer text (or keep the BOS)")
         logits = self.logits(ids)[0].astype(np.float64)
         logprobs = np.log(softmax(logits[:-1]))[np.arange(len(ids) - 1), ids[1:]]
-        return Score(ids, self.to_str_tokens(ids), logprobs, float(np.exp(-logprobs.mean())))
+        return Score(ids, self.tokenizer.to_str_tokens(ids), logprobs, float(np.exp(-logprobs.mean())))

@@ -117,8 +117,8 @@ def test_engine_load_restores_the_model_a_kill_left_aside(old_model, hf_folder):
     from gpt2onnx.engine.engine import Engine
 
     assert Engine.load(old_model, provider="cpu").generate("Hi", max_new_tokens=2).completions[0].token_ids
-    assert_model(old_model, "old")
-    assert temp_folders(old_model.parent) == []
+    assert_model(old_model, "old")  # the killed export's .partial waits for the next export's sweep
+    assert not [name for name in temp_folders(old_model.parent) if ".old-" in name]
 
 
 def test_export_without_force_restores_the_model_a_kill_left_aside(old_model, hf_folder, capsys):
