@@ -8,6 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 log = logging.getLogger("gpt2onnx")
+# What the transformers baselines import here (their reference weights) and in their worker process.
+BASELINE_MODULES = {"transformers-eager": ("torch", "transformers"), "optimum": ("torch",)}
 
 
 def ints(text: str) -> tuple[int, ...]:
@@ -31,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     src.add_argument("--random-init", metavar="SIZE", help="a random-weight model of SIZE (exported into --models-dir once)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype when exporting")
-    p.add_argument("--tokenizer", help="tokenizer folder when exporting --random-init offline")
+    p.add_argument("--tokenizer", help="tokenizer folder when exporting (default: beside the weights, "
+                   "else GPT-2's, shipped with gpt2-onnx)")
     p.add_argument("--kv-cache", choices=KV_CACHES, default="concat", help="graph when exporting (shared: the fast path, cache updated in place)")
     p.add_argument("--models-dir", default="models", help="where exported models are kept")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
@@ -47,6 +50,16 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.set_defaults(run=run)
 
 
+def check_baseline_modules(baselines: tuple[str, ...], known: tuple[str, ...]) -> None:
+    """Before the sweep, not in a worker's traceback minutes later. Raises MissingExtraError."""
+    from gpt2onnx.engine.extras import check_installed
+
+    without = ",".join(b for b in known if b not in BASELINE_MODULES)
+    for name in baselines:
+        for module in BASELINE_MODULES.get(name, ()):
+            check_installed(module, "bench", f"the {name} baseline", f"leave it out: --baselines {without}")
+
+
 def run(args: argparse.Namespace) -> int:
     from gpt2onnx.engine.cli import resolve_model
 
@@ -59,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {', '.join(ALL_BASELINES + EXTRA_BASELINES)}")
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    check_baseline_modules(baselines, ALL_BASELINES)
     folder = resolve_model(args.model, args.random_init, args.seed, args.dtype, args.tokenizer, args.models_dir, args.kv_cache)
     cfg = BenchConfig(model_folder=folder, out=args.out, provider=args.provider, batches=args.batches, prompt_lens=args.prompt_lens, new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats, baselines=baselines, optimum_python=args.optimum_python)
     if args.quick:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+from gpt2onnx.engine.extras import MissingExtraError, require
+
+log = logging.getLogger(__name__)
 
 
 def markdown(results: dict) -> str:
@@ -42,7 +47,8 @@ def markdown(results: dict) -> str:
 
 
 def plots(results: dict, out: Path) -> list[Path]:
-    import matplotlib
+    """The two PNG plots. Raises MissingExtraError without matplotlib."""
+    matplotlib = require("matplotlib", "bench", "plotting")
     import matplotlib.ticker
 
     matplotlib.use("Agg")
@@ -81,7 +87,8 @@ def plots(results: dict, out: Path) -> list[Path]:
 
 
 def write(results: dict, out: Path) -> list[Path]:
-    """Write into `out` (created); each file goes to a temporary name first, then is renamed."""
+    """Write into `out` (created); each file goes to a temporary name first, then is renamed.
+    Without matplotlib the plots are skipped with a warning: the measurements are the result."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in (("results.json", json.dumps(results, indent=1)), ("results.md", markdown(results))):
@@ -89,4 +96,8 @@ def write(results: dict, out: Path) -> list[Path]:
         tmp.write_text(text)
         tmp.rename(out / name)
         written.append(out / name)
-    return written + plots(results, out)
+    try:
+        return written + plots(results, out)
+    except MissingExtraError as e:
+        log.warning("plots skipped: %s", e)
+        return written

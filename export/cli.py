@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import sys
+import threading
 from pathlib import Path
 
 from gpt2onnx.engine.contract import DTYPES, KV_CACHES
@@ -16,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--output", required=True, type=Path, help="the model folder to write")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision: fp32; fp16 (for CUDA); int8 weights with fp32 activations (for the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
-    p.add_argument("--tokenizer", type=Path, help="a folder with tokenizer.json (or vocab.json + merges.txt); default: beside the weights, else the hub's gpt2")
+    p.add_argument("--tokenizer", type=Path, help="a folder with tokenizer.json (or vocab.json + merges.txt); default: beside the weights, else GPT-2's (shipped with gpt2-onnx)")
     p.add_argument("--force", action="store_true", help="replace an existing model folder")
     p.add_argument("--kv-cache", choices=KV_CACHES, default="concat", help="concat: the standard graph (past + new -> present, attention_mask input); shared: the fast graph, a fixed-size cache updated in place by GroupQueryAttention")
     p.add_argument("--no-optimize", dest="optimize", action="store_false", help="keep the plain graph (standard ONNX ops only) instead of the fused one (MultiHeadAttention, SkipLayerNormalization, FastGelu)")
@@ -24,8 +28,42 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> int:
-    from .exporter import ExportConfig, export  # torch is imported only when exporting
+    from gpt2onnx.engine.extras import needs_extra
 
-    manifest = export(ExportConfig(output=args.output, model=args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype, tokenizer=args.tokenizer, force=args.force, optimize=args.optimize, kv_cache=args.kv_cache))
+    with needs_extra("export", "gpt2-onnx export"):  # torch: imported only when exporting
+        from .exporter import ExportConfig, export
+
+    cfg = ExportConfig(
+        output=args.output, model=args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
+        tokenizer=args.tokenizer, force=args.force, optimize=args.optimize, kv_cache=args.kv_cache,
+    )  # fmt: skip
+    try:
+        with _sigterm_as_exception():
+            manifest = export(cfg)
+    except Terminated:
+        print("gpt2-onnx: terminated (SIGTERM); the export's temp folder was removed", file=sys.stderr)
+        return 128 + signal.SIGTERM
     print(f"exported {manifest.source.checkpoint} ({manifest.dtype}) to {args.output}")
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so the export cleans up the same way."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception():
+    """SIGTERM (`kill`, a container stop) raises Terminated for the duration; the previous handler
+    comes back after. Only the main thread can set handlers; elsewhere SIGTERM keeps its default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -21,6 +21,7 @@ from gpt2onnx.engine.contract import DTYPES, KV_CACHES, MANIFEST_FILE, MODEL_FIL
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, random_checkpoint
 from .graph import OPSET, EXTERNAL_DATA_THRESHOLD, build_module, export_graph
+from .quantize import check_int8_available
 from .tokenizer_files import find_tokenizer, write_tokenizer
 from .verify import CheckReport, check_export, check_shared_export
 
@@ -74,6 +75,8 @@ def export(cfg: ExportConfig) -> Manifest:
     if out.exists() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
         raise OutputExistsError(f"{out} exists and is not a gpt2-onnx model folder; refusing to replace it even with --force")
 
+    if cfg.dtype == "int8":
+        check_int8_available()  # a missing onnx_ir fails now, not after tracing
     ckpt: Checkpoint = random_checkpoint(cfg.random_init, cfg.seed) if cfg.random_init else load_checkpoint(cfg.model)
     if ckpt.source.random_init:
         log.warning("RANDOM weights (%s, seed %d): the model folder is labelled random-init and its text is meaningless", ckpt.source.checkpoint, cfg.seed)
