@@ -54,6 +54,8 @@ class ExportConfig:
             raise ValueError("--kv-cache shared needs the fused graph (GroupQueryAttention); drop --no-optimize")
         if (self.model is None) == (self.random_init is None):
             raise ValueError("pass exactly one of --model SRC or --random-init SIZE")
+        if type(self.seed) is not int or not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
 
 
 def exporter_version() -> str:
