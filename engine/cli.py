@@ -1,7 +1,9 @@
 """The `gpt2-onnx` command: one subcommand per job, each in its own package's cli module.
 
 Errors from bad input (UserError, ValueError) print as one line on stderr with a non-zero
-exit; `--debug` shows the traceback instead.
+exit; `--debug` shows the traceback instead. A bad flag (unknown, unparsable, out of range) is
+one line too, `gpt2-onnx: error: <what is wrong>; see gpt2-onnx CMD --help`, exit 2, found
+before any model is loaded or exported: generate's flags go through the API's own input gate.
 """
 
 from __future__ import annotations
@@ -11,21 +13,48 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from .contract import DTYPES, KV_CACHES, MANIFEST_FILE, UserError
+from . import atomic_folder, inputs
+from .contract import DTYPES, KV_CACHES, MANIFEST_FILE, InputError, UserError
 
 log = logging.getLogger("gpt2onnx")
+
+
+class UsageError(UserError):
+    """A bad flag value found after parsing; the message ends with the subcommand's --help."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, `gpt2-onnx: error: <what is wrong>; see gpt2-onnx CMD --help`
+    and exit 2, instead of the whole usage text before the line that matters. Subcommands'
+    parsers are of this class too (add_subparsers makes its parsers of the parent's class)."""
+
+    commands: dict[str, argparse.ArgumentParser] | None = None  # the subcommands' parsers, by name
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"gpt2-onnx: error: {message}; see {self.prog} --help\n")
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        """As argparse's, but an unknown flag is blamed on the subcommand it was given to."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = (self.commands or {}).get(getattr(parsed, "command", None), self)
+            command.error(f"unrecognized arguments: {' '.join(extras)[:200]}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
     from gpt2onnx.benchmarks import cli as bench_cli
     from gpt2onnx.export import cli as export_cli
 
-    parser = argparse.ArgumentParser(prog="gpt2-onnx", description="Export and run GPT-2 models on ONNX Runtime.")
+    parser = Parser(prog="gpt2-onnx", description="Export and run GPT-2 models on ONNX Runtime.")
     add_log_flags(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices
     common = argparse.ArgumentParser(add_help=False)
     add_log_flags(common, argparse.SUPPRESS)  # also accepted after the subcommand, without clobbering
     export_cli.add_parser(sub, parents=[common])
@@ -47,14 +76,21 @@ def add_generate_parser(sub: argparse._SubParsersAction, parents: list[argparse.
     src.add_argument("--random-init", metavar="SIZE", help="a random-weight model of SIZE (exported into --models-dir on first use); its text is meaningless")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per prompt")
-    p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy); default greedy unless a sampling flag is given, then 1.0")
+    p.add_argument("--temperature", type=finite,
+                   help="sampling temperature (0 = greedy, else 1e-05 to 100); default greedy unless a "
+                   "sampling flag is given, then 1.0")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers-style penalty on prompt and generated tokens (1 = off)")
-    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style presence penalty on generated tokens")
-    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style frequency penalty on generated tokens")
-    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS", help="add BIAS to token ID's logit; repeatable")
+    p.add_argument("--top-p", type=finite, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
+    p.add_argument("--min-p", type=finite, default=0.0,
+                   help="drop tokens below min_p x the top probability, in [0, 1] (0 = off)")
+    p.add_argument("--repetition-penalty", type=finite, default=1.0,
+                   help="transformers-style penalty on prompt and generated tokens, in [0.01, 100] (1 = off)")
+    p.add_argument("--presence-penalty", type=finite, default=0.0,
+                   help="OpenAI-style presence penalty on generated tokens, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=finite, default=0.0,
+                   help="OpenAI-style frequency penalty on generated tokens, in [-2, 2]")
+    p.add_argument("--logit-bias", action="append", type=bias_item, default=[], metavar="ID=BIAS",
+                   help="add BIAS (in [-10000, 10000]; -100 bans it) to token ID's logit; repeatable")
     p.add_argument("--seed", type=int, help="sampling seed (same seed, same output); also the seed of --random-init weights")
     p.add_argument("--stop", action="append", default=[], help="stop a row when its text contains this string (not included); repeatable")
     p.add_argument("--no-bos", action="store_true", help="do not prepend <|endoftext|> to prompts")
@@ -75,8 +111,32 @@ def add_generate_parser(sub: argparse._SubParsersAction, parents: list[argparse.
 SWITCH = {"auto": None, "on": True, "off": False}
 
 
+def finite(text: str) -> float:
+    """argparse type of a float flag: float() takes 'nan' and 'inf', which no setting means."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def bias_item(text: str) -> tuple[int, float]:
+    """argparse type of --logit-bias: ID=BIAS, an integer token id and a finite bias."""
+    token, _, value = text.partition("=")
+    try:
+        return int(token), finite(value)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not ID=BIAS (an integer id, a finite bias), e.g. --logit-bias 50256=-100"
+        ) from None
+
+
 def resolve_model(model: str | None, random_init: str | None = None, seed: int = 0, dtype: str = "fp32", tokenizer: str | None = None, models_dir: str = "models", kv_cache: str = "concat") -> Path:
     """A model folder as given, or the export of `model` / `random_init` in models_dir (made once, reused after)."""
+    if model:
+        atomic_folder.recover(Path(model))  # an `export --force` killed mid-swap left the old folder aside
     if model and (Path(model) / MANIFEST_FILE).is_file():
         return Path(model)
     if random_init:
@@ -87,6 +147,7 @@ def resolve_model(model: str | None, random_init: str | None = None, seed: int =
     else:
         name = model.replace("/", "--")
     folder = Path(models_dir) / f"{name}-{dtype}{'-shared' if kv_cache == 'shared' else ''}"
+    atomic_folder.recover(folder)
     if (folder / MANIFEST_FILE).is_file():
         log.info("using %s (exported earlier)", folder)
         return folder
@@ -97,31 +158,35 @@ def resolve_model(model: str | None, random_init: str | None = None, seed: int =
     return folder
 
 
-def parse_logit_bias(items: list[str]) -> dict[int, float]:
-    bias = {}
-    for item in items:
-        token, sep, value = item.partition("=")
-        try:
-            bias[int(token)] = float(value)
-        except ValueError:
-            raise ValueError(f"--logit-bias {item!r} is not ID=BIAS, e.g. --logit-bias 50256=-100") from None
-    return bias
+GENERATE_COUNTS_AND_NUMBERS = (
+    "max_new_tokens", "max_batch", "seed", "top_k", "temperature", "top_p", "min_p",
+    "repetition_penalty", "presence_penalty", "frequency_penalty",
+)  # fmt: skip
+
+
+def check_generate_flags(args: argparse.Namespace) -> None:
+    """generate's flags through the API's input gate (the rules Engine.generate applies), before
+    any model is loaded or exported, so that a bad one costs nothing; errors name the flag."""
+    try:
+        for name in GENERATE_COUNTS_AND_NUMBERS:
+            setattr(args, name, inputs.check(name, getattr(args, name), "--" + name.replace("_", "-")))
+        args.logit_bias = inputs.logit_bias(dict(args.logit_bias), label="--logit-bias")
+        args.stop = inputs.stop_strings(args.stop, label="--stop")
+    except InputError as e:
+        raise UsageError(f"{e}; see gpt2-onnx generate --help") from None
+    if args.no_bos and not all(args.prompt):
+        raise UsageError("an empty prompt needs the BOS token to generate from; drop --no-bos or pass text")
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from .engine import Engine
-    from .sampling import SamplingConfig
 
+    check_generate_flags(args)
     sampling = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, logit_bias=parse_logit_bias(args.logit_bias), seed=args.seed,
+        frequency_penalty=args.frequency_penalty, logit_bias=args.logit_bias, seed=args.seed,
     )  # fmt: skip
-    SamplingConfig(**sampling)  # bad settings fail before anything is loaded
-    if args.max_new_tokens <= 0:
-        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.no_bos and not all(args.prompt):
-        raise ValueError("an empty prompt needs the BOS token to generate from; drop --no-bos or pass some text")
     folder = resolve_model(args.model, args.random_init, args.seed or 0, args.dtype, args.tokenizer, args.models_dir, args.kv_cache)
     engine = Engine.load(folder, provider=args.provider, max_batch=args.max_batch, static_decode=SWITCH[args.cuda_graphs], device_sampling=SWITCH[args.device_sampling])
     options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, prepend_bos=not args.no_bos, truncate=args.truncate, **sampling)

@@ -8,9 +8,11 @@ min-p -> sample.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
+
+from . import inputs
 
 
 @dataclass(frozen=True)
@@ -26,16 +28,12 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature is not None and not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+        """Every setting through the input gate (InputError names it), kept as a plain Python
+        value: numpy scalars become int/float, logit_bias becomes {int: float}."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            checked = inputs.logit_bias(value) if f.name == "logit_bias" else inputs.check(f.name, value)
+            object.__setattr__(self, f.name, checked)  # frozen: set once, here
 
     @property
     def greedy(self) -> bool:

@@ -6,9 +6,11 @@ walkthroughs do, so the first real token has something to attend to.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers
 from tokenizers.decoders import DecodeStream
 
 from .contract import ModelFolderError
@@ -26,6 +28,7 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise ModelFolderError(f"{path} is not a valid tokenizer.json ({e}); re-export the model folder") from e
         self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
+        self.max_token_bytes, self.cuttable = byte_level_bounds(self._tok)
 
     @property
     def vocab_size(self) -> int:
@@ -41,6 +44,35 @@ class Tokenizer:
     def to_tokens(self, text: str, prepend_bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if prepend_bos else ids
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(to_tokens(text, False)) that costs nothing: every byte of the text
+        lands in one token of at most max_token_bytes bytes. 0 when the tokenizer is not a plain
+        byte-level BPE (a normalizer or pre-tokenizer may drop text)."""
+        return -(-len(text) // self.max_token_bytes) if self.max_token_bytes else 0
+
+    def last_tokens(self, text: str, n: int, max_chars: int) -> list[int] | None:
+        """to_tokens(text, False)[-n:], tokenizing only a tail of a long text.
+
+        GPT-2's pre-tokenizer splits text into words that BPE encodes one by one, and a space, tab
+        or newline right after a non-space always starts a new word; encoding from such a cut gives
+        exactly the tokens the whole text has from there on. A tail of n * max_token_bytes
+        characters after the cut holds at least n tokens. Cuts are looked for in bands of growing
+        size going back from there, within the last max_chars characters; without one (a giant
+        word), or with another kind of tokenizer, a text of up to max_chars characters is encoded
+        whole, and None is returned for a longer one."""
+        need = n * (self.max_token_bytes or 0)
+        if self.cuttable and len(text) > 2 * need:
+            floor = max(0, len(text) - max_chars)
+            lo, hi = max(floor, len(text) - 2 * need), len(text) - need + 1  # a cut at c: c <= len - need
+            while True:
+                cut = CUT.search(text, lo, hi)
+                if cut:
+                    return self.to_tokens(text[cut.start() + 1 :], prepend_bos=False)[-n:]
+                if lo == floor:
+                    break
+                lo, hi = max(floor, 2 * lo - len(text)), lo + 1  # the next band, twice as far back
+        return self.to_tokens(text, prepend_bos=False)[-n:] if len(text) <= max_chars else None
 
     def to_str_tokens(self, text: str | list[int], prepend_bos: bool = True) -> list[str]:
         """One string per token; a token holding part of a multi-byte character shows as U+FFFD."""
@@ -62,6 +94,34 @@ class Tokenizer:
 
     def decode_stream(self) -> "StreamDecoder":
         return StreamDecoder(self._tok)
+
+
+# A cut: a space, tab or newline after a character that is not whitespace. Python's \s (plus
+# U+180E) covers every character that onig's \s (the pre-tokenizer's regex) counts as a space, so
+# the character before is never a space to the pre-tokenizer, and [ \t\n\r] always is one.
+CUT = re.compile(r"[^\s\u180e][ \t\n\r]")
+
+
+def byte_level_bounds(tok: HFTokenizer) -> tuple[int | None, bool]:
+    """(the most bytes of text one token covers, whether texts may be cut at CUT) for a plain
+    byte-level BPE like GPT-2's; (None, False) for any other tokenizer.
+
+    Plain: no normalizer; the ByteLevel pre-tokenizer (each byte one character of its alphabet,
+    none dropped); a BPE holding the whole alphabet, so every byte is in some token and a token
+    of k characters covers k bytes; added tokens that absorb no whitespace around them. Cuts
+    further need GPT-2's split (use_regex, no prefix space) and added tokens without whitespace,
+    so that no cut falls inside one."""
+    byte_level = isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel) and isinstance(tok.model, models.BPE)
+    if tok.normalizer is not None or not byte_level:
+        return None, False
+    vocab = tok.get_vocab(with_added_tokens=False)
+    added = list(tok.get_added_tokens_decoder().values())
+    whole_alphabet = all(ch in vocab for ch in pre_tokenizers.ByteLevel.alphabet())
+    if not whole_alphabet or any(a.lstrip or a.rstrip for a in added):
+        return None, False
+    longest = max([len(t) for t in vocab] + [len(a.content.encode()) for a in added])
+    split = tok.pre_tokenizer.use_regex and not tok.pre_tokenizer.add_prefix_space
+    return longest, split and not any(re.search(r"\s", a.content) for a in added)
 
 
 class StreamDecoder:

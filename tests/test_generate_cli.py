@@ -12,6 +12,17 @@ from gpt2onnx.engine.cli import main
 from test_export_cli import assert_one_line_error, run_cli
 
 
+def run_flags(capsys, *argv) -> tuple[int, str]:
+    """main() in-process: (exit code, stderr). A flag argparse cannot parse ends in SystemExit(2),
+    as argparse's own errors do; a value checked after parsing is a return code."""
+    capsys.readouterr()
+    try:
+        code = main(["--quiet", *map(str, argv)])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
 def test_json_contract(tiny_fp32):
     proc = subprocess.run(
         [sys.executable, "-m", "gpt2onnx.engine.cli", "generate", "--model", str(tiny_fp32), "--prompt", "Hello there", "--prompt", "", "--max-new-tokens", "5", "--json"],
@@ -51,18 +62,18 @@ def test_model_may_be_a_checkpoint_exported_on_first_use(hf_folder, tmp_path, ca
     "extra,message",
     [
         (["--prompt", "", "--no-bos"], "empty prompt"),
-        (["--prompt", "x", "--max-new-tokens", "0"], "must be positive"),
+        (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
         (["--prompt", "x", "--max-new-tokens", "500"], "context"),
         (["--prompt", "word " * 300], "context"),
-        (["--prompt", "x", "--temperature", "-1"], "temperature"),
-        (["--prompt", "x", "--top-p", "0"], "top_p"),
-        (["--prompt", "x", "--top-p", "1.5"], "top_p"),
-        (["--prompt", "x", "--top-k", "-1"], "top_k"),
+        (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
+        (["--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--prompt", "x", "--top-k", "-1"], "--top-k must be >= 0"),
         (["--prompt", "x", "--logit-bias", "abc"], "ID=BIAS"),
     ],
 )
 def test_bad_input_is_one_line(tiny_fp32, capsys, extra, message):
-    code, err = run_cli(capsys, "generate", "--model", tiny_fp32, *extra)
+    code, err = run_flags(capsys, "generate", "--model", tiny_fp32, *extra)
     assert_one_line_error(code, err, message)
 
 
@@ -79,3 +90,63 @@ def test_generate_exports_the_in_place_cache_on_request(hf_folder, tmp_path, cap
     assert main(["generate", "--model", str(hf_folder), "--models-dir", str(tmp_path), "--prompt", "Hi", "--prompt", "Hello there", "--max-new-tokens", "4", "--json"]) == 0
     standard = json.loads(capsys.readouterr().out)["completions"]
     assert [c["token_ids"] for c in shared] == [c["token_ids"] for c in standard]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--max-new-tokens", "abc"], "--max-new-tokens: invalid int value"),
+        (["--top-k", "2.5"], "--top-k: invalid int value"),
+        (["--provider", "gpu"], "--provider: invalid choice"),
+        (["--truncate", "right"], "--truncate: invalid choice"),
+        (["--presence-penalty", "nan"], "--presence-penalty: 'nan' is not a finite number"),
+        (["--frequency-penalty", "inf"], "--frequency-penalty: 'inf' is not a finite number"),
+        (["--temperature=-inf"], "--temperature: '-inf' is not a finite number"),
+        (["--top-p", "NaN"], "--top-p: 'NaN' is not a finite number"),
+        (["--presence-penalty", "3"], "--presence-penalty must be in [-2, 2]"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be in"),
+        (["--temperature", "1e-300"], "--temperature must be >= 0"),
+        (["--logit-bias", "5=nan"], "--logit-bias: '5=nan' is not ID=BIAS"),
+        (["--logit-bias", "1.5=100"], "--logit-bias: '1.5=100' is not ID=BIAS"),
+        (["--logit-bias", "5=1e9"], "--logit-bias[5] must be a finite number"),
+        (["--logit-bias=-1=5"], "--logit-bias key -1 is outside the vocabulary"),
+        (["--seed", "-1"], "--seed must be a non-negative integer"),
+        (["--max-batch", "0"], "--max-batch must be a positive integer"),
+        (["--max-batch", "100000"], "--max-batch must be a positive integer"),
+        (["--stop", ""], "--stop[0] must be a non-empty str"),
+    ],
+)
+def test_a_bad_flag_is_one_line_naming_it_before_any_model_is_touched(tmp_path, capsys, flags, message):
+    """One line, exit 2, the subcommand's --help; the model "M" is never looked up (else the error
+    would be that it does not exist) and nothing is exported into --models-dir."""
+    code, err = run_flags(capsys, "generate", "--model", "M", "--prompt", "x", *flags, "--models-dir", tmp_path)
+    assert code == 2
+    assert_one_line_error(code, err, message, "; see gpt2-onnx generate --help")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv,message,command",
+    [
+        ([], "required: command", "gpt2-onnx"),
+        (["gen"], "invalid choice: 'gen'", "gpt2-onnx"),
+        (["generate", "--model", "M"], "required: --prompt", "gpt2-onnx generate"),
+        (["generate", "--prompt", "x"], "--model --random-init is required", "gpt2-onnx generate"),
+        (["--bogus", "generate", "--model", "M", "--prompt", "x"], "unrecognized arguments", "gpt2-onnx generate"),
+        (["export", "--random-init", "tiny", "--output", "x", "--bogus"], "unrecognized", "gpt2-onnx export"),
+        (["bench", "--model", "M", "--repeats", "many"], "--repeats: invalid int value", "gpt2-onnx bench"),
+    ],
+)
+def test_every_command_reports_flag_errors_in_one_line(capsys, argv, message, command):
+    code, err = run_flags(capsys, *argv)
+    assert_one_line_error(code, err, message, f"; see {command} --help")
+    assert code == 2 and "usage:" not in err
+
+
+def test_help_is_still_the_whole_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and out.startswith("usage: gpt2-onnx generate")
+    assert "--presence-penalty" in out and out.count("\n") > 30
