@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import atomic_folder, inputs
+from .extras import needs_extra
 from .contract import DTYPES, KV_CACHES, MANIFEST_FILE, InputError, UserError
 
 log = logging.getLogger("gpt2onnx")
@@ -151,7 +152,8 @@ def resolve_model(model: str | None, random_init: str | None = None, seed: int =
     if (folder / MANIFEST_FILE).is_file():
         log.info("using %s (exported earlier)", folder)
         return folder
-    from gpt2onnx.export.exporter import ExportConfig, export
+    with needs_extra("export", "exporting a model on first use"):
+        from gpt2onnx.export.exporter import ExportConfig, export
 
     log.info("exporting %s into %s (once)", model or f"random-init {random_init}", folder)
     export(ExportConfig(output=folder, model=model, random_init=random_init, seed=seed, dtype=dtype, tokenizer=Path(tokenizer) if tokenizer else None, kv_cache=kv_cache))

@@ -143,7 +143,8 @@ class Engine:
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
                  max_new_tokens: int = 32, *, stop: str | Sequence[str] = (), prepend_bos: bool = True,
-                 truncate: str | None = None, ignore_eos: bool = False, **sampling) -> Generation:  # fmt: skip
+                 truncate: str | None = None, ignore_eos: bool = False,
+                 **sampling) -> Generation:  # fmt: skip
         """Complete each prompt: a str, a list of token ids, or a list of prompts (all str or all
         id lists). Sampling keywords are SamplingConfig's (greedy by default); ignore_eos=True
         always generates max_new_tokens (benchmarks).
@@ -157,14 +158,15 @@ class Engine:
         rows, timing = [], Timing()
         for _ in self._run(prompt_ids, request, rows, timing, streaming=False):
             pass
-        completions = [
-            Completion(p if isinstance(p, str) else self.tokenizer.to_string(r.prompt_ids), r.prompt_ids, r.token_ids, r.text, r.finish_reason)
-            for p, r in zip(prompts, rows)
-        ]  # fmt: skip
+        completions = []
+        for p, r in zip(prompts, rows):
+            text = p if isinstance(p, str) else self.tokenizer.to_string(r.prompt_ids)
+            completions.append(Completion(text, r.prompt_ids, r.token_ids, r.text, r.finish_reason))
         return Generation(completions, timing.as_dict(), timing)
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 32, *, stop: str | Sequence[str] = (),
-               prepend_bos: bool = True, truncate: str | None = None, **sampling) -> Iterator[str]:  # fmt: skip
+               prepend_bos: bool = True, truncate: str | None = None,
+               **sampling) -> Iterator[str]:  # fmt: skip
         """Yield the completion's text piece by piece; breaking out of the loop stops generation.
         The arguments are checked (InputError) here, before the first piece is asked for."""
         request = self._request("stream", max_new_tokens, stop, prepend_bos, truncate, False, sampling)
@@ -175,18 +177,24 @@ class Engine:
         for _, piece in self._run([ids], request, [], Timing()):
             yield piece
 
-    def _request(self, method: str, max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling: dict) -> Request:
+    def _request(self, method: str, max_new_tokens, stop, prepend_bos, truncate, ignore_eos,
+                 sampling: dict) -> Request:  # fmt: skip
         """One call's settings through the input gate, before any prompt is looked at."""
         inputs.known_keywords(method, sampling, SAMPLING_KEYWORDS)
         cfg = SamplingConfig(**sampling)
         inputs.logit_bias(cfg.logit_bias, self.vocab_size)  # its ids against this model's vocabulary
         n = inputs.check("max_new_tokens", max_new_tokens)
         if n >= self.n_positions:
-            raise InputError(f"max_new_tokens {n} leaves no room for a prompt in the {self.n_positions}-token context; ask for fewer")
-        flags = [inputs.check(name, value) for name, value in (("prepend_bos", prepend_bos), ("truncate", truncate), ("ignore_eos", ignore_eos))]
-        return Request(n, inputs.stop_strings(stop), *flags, cfg)
+            raise InputError(
+                f"max_new_tokens {n} leaves no room for a prompt in the {self.n_positions}-token context; "
+                "ask for fewer"
+            )  # fmt: skip
+        flags = dict(prepend_bos=prepend_bos, truncate=truncate, ignore_eos=ignore_eos)
+        flags = {name: inputs.check(name, value) for name, value in flags.items()}
+        return Request(n, inputs.stop_strings(stop), **flags, sampling=cfg)
 
-    def _run(self, prompt_ids: list[list[int]], request: Request, rows_out: list[Row], timing: Timing, streaming: bool = True) -> Iterator[tuple[int, str]]:
+    def _run(self, prompt_ids: list[list[int]], request: Request, rows_out: list[Row], timing: Timing,
+             streaming: bool = True) -> Iterator[tuple[int, str]]:  # fmt: skip
         cfg, stop, n = request.sampling, request.stop, request.max_new_tokens
         rng = np.random.default_rng(cfg.seed)
         eos = -1 if request.ignore_eos else self.manifest.config.eos_token_id
@@ -195,14 +203,16 @@ class Engine:
                 # Text as tokens come only when someone reads it (a stream) or stop strings need it.
                 text_per_step = streaming or bool(stop)
                 batch = prompt_ids[start : start + self.session.max_batch]
-                rows = [Row(ids, self.tokenizer.decode_stream() if text_per_step else None, stop) for ids in batch]
+                rows = [Row(ids, self.tokenizer.decode_stream() if text_per_step else None, stop)
+                        for ids in batch]  # fmt: skip
                 rows_out.extend(rows)
                 for r, piece in decode_batch(self.session, rows, n, cfg, rng, eos, timing):
                     yield start + r, piece
                 if not text_per_step:
                     t0 = time.perf_counter()
                     for row in rows:
-                        row.text = self.tokenizer.completion_text(row.token_ids[:-1] if row.finish_reason == "eos" else row.token_ids)
+                        ids = row.token_ids[:-1] if row.finish_reason == "eos" else row.token_ids
+                        row.text = self.tokenizer.completion_text(ids)
                     timing.text_s += time.perf_counter() - t0
 
     def _prompt_tokens(self, prompt: str | list[int], request: Request) -> list[int]:
@@ -212,7 +222,10 @@ class Engine:
         left = request.truncate == "left"
         ids = self._text_tokens(prompt, request, room) if isinstance(prompt, str) else prompt
         if not ids:
-            raise InputError("the prompt is empty; pass some text, or keep the BOS token (prepend_bos=True, no --no-bos) to generate from nothing")
+            raise InputError(
+                "the prompt is empty; pass some text, or keep the BOS token (prepend_bos=True, no --no-bos) "
+                "to generate from nothing"
+            )  # fmt: skip
         if len(ids) > room:
             if not left:
                 raise InputError(self._too_long(str(len(ids)), request.max_new_tokens))
@@ -228,8 +241,9 @@ class Engine:
             tail = self.tokenizer.last_tokens(text, room, MAX_WHOLE_PROMPT_CHARS)
             if tail is None:
                 raise InputError(
-                    f"the prompt ({len(text)} characters) has no space or newline after other text in its last part, so "
-                    f"truncate='left' would have to tokenize all of it; pass at most its last {MAX_WHOLE_PROMPT_CHARS} characters"
+                    f"the prompt ({len(text)} characters) has no space or newline after other text in its "
+                    f"last {MAX_WHOLE_PROMPT_CHARS} characters, so truncate='left' would have to tokenize all of "
+                    "it; pass a shorter tail of it"
                 )  # fmt: skip
             return bos + tail
         at_least = self.tokenizer.min_tokens(text) + len(bos)
@@ -239,8 +253,9 @@ class Engine:
 
     def _too_long(self, tokens: str, max_new_tokens: int) -> str:
         return (
-            f"the prompt has {tokens} tokens and {max_new_tokens} new tokens are asked for, past the {self.n_positions}-token "
-            "context; shorten it, lower max_new_tokens or use truncate='left' (--truncate left)"
+            f"the prompt has {tokens} tokens and {max_new_tokens} new tokens are asked for, past the "
+            f"{self.n_positions}-token context; shorten it, lower max_new_tokens or use truncate='left' "
+            "(--truncate left)"
         )  # fmt: skip
 
     @contextmanager
@@ -260,9 +275,10 @@ class Engine:
         rows = inputs.token_rows("tokens", tokens, self.vocab_size, self.session.max_batch)
         batch, seq = len(rows), len(rows[0])
         if seq > self.n_positions:
-            raise InputError(f"tokens has {seq} ids per row, past the {self.n_positions}-token context; pass at most {self.n_positions}")
+            raise InputError(f"tokens has {seq} ids a row, past the {self.n_positions}-token context; pass fewer")
         if batch * seq * self.vocab_size > MAX_LOGITS:
-            raise InputError(f"tokens of {batch} x {seq} ids would return {batch * seq * self.vocab_size * 4 / 2**30:.1f} GiB of logits; pass fewer rows at a time")
+            gib = batch * seq * self.vocab_size * 4 / 2**30
+            raise InputError(f"tokens of {batch} x {seq} ids would return {gib:.1f} GiB of logits; pass fewer rows")
         with self._exclusive():
             return self.session.full_logits(np.array(rows, dtype=np.int64))
 
@@ -272,7 +288,10 @@ class Engine:
         text, prepend_bos = inputs.text("text", text), inputs.check("prepend_bos", prepend_bos)
         at_least = self.tokenizer.min_tokens(text) + int(prepend_bos)
         if at_least > self.n_positions:
-            raise InputError(f"text has at least {at_least} tokens, past the {self.n_positions}-token context; score it in parts")
+            raise InputError(
+                f"text has at least {at_least} tokens, past the {self.n_positions}-token context; "
+                "score it in parts"
+            )  # fmt: skip
         ids = self.tokenizer.to_tokens(text, prepend_bos)
         if len(ids) < 2:
             raise InputError("scoring needs at least two tokens; pass a longer text (or keep the BOS)")
