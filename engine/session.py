@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .device_sampling import build_sampler
-from .contract import ONNX_ELEM_TYPE, STEP_INPUTS, Manifest, ModelFolderError, UserError, past_names, present_names
+from .contract import ONNX_ELEM_TYPE, STEP_INPUTS, InputError, Manifest, ModelFolderError, UserError, past_names, present_names
 from .model_folder import check_graph
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,18 @@ def host_dtypes(kv_cache: str) -> dict[str, type]:
 def positions_from(first: int, batch: int, seq: int) -> np.ndarray:
     """(batch, seq) int64 positions first, first + 1, ... on every row."""
     return np.broadcast_to(np.arange(first, first + seq, dtype=np.int64), (batch, seq)).copy()
+
+
+def available_host_bytes() -> int | None:
+    """Memory the system can give without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 class ProviderError(UserError, RuntimeError):
@@ -164,9 +176,11 @@ class ModelSession:
             raise ValueError(f"batch {batch} x sequence {seq} exceeds the engine's max_batch {self.max_batch} x max_seq {self.max_seq}")
         if batch <= self._cap_batch and seq <= self._cap_seq:
             return
-        self._cap_batch = max(batch, self._cap_batch)
-        self._cap_seq = min(self.max_seq, max(self._cap_seq, -(-seq // SEQ_GRANULE) * SEQ_GRANULE))
-        shape = (self._cap_batch, self.n_head, self._cap_seq, self.head_dim)
+        cap_batch = max(batch, self._cap_batch)
+        cap_seq = min(self.max_seq, max(self._cap_seq, -(-seq // SEQ_GRANULE) * SEQ_GRANULE))
+        shape = (cap_batch, self.n_head, cap_seq, self.head_dim)
+        self._check_room(self.kv_sets * len(self._past) * int(np.prod(shape)) * np.dtype(self.kv_dtype).itemsize, shape)
+        self._cap_batch, self._cap_seq = cap_batch, cap_seq
         log.debug("allocating KV cache for batch %d x seq %d on %s", self._cap_batch, self._cap_seq, self.device)
         self._kv = [[ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0) for _ in self._past] for _ in range(self.kv_sets)]
         self._kv_ptrs = [[v.data_ptr() for v in kv_set] for kv_set in self._kv]
@@ -177,6 +191,17 @@ class ModelSession:
         if self._sampler is not None:
             self._reserve_sampler(self._cap_batch)
         self._bound = {}  # new buffers: every host binding is stale
+
+    def _check_room(self, nbytes: int, shape: tuple) -> None:
+        """Refuse a host cache that cannot fit in the memory the system has free, before allocating
+        it (a large max_batch x max_seq would otherwise be found out by the OOM killer)."""
+        free = available_host_bytes() if self.device == "cpu" else None
+        if free is not None and nbytes > free:
+            raise InputError(
+                f"a KV cache of {shape[0]} rows x {shape[2]} positions needs {nbytes / 2**30:.1f} GiB but only "
+                f"{free / 2**30:.1f} GiB of memory is free; run fewer prompts at once (max_batch, --max-batch) "
+                f"or shorter ones (max_seq, max_new_tokens)"
+            )
 
     def _reserve_sampler(self, cap: int) -> None:
         """The sampling graph's inputs live on the device; host mirrors of full size for update_inplace."""

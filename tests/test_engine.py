@@ -388,3 +388,15 @@ def test_static_decode_steps_keep_their_shapes_and_addresses(tiny_shared):
 def test_static_decode_needs_the_in_place_cache(tiny_fp32):
     with pytest.raises(ValueError, match="--kv-cache shared"):
         Engine.load(tiny_fp32, provider="cpu", static_decode=True)
+
+
+def test_a_cache_larger_than_free_memory_is_refused_before_allocating(tiny_fp32, monkeypatch):
+    from gpt2onnx.engine import session as session_module
+    from gpt2onnx.engine.contract import InputError
+
+    engine = Engine.load(tiny_fp32, provider="cpu", max_batch=4)
+    monkeypatch.setattr(session_module, "available_host_bytes", lambda: 1000)
+    with pytest.raises(InputError, match=r"KV cache of 4 rows x \d+ positions needs .* GiB but only 0.0 GiB"):
+        engine.generate(["a", "b", "c", "d"], max_new_tokens=2)
+    monkeypatch.setattr(session_module, "available_host_bytes", lambda: None)  # unknown: no check
+    assert len(engine.generate(["a", "b", "c", "d"], max_new_tokens=2).completions) == 4
