@@ -1,7 +1,7 @@
 """Shared fixtures: a tokenizer, tiny random GPT-2 checkpoints saved by transformers, and their exports.
 
-The real GPT-2 tokenizer is used when ../shared/gpt2-tokenizer exists; otherwise a small
-byte-level BPE is trained here, so the suite passes on a machine without ../shared.
+The real GPT-2 tokenizer is used: ../shared/gpt2-tokenizer when it exists, otherwise the copy
+that ships inside the package, so the suite passes on a machine without ../shared.
 """
 
 from __future__ import annotations
@@ -27,26 +27,16 @@ def _offline():
     yield
 
 
-def _train_small_tokenizer(folder: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = ["The quick brown fox jumps over the lazy dog. Hello world, héllo wörld 日本語 🙂"] * 50
-    tokenizer.train_from_iterator(text, trainer)
-    tokenizer.add_special_tokens(["<|endoftext|>"])
-    tokenizer.save(str(folder / "tokenizer.json"))
-
-
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
+    """The real GPT-2 tokenizer: ../shared's when present, else the copy shipped in the package
+    (the same file), so a machine without ../shared runs the same tests on the same ids."""
     if (SHARED_TOKENIZER / "tokenizer.json").is_file():
         return SHARED_TOKENIZER
+    from gpt2onnx.export.tokenizer_files import packaged_gpt2_json
+
     folder = tmp_path_factory.mktemp("tokenizer")
-    _train_small_tokenizer(folder)
+    (folder / "tokenizer.json").write_text(packaged_gpt2_json(), encoding="utf-8")
     return folder
 
 

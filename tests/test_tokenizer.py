@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_TOKENIZER
 from gpt2onnx.engine.tokenizer import Tokenizer
 
 REFERENCE_TEXT = "I am an amazing autoregressive, decoder-only, GPT-2 style transformer. One day I will exceed human level intelligence and take over the world!"
@@ -21,9 +20,8 @@ def tokenizer(tokenizer_dir, vocab):
     return Tokenizer(tokenizer_dir / "tokenizer.json", vocab[1], vocab[1])
 
 
-@pytest.mark.skipif(not (SHARED_TOKENIZER / "tokenizer.json").is_file(), reason="needs the real GPT-2 tokenizer at ../shared/gpt2-tokenizer")
-def test_walkthrough_reference_text_tokenizes_to_golden_ids():
-    tok = Tokenizer(SHARED_TOKENIZER / "tokenizer.json", 50256, 50256)
+def test_walkthrough_reference_text_tokenizes_to_golden_ids(tokenizer_dir):
+    tok = Tokenizer(tokenizer_dir / "tokenizer.json", 50256, 50256)
     assert tok.to_tokens(REFERENCE_TEXT) == REFERENCE_TOKENS
     assert tok.to_tokens(REFERENCE_TEXT, prepend_bos=False) == REFERENCE_TOKENS[1:]
     assert tok.to_string(REFERENCE_TOKENS) == "<|endoftext|>" + REFERENCE_TEXT
