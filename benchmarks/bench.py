@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,9 +32,11 @@ ORT_RUNNERS = ("gpt2-onnx", "gpt2-onnx-eager", "ort-plain-loop", "naive-no-cache
 HF_RUNNERS = ("transformers-eager", "optimum")
 ALL_BASELINES = ("transformers-eager", "optimum", "ort-plain-loop", "naive-no-cache")
 EXTRA_BASELINES = ("gpt2-onnx-eager",)  # on request: ours without CUDA graphs and device sampling (GPU runs)
+OURS = ("gpt2-onnx", "gpt2-onnx-eager")  # our engine's runners: if one fails, the benchmark fails
 WORKER = Path(__file__).resolve().parent / "worker.py"
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1 + 4 / 128}  # int8: one fp32 scale per 128 weights
 KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 4}
+SIGNALS = {s.value: s.name for s in signal.Signals}  # a worker's negative exit code -> SIGKILL, SIGSEGV, ...
 
 
 class BenchError(UserError, RuntimeError):
@@ -113,17 +116,31 @@ def standard_twin(manifest: Manifest, model_folder: Path, workdir: Path) -> Path
 
 
 def run_worker(python: str, spec: dict, workdir: Path) -> dict:
-    path = workdir / f"{spec['runner']}.json"
+    """One runner in its own process. Its stderr (progress, a traceback) is passed through as it
+    comes, and its last line kept: a runner that fails comes back as {"runner", "error"} with that
+    line, so the failure says what went wrong and not only that something did."""
+    path, out_path = workdir / f"{spec['runner']}.json", workdir / f"{spec['runner']}.out.json"
     path.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([python, str(WORKER), str(path)], stdout=subprocess.PIPE, stderr=None, text=True, env=env)
-    if proc.returncode != 0:
-        log.warning("%s failed (exit %d); it is left out of the results", spec["runner"], proc.returncode)
-        return {"runner": spec["runner"], "error": f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    last = b""
+    with out_path.open("w") as stdout:
+        proc = subprocess.Popen([python, str(WORKER), str(path)], stdout=stdout, stderr=subprocess.PIPE, env=env)
+        for line in proc.stderr:
+            os.write(2, line)  # to the terminal as it comes, as an inherited stderr would
+            last = line.strip() or last
+        code = proc.wait()
+    last = last.decode(errors="replace")
+    lines = out_path.read_text().strip().splitlines()
+    if code != 0 or not lines:
+        how = f"killed by {SIGNALS.get(-code, f'signal {-code}')}" if code < 0 else f"exit {code}"
+        return {"runner": spec["runner"], "error": f"{how}: {last or 'no error output'}"}
+    return json.loads(lines[-1])
 
 
 def run_bench(cfg: BenchConfig) -> dict:
+    """The whole sweep. A runner that fails does not raise: it is recorded in results["failures"]
+    (and results["ok"] is False when it was ours), so what ran can still be written; the caller
+    turns failure_line(results) into the error. If gpt2-onnx itself fails, no baseline runs."""
     manifest = read_manifest(cfg.model_folder)
     c = manifest.config
     gen = np.random.default_rng(cfg.seed)
@@ -138,6 +155,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         "model": {"folder": str(cfg.model_folder), "checkpoint": manifest.source.checkpoint, "random_init": manifest.source.random_init, "seed": manifest.source.seed, "dtype": manifest.dtype, "kv_cache": manifest.kv_cache, "optimized": manifest.optimized, "n_params": c.n_params, "n_layer": c.n_layer, "n_embd": c.n_embd},
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}, "configs": cfg.configs, "decoding": "greedy, EOS ignored: every runner generates exactly new_tokens"},
         "runners": {},
+        "ok": True,  # False when one of OURS failed: the benchmark failed
+        "failures": [],  # {"runner", "reason", "ours"} for every runner that failed
     }
     log.info("measuring memory bandwidth")
     device_for_bw = "cuda" if results["machine"]["gpu"] and cfg.provider != "cpu" else "cpu"
@@ -164,16 +183,38 @@ def run_bench(cfg: BenchConfig) -> dict:
             log.info("running %s over %d configurations", runner, len(configs))
             folder = cfg.model_folder.resolve() if runner.startswith("gpt2-onnx") else onnx_baseline_folder
             spec = {"runner": runner, "model_folder": str(folder), "hf_folder": str(hf_folder), "provider": cfg.provider, "dtype": manifest.dtype, "max_batch": max(cfg.batches), "configs": configs, "prompts": prompts.tolist(), "warmup": cfg.warmup, "repeats": cfg.repeats}
-            results["runners"][runner] = run_worker(python, spec, workdir)
-    if "error" in results["runners"]["gpt2-onnx"]:
-        raise BenchError("the gpt2-onnx run itself failed (its output is above); nothing to compare the baselines with")
+            results["runners"][runner] = data = run_worker(python, spec, workdir)
+            if "error" in data:
+                record_failure(results, runner, data["error"])
+                if runner == "gpt2-onnx":
+                    break  # nothing to compare the baselines with
     return add_summaries(results, manifest)
 
 
+def record_failure(results: dict, runner: str, reason: str) -> None:
+    """A failed runner is recorded in the results, never only logged: ours fails the benchmark
+    (see failure_line), a baseline stays a row left out, with its reason."""
+    ours = runner in OURS
+    results["failures"].append({"runner": runner, "reason": reason, "ours": ours})
+    results["ok"] = results["ok"] and not ours
+    log.warning("%s failed%s: %s", runner, "" if ours else " and is left out of the results", reason)
+
+
+def failure_line(results: dict) -> str | None:
+    """The one-line error for a benchmark whose own engine failed; None when ours ran."""
+    mine = [f for f in results["failures"] if f["ours"]]
+    if not mine:
+        return None
+    after = "; the baselines did not run" if mine[0]["runner"] == "gpt2-onnx" else ""
+    return "; ".join(f"{f['runner']} failed: {f['reason']}" for f in mine) + after
+
+
 def add_summaries(results: dict, manifest: Manifest) -> dict:
-    """Medians, ratios to ours, token agreement and the fraction of the bandwidth floor."""
+    """Medians, ratios to ours, token agreement and the fraction of the bandwidth floor.
+    Without results of ours (it failed), only the medians."""
     c = manifest.config
-    ours = {(r["batch"], r["prompt_len"], r["new_tokens"]): r for r in results["runners"]["gpt2-onnx"]["results"]}
+    ours_results = results["runners"]["gpt2-onnx"].get("results", [])
+    ours = {(r["batch"], r["prompt_len"], r["new_tokens"]): r for r in ours_results}
     bw = results["machine"]["read_bandwidth_gbs"] * 1e9
     w_bytes, kv_bytes = WEIGHT_BYTES[manifest.dtype], KV_BYTES[manifest.dtype]
     for data in results["runners"].values():
@@ -183,14 +224,17 @@ def add_summaries(results: dict, manifest: Manifest) -> dict:
                 values = [run[metric] for run in r["runs"] if run[metric] is not None]
                 if values:
                     r[metric] = summarize(values)
-            mine = ours[key]
-            r["decode_vs_ours"] = r["decode_ms_per_token"]["median"] / mine["decode_ms_per_token"]["median"]
-            r["tokens_per_s_ours_over_this"] = mine["tokens_per_s"]["median"] / r["tokens_per_s"]["median"]
-            r["same_tokens_as_ours"] = r["tokens"] == mine["tokens"]
-            r["token_agreement"] = float(np.mean(np.asarray(r["tokens"]) == np.asarray(mine["tokens"])))  # int8 drifts from fp32
             context = r["prompt_len"] + r["new_tokens"] / 2
             step_bytes = c.n_params * w_bytes + 2 * c.n_layer * r["batch"] * context * c.n_embd * kv_bytes
             r["bytes_per_step"] = step_bytes
             r["bandwidth_floor_ms"] = 1e3 * step_bytes / bw
             r["fraction_of_floor"] = r["bandwidth_floor_ms"] / r["decode_ms_per_token"]["median"]
+            if key not in ours:
+                continue
+            mine = ours[key]
+            r["decode_vs_ours"] = r["decode_ms_per_token"]["median"] / mine["decode_ms_per_token"]["median"]
+            r["tokens_per_s_ours_over_this"] = mine["tokens_per_s"]["median"] / r["tokens_per_s"]["median"]
+            r["same_tokens_as_ours"] = r["tokens"] == mine["tokens"]
+            same = np.asarray(r["tokens"]) == np.asarray(mine["tokens"])
+            r["token_agreement"] = float(np.mean(same))  # int8 drifts from fp32
     return results

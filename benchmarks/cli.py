@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from gpt2onnx.engine.cli import resolve_model
 
     from . import report
-    from .bench import ALL_BASELINES, EXTRA_BASELINES, QUICK, BenchConfig, run_bench
+    from .bench import ALL_BASELINES, EXTRA_BASELINES, QUICK, BenchConfig, BenchError, failure_line, run_bench
 
     baselines = tuple(b for b in args.baselines.split(",") if b)
     unknown = set(baselines) - set(ALL_BASELINES) - set(EXTRA_BASELINES)
@@ -78,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         cfg = replace(cfg, **QUICK)
     results = run_bench(cfg)
-    for path in report.write(results, args.out):
+    for path in report.write(results, args.out):  # also when ours failed: what ran, and why it failed
         log.info("wrote %s", path)
     print(report.markdown(results))
+    failed = failure_line(results)
+    if failed:  # our engine failed: the benchmark failed, however many baselines ran
+        raise BenchError(f"{failed} (results so far in {args.out})")
     return 0

@@ -59,7 +59,8 @@ def optimum(hf_folder: str, provider: str):
     def run(prompts: np.ndarray, new_tokens: int) -> Run:
         return _timed_generate(model, prompts, new_tokens)
 
-    return run, "cuda" if provider == "cuda" else "cpu"
+    # What its session really runs on: the worker fails a --provider cuda run that fell back to the CPU.
+    return run, "cuda" if model.providers[0] == "CUDAExecutionProvider" else "cpu"
 
 
 RUNNERS = {"transformers-eager": transformers_eager, "optimum": optimum}

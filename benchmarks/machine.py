@@ -65,34 +65,53 @@ def peak_rss_mb() -> float:
 
 
 BANDWIDTH_MIB = {"cpu": 512, "cuda": 2048}  # weights streamed by the probe: larger than any cache
+PROBE_K = 1024  # rows of the probe's weight: (1 x K) @ (K x N)
 
 
-def bandwidth_method(device: str, repeats: int = 10) -> str:
+def probe_shape(mib: int) -> tuple[int, int]:
+    """(K, N) of a float32 weight of `mib` MiB."""
+    return PROBE_K, mib * 2**20 // 4 // PROBE_K
+
+
+def probe_model(k: int, n: int):
+    """y = x @ w with the weight w a graph input, not an initializer: the serialized graph is a few
+    hundred bytes whatever the weight's size. (A 2 GiB initializer is over protobuf's 2 GB limit:
+    the in-memory model cannot even be serialized, so the GPU benchmark died before any runner.)"""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "bandwidth",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in (("x", [1, k]), ("w", [k, n]))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def bandwidth_method(device: str, repeats: int = 10, mib: int | None = None) -> str:
     """How read_bandwidth_gbs measured, for the results file."""
-    return f"onnxruntime MatMul (1x1024)@(1024xN) over {BANDWIDTH_MIB[device]} MiB of fp32 weights on {device}, all threads, median of {repeats}"
+    mib = mib or BANDWIDTH_MIB[device]
+    return (f"onnxruntime MatMul (1x{PROBE_K})@({PROBE_K}xN) streaming {mib} MiB of fp32 weights per run, "
+            f"bound as an input already on {device} (IO binding), all threads, median of {repeats}")
 
 
-def read_bandwidth_gbs(device: str = "cpu", repeats: int = 10) -> float:
+def read_bandwidth_gbs(device: str = "cpu", repeats: int = 10, mib: int | None = None) -> float:
     """Weight-streaming read bandwidth through onnxruntime itself: a (1 x 1024) @ (1024 x N) MatMul
-    over BANDWIDTH_MIB[device] of float32 weights, all threads. A memory-bound decode step cannot
-    read its weights faster than this, so it is the floor the benchmarks compare against. The
-    weights are larger than any cache (with 128 MiB this CPU's caches inflate the figure by half).
-    On a GPU, input and output stay on the device (IO binding), so no host copy is timed."""
+    over `mib` (default BANDWIDTH_MIB[device]) of float32 weights, all threads. A memory-bound decode
+    step cannot read its weights faster than this, so it is the floor the benchmarks compare against.
+    The weights are larger than any cache (with 128 MiB this CPU's caches inflate the figure by half).
+    The weight, input and output live on the device, bound with IO binding, so no host copy is
+    timed and the model itself holds no weights (see probe_model)."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
     from gpt2onnx.engine.session import create_session
 
-    k, n = 1024, BANDWIDTH_MIB[device] * 2**20 // 4 // 1024
-    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n), dtype=np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "bandwidth",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [weight],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    session, device, _ = create_session(model.SerializeToString(), device, None)
+    k, n = probe_shape(mib or BANDWIDTH_MIB[device])
+    session, device, _ = create_session(probe_model(k, n).SerializeToString(), device, None)
+    host_weight = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)  # random: nothing to compress
+    weight = ort.OrtValue.ortvalue_from_numpy(host_weight, device, 0)  # on the CPU it shares host_weight's memory
     io = session.io_binding()
     io.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(np.ones((1, k), dtype=np.float32), device, 0))
+    io.bind_ortvalue_input("w", weight)
     io.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_shape_and_type((1, n), np.float32, device, 0))
     session.run_with_iobinding(io)  # run_with_iobinding waits for the device before returning
     times = []

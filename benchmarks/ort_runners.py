@@ -15,22 +15,36 @@ from gpt2onnx.engine.session import KV_DTYPES, create_session
 from .measure import Run, StepClock
 
 
-def ours(folder: Path, provider: str, max_batch: int, fast_gpu_path: bool | None = None):
-    """The engine as users get it; fast_gpu_path=False turns off CUDA graphs and device sampling
-    (the "gpt2-onnx-eager" baseline: what those two are worth on a GPU)."""
-    engine = Engine.load(folder, provider=provider, max_batch=max_batch, static_decode=fast_gpu_path, device_sampling=fast_gpu_path)
+class EngineRunner:
+    """The engine as users get it, as a runner; graph_state() says after the timed runs whether CUDA
+    graphs really ran (a capture that failed at run time turns them off, with a reason)."""
 
-    def run(prompts: np.ndarray, new_tokens: int) -> Run:
-        result = engine.generate([row.tolist() for row in prompts], max_new_tokens=new_tokens, ignore_eos=True)
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def __call__(self, prompts: np.ndarray, new_tokens: int) -> Run:
+        rows = [row.tolist() for row in prompts]
+        result = self.engine.generate(rows, max_new_tokens=new_tokens, ignore_eos=True)
         t = result.details  # its clocks cover the decode loop; t.text_s (ids -> text after it) is left out, as no baseline makes text
         return Run(t.first_token_s, list(t.step_s), [c.token_ids for c in result.completions], t.python_overhead_ms())
 
-    return run, engine.provider
+    def graph_state(self) -> dict:
+        session = self.engine.session  # getattr: graph_fallback is newer than cuda_graph
+        return {name: getattr(session, name, None) for name in ("cuda_graph", "graph_fallback")}
+
+
+def ours(folder: Path, provider: str, max_batch: int, fast_gpu_path: bool | None = None):
+    """The engine as users get it; fast_gpu_path=False turns off CUDA graphs and device sampling
+    (the "gpt2-onnx-eager" baseline: what those two are worth on a GPU)."""
+    engine = Engine.load(folder, provider=provider, max_batch=max_batch,
+                         static_decode=fast_gpu_path, device_sampling=fast_gpu_path)  # fmt: skip
+    return EngineRunner(engine), engine.provider
 
 
 def _plain(folder: Path, provider: str):
     manifest = read_manifest(folder)
-    session, device, _ = create_session(folder / manifest.model_file, provider, None)
+    session, _, _ = create_session(folder / manifest.model_file, provider, None)
+    device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"  # where it really runs
     c = manifest.config
     kv_dtype = KV_DTYPES[manifest.dtype]
     empty = lambda B: {name: np.zeros((B, c.n_head, 0, c.head_dim), kv_dtype) for name in past_names(c.n_layer)}  # noqa: E731

@@ -15,7 +15,9 @@ def markdown(results: dict) -> str:
     m, model = results["machine"], results["model"]
     graph = ("in-place KV cache" if model.get("kv_cache") == "shared" else "standard graph") + (", fused" if model.get("optimized") else "")
     label = f"{model['checkpoint']} ({model['dtype']}, {graph}, {model['n_params'] / 1e6:.0f}M params{', RANDOM weights, seed ' + str(model['seed']) if model['random_init'] else ''})"
-    lines = [
+    failed = [f for f in results.get("failures", []) if f["ours"]]
+    lines = [f"**FAILED: {f['runner']} (our engine) failed: {cell(f['reason'])}**  " for f in failed]
+    lines += [
         f"Model: {label}  ",
         f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}; onnxruntime-gpu {m['versions'].get('onnxruntime-gpu', '?')}, torch {m['versions'].get('torch', '?')}, transformers {m['versions'].get('transformers', '?')}  ",
         f"Read bandwidth: {m['read_bandwidth_gbs']:.1f} GB/s ({m['bandwidth_method']})  ",
@@ -27,16 +29,18 @@ def markdown(results: dict) -> str:
     ]
     for name, data in results["runners"].items():
         if "skipped" in data or "error" in data:
-            lines.append(f"| {name} | | | | | | | | | {data.get('skipped') or data.get('error')} |")
-            continue
-        for r in data["results"]:
-            lines.append(
-                f"| {name} | {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | {r['ttft_ms']['median']:.1f} | {r['decode_ms_per_token']['median']:.2f} "
-                f"| {r['tokens_per_s']['median']:.1f} | {r['decode_vs_ours']:.2f}× | {100 * r['token_agreement']:.0f}% | {data['peak_rss_mb']:.0f} |"
-            )
-    ours = results["runners"]["gpt2-onnx"]["results"]
+            left_out = "" if name in {f["runner"] for f in failed} else ", left out"
+            note = f"skipped: {data['skipped']}" if "skipped" in data else f"FAILED{left_out}: {data['error']}"
+            lines.append(f"| {name} | | | | | | | | | {cell(note)} |")
+        lines += [table_row(name, r, data["peak_rss_mb"]) for r in data.get("results", [])]
     lines.append("")
-    for r in ours:
+    for name, data in results["runners"].items():
+        if "cuda_graph" in data:
+            state = "on" if data["cuda_graph"] else "off" if data["cuda_graph"] is False else "unknown"
+            fallback = data.get("graph_fallback")
+            why = f" (fell back: {fallback})" if fallback else ""
+            lines.append(f"{name}: CUDA graphs {state} after the timed runs{why}.  ")
+    for r in results["runners"]["gpt2-onnx"].get("results", []):
         overhead = r.get("python_overhead_ms", {}).get("median")
         lines.append(
             f"gpt2-onnx batch {r['batch']}, prompt {r['prompt_len']}: Python overhead per decode step (outside session.run) "
@@ -44,6 +48,23 @@ def markdown(results: dict) -> str:
             f"so decode runs at {100 * r['fraction_of_floor']:.0f}% of the floor."
         )
     return "\n".join(lines) + "\n"
+
+
+def table_row(name: str, r: dict, peak_rss_mb: float) -> str:
+    """One configuration of one runner; the comparisons with ours are "–" when ours has no result."""
+    vs, agree = r.get("decode_vs_ours"), r.get("token_agreement")
+    cells = [
+        name, r["batch"], r["prompt_len"], r["new_tokens"], f"{r['ttft_ms']['median']:.1f}",
+        f"{r['decode_ms_per_token']['median']:.2f}", f"{r['tokens_per_s']['median']:.1f}",
+        "–" if vs is None else f"{vs:.2f}×", "–" if agree is None else f"{100 * agree:.0f}%",
+        f"{peak_rss_mb:.0f}",
+    ]  # fmt: skip
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def cell(text: str) -> str:
+    """Text safe inside a Markdown table cell: one line, no column separators."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def plots(results: dict, out: Path) -> list[Path]:
@@ -55,6 +76,9 @@ def plots(results: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     runners = {n: d for n, d in results["runners"].items() if "results" in d}
+    if "gpt2-onnx" not in runners:
+        log.warning("plots skipped: gpt2-onnx has no results")
+        return []
     prompts = sorted({r["prompt_len"] for r in runners["gpt2-onnx"]["results"]})
     batches = sorted({r["batch"] for r in runners["gpt2-onnx"]["results"]})
     fig, ax = plt.subplots(figsize=(6.5, 4.2))

@@ -2,6 +2,10 @@
 
     python worker.py SPEC.json   ->  one JSON object on stdout, progress on stderr
 
+A runner that fails exits 1 with its traceback and, as the last line of stderr, the error in
+one line: the orchestrator records that line. With --provider cuda, a runner whose session
+fell back to the CPU fails: its figures would be CPU figures under a GPU label.
+
 Runs as a plain script (not `-m`), so the Hugging Face baselines can run under another
 environment's Python that does not have gpt2onnx installed.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -33,16 +38,30 @@ def make_runner(spec: dict):
     return RUNNERS[name](Path(spec["model_folder"]), spec["provider"])
 
 
+class FellBackError(RuntimeError):
+    pass
+
+
+def check_device(spec: dict, device: str) -> None:
+    """Raises FellBackError when the GPU was asked for and the runner's session runs on the CPU."""
+    if spec["provider"] == "cuda" and device != "cuda":
+        raise FellBackError(f"--provider cuda was asked for but {spec['runner']} runs on {device}: "
+                            "its session fell back to the CPU")  # fmt: skip
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     t0 = time.perf_counter()
     runner, device = make_runner(spec)
     load_s = time.perf_counter() - t0
+    check_device(spec, device)
     results = []
     for batch, prompt_len, new_tokens in spec["configs"]:
         prompts = np.asarray(spec["prompts"], dtype=np.int64)[:batch, :prompt_len]
         results.append(measure(runner, prompts, new_tokens, spec["warmup"], spec["repeats"], spec["runner"]))
     out = {"runner": spec["runner"], "device": device, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "results": to_json(results)}
+    if hasattr(runner, "graph_state"):  # ours: whether CUDA graphs really ran, read after the timed runs
+        out.update(runner.graph_state())
     if device == "cuda":
         import subprocess
 
@@ -51,5 +70,16 @@ def main() -> None:
     print(json.dumps(out))
 
 
+def run() -> None:
+    """main(), and on an error its traceback, then the error in one line, last: exit 1."""
+    try:
+        main()
+    except Exception as e:  # reported, not swallowed: the orchestrator keeps the last line
+        traceback.print_exc()
+        message = str(e).strip().splitlines()[0][:300] if str(e).strip() else "(no message)"
+        print(f"{type(e).__name__}: {message}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    run()

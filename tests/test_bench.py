@@ -16,7 +16,9 @@ def test_bench_runs_side_by_side_on_the_same_weights(tiny_fp32, tmp_path):
     cfg = BenchConfig(model_folder=tiny_fp32, out=tmp_path, provider="cpu", batches=(1, 2), prompt_lens=(5,), new_tokens=(6,), warmup=1, repeats=2, baselines=("transformers-eager", "ort-plain-loop", "naive-no-cache", "optimum"), optimum_python="/nonexistent/python")
     results = run_bench(cfg)
     runners = results["runners"]
+    assert results["ok"] and results["failures"] == [], "a skipped baseline is not a failure"
     assert "skipped" in runners["optimum"] and "not installed" in runners["optimum"]["skipped"]
+    assert runners["gpt2-onnx"]["cuda_graph"] is False, "ours records whether CUDA graphs ran (not on the CPU)"
     for name in ("gpt2-onnx", "transformers-eager", "ort-plain-loop", "naive-no-cache"):
         for r in runners[name]["results"]:
             assert len(r["runs"]) == 2, "warm-up must be excluded, repeats kept"
@@ -33,6 +35,7 @@ def test_bench_runs_side_by_side_on_the_same_weights(tiny_fp32, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["machine"]["read_bandwidth_gbs"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "transformers-eager" in table and "Python overhead per decode step" in table
+    assert "gpt2-onnx: CUDA graphs off after the timed runs" in table
 
 
 def test_bench_unknown_baseline_is_one_line(tiny_fp32, capsys):
