@@ -20,14 +20,15 @@ row's last position when the host samples; only the ids when the fast graph's ow
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from . import cuda_libs
 from .device_sampling import build_sampler
 from .contract import ONNX_ELEM_TYPE, STEP_INPUTS, InputError, Manifest, ModelFolderError, UserError, past_names, present_names
 from .model_folder import check_graph
@@ -65,7 +66,7 @@ class ProviderError(UserError, RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SessionConfig:
     provider: str = "auto"  # "auto" | "cuda" | "cpu"
     max_batch: int = 8
@@ -101,7 +102,7 @@ def create_session(model: Path | bytes, provider: str, threads: int | None, cuda
     """The one place that picks a provider and checks what onnxruntime actually gave us.
     `model` is a model file, or a serialized model (the sampling graph). cuda_graph asks the
     CUDA provider to capture runs as CUDA graphs. Returns (session, "cuda" | "cpu", whether
-    graphs are on)."""
+    graphs are on). Raises ProviderError when provider="cuda" cannot be honoured."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # onnxruntime's own warnings (shape ops placed on the CPU, ...) only with --debug; what matters is checked below.
@@ -112,10 +113,10 @@ def create_session(model: Path | bytes, provider: str, threads: int | None, cuda
     if provider == "cuda" and cuda_device_count() == 0:
         raise ProviderError("--provider cuda was requested but no NVIDIA GPU is visible to the driver; use --provider cpu (or auto)")
     providers = ["CPUExecutionProvider"]
-    if want_cuda:
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()  # cuBLAS / cuDNN from the torch or nvidia-* wheels, when present
+    if want_cuda and load_cuda_libraries(provider):
         providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if cuda_graph else {}), "CPUExecutionProvider"]
+    else:
+        want_cuda = False
     source = model if isinstance(model, bytes) else str(model)
     try:
         try:
@@ -130,11 +131,30 @@ def create_session(model: Path | bytes, provider: str, threads: int | None, cuda
         raise ModelFolderError(f"{model if isinstance(model, Path) else 'an in-memory graph'} could not be loaded by onnxruntime ({str(e).splitlines()[0][:200]}); re-export the model folder") from e
     got = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
     if want_cuda and got != "cuda":
+        why = "the CUDA libraries were found; --debug shows onnxruntime's own error"
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            why = f"onnxruntime {ort.__version__} here has no CUDA provider: install onnxruntime-gpu"
         if provider == "cuda":
-            raise ProviderError("the CUDA execution provider failed to start (missing CUDA 13 / cuDNN 9 libraries?); use --provider cpu")
-        log.warning("a GPU is present but the CUDA execution provider failed to start; running on the CPU")
+            raise ProviderError(f"the CUDA execution provider failed to start ({why}); use --provider cpu")
+        log.warning("a GPU is present but the CUDA execution provider failed to start (%s); running on the CPU", why)
     log.info("running on %s (%s)%s", got.upper(), session.get_providers()[0], " with CUDA graphs" if cuda_graph and got == "cuda" else "")
     return session, got, cuda_graph and got == "cuda"
+
+
+def load_cuda_libraries(provider: str) -> bool:
+    """Load the CUDA and cuDNN libraries from wherever the nvidia packages are (cuda_libs.py), before
+    the CUDA provider looks for them. False, with a warning, when one is missing and provider is
+    "auto" (the caller then runs on the CPU); ProviderError naming it when provider is "cuda"."""
+    missing = cuda_libs.preload(cuda_libs.cuda_major(getattr(ort, "cuda_version", None)))
+    if not missing:
+        return True
+    what = cuda_libs.describe(missing)
+    fix = "install torch's CUDA packages (nvidia-cublas, nvidia-cuda-runtime, nvidia-curand, nvidia-cudnn-cu13)"
+    if provider == "cuda":
+        raise ProviderError(f"the CUDA execution provider cannot start: {what}; {fix} or use --provider cpu")
+    log.warning("a GPU is present but the CUDA execution provider cannot start (%s); running on the CPU: %s",
+                what, fix)  # fmt: skip
+    return False
 
 
 class ModelSession:
@@ -153,8 +173,9 @@ class ModelSession:
         outs = self.session.get_outputs()
         check_graph(self.session.get_inputs(), outs, manifest, folder / manifest.model_file)
         self.has_argmax = any(o.name == "next_token" for o in outs)  # the graph has its own greedy argmax
+        self.graph_fallback: str | None = None  # why CUDA graphs were turned off after they were asked for
         self.device_sampling = self.device == "cuda" if config.device_sampling is None else config.device_sampling
-        self._sampler = None
+        self._sampler, self.sampler_graph = None, False
         if self.device_sampling:  # same provider as the model, so it reads the logits where they are
             self._sampler, _, self.sampler_graph = create_session(build_sampler(self.vocab_size).SerializeToString(), self.device, config.threads, self.captures)
             self._sampler_io = self._sampler.io_binding()
@@ -397,15 +418,33 @@ class SharedCacheSession(ModelSession):
 
 def open_session(folder: Path, manifest: Manifest, config: SessionConfig) -> ModelSession:
     """The session class for the folder's cache layout; on the GPU, the in-place cache's decode
-    steps are static and captured as CUDA graphs (static_session.py) unless static_decode=False."""
+    steps are static and captured as CUDA graphs (static_session.py) unless static_decode=False.
+    Raises ProviderError for provider="cuda" with an in-place cache the GPU cannot run (see below)."""
     from .static_session import StaticCacheSession
 
     on_gpu = config.provider == "cuda" or (config.provider == "auto" and cuda_device_count() > 0)
-    static = on_gpu if config.static_decode is None else config.static_decode
     if manifest.kv_cache != "shared":
         if config.static_decode:
             raise ValueError("static decode (CUDA graphs) needs the in-place cache: export with --kv-cache shared")
         return ConcatCacheSession(folder, manifest, config)
-    if on_gpu and manifest.dtype != "fp16":
-        log.warning("onnxruntime's GroupQueryAttention runs on the GPU in fp16 only; this %s model moves its cache to the CPU every step: export it with --dtype fp16", manifest.dtype)
+    if on_gpu and manifest.dtype not in GQA_CUDA_DTYPES:
+        config = cpu_for_gqa(manifest.dtype, config)
+        on_gpu = False
+    static = on_gpu if config.static_decode is None else config.static_decode
     return (StaticCacheSession if static else SharedCacheSession)(folder, manifest, config)
+
+
+GQA_CUDA_DTYPES = ("fp16",)  # onnxruntime's GroupQueryAttention has CUDA kernels for fp16 (and bf16) only
+
+
+def cpu_for_gqa(dtype: str, config: SessionConfig) -> SessionConfig:
+    """An in-place-cache model in another dtype would run its attention on the CPU with the cache
+    copied between devices at every step, and could never be captured as a CUDA graph: refused when
+    the GPU was asked for by name, run on the CPU provider otherwise."""
+    why = (f"onnxruntime's GroupQueryAttention runs on CUDA in fp16 only, so this {dtype} model's in-place cache "
+           "cannot use the GPU")  # fmt: skip
+    fix = "export it with --dtype fp16 --kv-cache shared for the GPU"
+    if config.provider == "cuda":
+        raise ProviderError(f"{why}: {fix}, or use --provider cpu")
+    log.warning("running on the CPU: %s (%s)", why, fix)
+    return dataclasses.replace(config, provider="cpu")

@@ -14,6 +14,14 @@ step touches keeps its shape and its address from step to step and from call to 
   seqlens_k, on the device. onnxruntime's checks allow this for a cache shared in place.
 - onnxruntime runs a step up to three times while capturing it: a step is idempotent (it writes
   the new token's K/V at the slot its inputs name), and so is the sampling graph.
+- a capture can fail where a plain run works (an operator that synchronizes or allocates inside
+  the graph). The first run of a bucket's graph is where it happens, so a failure there turns
+  graphs off for the session (gpu_graph_id -1 for every bucket), is logged once, is recorded in
+  `cuda_graph` / `sampler_graph` and `graph_fallback`, and the same step runs again without a
+  graph. Idempotence makes that safe: onnxruntime ends the failed capture before raising, the
+  step's inputs are still in their buffers and the per-row state (seqlens, positions) only
+  advances after the step has returned, so the retry recomputes exactly that step. A failure of
+  a graph that has already run is not a capture problem and is raised as is.
 
 Prefill has a new shape every call and runs without a graph. On the CPU provider the same code
 runs without capture, so the tests exercise every part of it but the capture itself.
@@ -26,6 +34,7 @@ import time
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import EPFail, Fail, RuntimeException
 
 from . import contract
 from .session import SharedCacheSession
@@ -39,6 +48,7 @@ OUTPUT_DTYPES = {"logits": np.float32, "next_token": np.int64}
 STEP_INPUTS = {name: (np.dtype(t).type, (1,) * (len(dims) - 1)) for name, (t, dims) in contract.STEP_INPUTS["shared"].items() if dims}
 SAMPLER_INPUTS = {"params": (np.float32, (4,)), "uniform": (np.float64, ())}
 UPDATED_PER_STEP = ("input_ids", "position_ids", "seqlens_k")
+RUN_ERRORS = (Fail, EPFail, RuntimeException, RuntimeError)  # what onnxruntime raises for a run that failed
 
 
 def run_options(graph_id: int) -> ort.RunOptions:
@@ -76,8 +86,15 @@ class StaticCacheSession(SharedCacheSession):
         self.reserve(cap, self.max_seq)  # once: captured graphs hold these addresses
         self._bufs = {b: Bucket(b, self.vocab_size, self.device) for b in self.buckets}
         self._total_decode = np.array(self._cap_seq, dtype=np.int32)  # a host input: constant during decode
-        self._graph = {b: run_options(i + 1) for i, b in enumerate(self.buckets)}
         self._eager = run_options(-1)
+        graphs = {b: run_options(i + 1) for i, b in enumerate(self.buckets)}
+        self._graph = {"model": graphs, "sampler": dict(graphs)}  # run options per session and bucket
+        self._graph_ran: dict[str, set[int]] = {"model": set(), "sampler": set()}  # buckets whose graph has run
+        if self.device == "cuda":  # asked for graphs on both sessions; create_session says which it got
+            got = (("decode", self.cuda_graph), ("sampling", self.sampler_graph or self._sampler is None))
+            if refused := [name for name, on in got if not on]:
+                refused_graphs = " and ".join(refused)
+                self.graph_fallback = f"onnxruntime refused to capture the {refused_graphs} graph at session creation"
         log.info("static decode: cache for %d x %d positions, batch buckets %s, CUDA graphs %s", cap, self._cap_seq, self.buckets, "on" if self.cuda_graph else "off")
 
     def _reserve_sampler(self, cap: int) -> None:
@@ -137,16 +154,16 @@ class StaticCacheSession(SharedCacheSession):
             io.bind_input(past, self.device, 0, self.kv_dtype, cache, ptr)
             io.bind_output(present, self.device, 0, self.kv_dtype, cache, ptr)
         self._bound = {}  # the host bindings of prefill are gone
-        self._options, self._decode_bound = self._graph[buf.batch], True
+        self._options, self._decode_bound = self._graph["model"][buf.batch], True
 
     def _run(self, uniform: np.ndarray | None) -> np.ndarray:
         B, buf = self.batch, self._buf
         t0 = time.perf_counter()
-        self.session.run_with_iobinding(self._io, self._options)
+        self._run_graph("model", self.session, self._io, self._options)
         if self.pick == "sampler":
             buf.host["uniform"][:B] = 0.0 if uniform is None else uniform
             buf.upload("uniform")
-            self._sampler.run_with_iobinding(self._sampler_io, self._graph[buf.batch])
+            self._run_graph("sampler", self._sampler, self._sampler_io, self._graph["sampler"][buf.batch])
             out = buf.dev["token"].numpy()[:B]
         elif self.pick == "argmax":
             out = buf.dev["next_token"].numpy()[:B, 0]
@@ -154,6 +171,37 @@ class StaticCacheSession(SharedCacheSession):
             out = buf.dev["logits"].numpy()[:B, 0]
         self.run_s += time.perf_counter() - t0
         return out
+
+    def _run_graph(self, which: str, session: ort.InferenceSession, io: ort.IOBinding, options: ort.RunOptions):
+        """One run of the model or the sampling graph; when the bucket's graph fails at its first
+        run (its capture), graphs go off and the step runs again without one (module docstring)."""
+        captures = self.cuda_graph if which == "model" else self.sampler_graph
+        if options is self._eager or not captures:
+            session.run_with_iobinding(io, options)
+            return
+        bucket = self._buf.batch
+        try:
+            session.run_with_iobinding(io, options)
+        except RUN_ERRORS as e:
+            if bucket in self._graph_ran[which]:
+                raise
+            self._graphs_off(which, bucket, e)
+            session.run_with_iobinding(io, self._eager)
+            return
+        self._graph_ran[which].add(bucket)
+
+    def _graphs_off(self, which: str, bucket: int, error: Exception) -> None:
+        """Run `which` ("model" or "sampler") without CUDA graphs from now on, and say why."""
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        graph = "decode" if which == "model" else "sampling"
+        reason = f"the {graph} graph of batch bucket {bucket} failed at its capture ({first})"
+        log.warning("CUDA graphs are off: %s; running without them", reason)
+        self.graph_fallback = reason if self.graph_fallback is None else f"{self.graph_fallback}; {reason}"
+        self._graph[which] = dict.fromkeys(self.buckets, self._eager)
+        if which == "model":
+            self.cuda_graph, self._options = False, self._eager
+        else:
+            self.sampler_graph = False
 
     def full_logits(self, ids: np.ndarray, first_position: int = 0) -> np.ndarray:
         return self.session.run(["logits"], self._full_feeds(ids, first_position), self._eager)[0]

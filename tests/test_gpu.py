@@ -120,3 +120,29 @@ def test_kv_cache_stays_on_the_gpu(graphs):
     session = graphs.session
     assert all(v.device_name().lower() == "cuda" for kv_set in session._kv for v in kv_set)
     assert all(v.device_name().lower() == "cuda" for v in session._buf.dev.values())
+
+
+def test_graphs_were_captured_without_a_fallback(graphs):
+    """A capture that failed at its first run falls back to eager steps (static_session.py): on
+    the GPU it must not have happened, or the figures measured are not the graphs' figures."""
+    graphs.generate(PROMPTS, max_new_tokens=4)
+    assert graphs.session.cuda_graph and graphs.session.sampler_graph, graphs.session.graph_fallback
+    assert graphs.session.graph_fallback is None
+
+
+def test_a_process_that_never_imports_torch_starts_the_cuda_provider(tiny_fp16_shared):
+    """The CLI and the benchmark workers do not import torch, which would have loaded cuBLAS and
+    cuDNN: the engine finds them itself (cuda_libs.py), and runs a cuDNN-using step."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from gpt2onnx.engine.engine import Engine; "
+        f"e = Engine.load({str(tiny_fp16_shared)!r}, provider='cuda'); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; "
+        "assert e.session.session.get_providers()[0] == 'CUDAExecutionProvider'; "
+        "print(e.generate(['Hello', 'a'], max_new_tokens=4).completions[0].token_ids, e.session.graph_fallback)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().endswith("None"), run.stdout
