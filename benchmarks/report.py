@@ -70,10 +70,9 @@ def cell(text: str) -> str:
 def plots(results: dict, out: Path) -> list[Path]:
     """The two PNG plots. Raises MissingExtraError without matplotlib."""
     matplotlib = require("matplotlib", "bench", "plotting")
-    import matplotlib.ticker
-
+    ticker = require("matplotlib.ticker", "bench", "plotting")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "bench", "plotting")
 
     runners = {n: d for n, d in results["runners"].items() if "results" in d}
     if "gpt2-onnx" not in runners:
@@ -89,7 +88,7 @@ def plots(results: dict, out: Path) -> list[Path]:
                 ax.plot(*zip(*pts), style, marker="o", color=f"C{i}", label=f"{name}, prompt {prompt}")
     ax.set(xlabel="batch size", ylabel="tokens/s (median)", title="Throughput", xscale="log", yscale="log")
     ax.set_xticks(batches, [str(b) for b in batches])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.legend(fontsize=7), ax.grid(alpha=0.3)
     throughput = out / "throughput_vs_batch.png"
     fig.tight_layout(), fig.savefig(throughput, dpi=110), plt.close(fig)
