@@ -85,7 +85,12 @@ def write_hf_reference(manifest: Manifest, folder: Path) -> None:
     """A transformers folder with the exact weights the model folder was exported from."""
     from safetensors.torch import save_file
 
-    from gpt2onnx.export.checkpoint import CheckpointError, load_checkpoint, random_state_dict, to_hf_checkpoint
+    from gpt2onnx.export.checkpoint import (
+        CheckpointError,
+        load_checkpoint,
+        random_state_dict,
+        to_hf_checkpoint,
+    )
 
     src = manifest.source
     if src.random_init:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from gpt2onnx.engine.contract import past_names
-from gpt2onnx.engine.model_folder import read_manifest
 from gpt2onnx.engine.engine import Engine
+from gpt2onnx.engine.model_folder import read_manifest
 from gpt2onnx.engine.session import KV_DTYPES, create_session
 
 from .measure import Run, StepClock

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import atomic_folder, inputs
-from .extras import needs_extra
 from .contract import DTYPES, KV_CACHES, MANIFEST_FILE, InputError, UserError
+from .extras import needs_extra
 
 log = logging.getLogger("gpt2onnx")
 

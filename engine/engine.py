@@ -104,7 +104,7 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", max_batch: int = 8, max_seq: int | None = None,
              threads: int | None = None, device_sampling: bool | None = None,
-             static_decode: bool | None = None) -> "Engine":  # fmt: skip
+             static_decode: bool | None = None) -> Engine:  # fmt: skip
         """Load a model folder. device_sampling: pick tokens with the sampling graph; static_decode:
         decode steps of fixed shapes, captured as CUDA graphs (in-place cache only). Both default
         to on with the CUDA provider, off on the CPU.

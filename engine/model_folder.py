@@ -16,8 +16,17 @@ import math
 from pathlib import Path
 
 from .contract import (
-    DTYPES, KV_CACHES, MANIFEST_FILE, SCHEMA_VERSION, GPT2Config, Manifest, ModelFolderError,
-    Source, input_names, io_spec, output_names,
+    DTYPES,
+    KV_CACHES,
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    GPT2Config,
+    Manifest,
+    ModelFolderError,
+    Source,
+    input_names,
+    io_spec,
+    output_names,
 )  # fmt: skip
 
 MAX_MANIFEST_BYTES = 1 << 20  # ours are about 10 KB; the io table grows with n_layer

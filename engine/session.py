@@ -29,8 +29,17 @@ import numpy as np
 import onnxruntime as ort
 
 from . import cuda_libs
+from .contract import (
+    ONNX_ELEM_TYPE,
+    STEP_INPUTS,
+    InputError,
+    Manifest,
+    ModelFolderError,
+    UserError,
+    past_names,
+    present_names,
+)
 from .device_sampling import build_sampler
-from .contract import ONNX_ELEM_TYPE, STEP_INPUTS, InputError, Manifest, ModelFolderError, UserError, past_names, present_names
 from .model_folder import check_graph
 
 log = logging.getLogger(__name__)

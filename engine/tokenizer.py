@@ -92,7 +92,7 @@ class Tokenizer:
             text = "".join(decoder.push(i) for i in ids)
         return text
 
-    def decode_stream(self) -> "StreamDecoder":
+    def decode_stream(self) -> StreamDecoder:
         return StreamDecoder(self._tok)
 
 

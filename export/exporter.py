@@ -17,10 +17,18 @@ from pathlib import Path
 import onnxruntime as ort
 
 from gpt2onnx.engine import atomic_folder
-from gpt2onnx.engine.contract import DTYPES, KV_CACHES, MANIFEST_FILE, MODEL_FILE, Manifest, UserError, io_spec
+from gpt2onnx.engine.contract import (
+    DTYPES,
+    KV_CACHES,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    Manifest,
+    UserError,
+    io_spec,
+)
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, random_checkpoint
-from .graph import OPSET, EXTERNAL_DATA_THRESHOLD, build_module, export_graph
+from .graph import EXTERNAL_DATA_THRESHOLD, OPSET, build_module, export_graph
 from .quantize import check_int8_available
 from .tokenizer_files import find_tokenizer, write_tokenizer
 from .verify import CheckReport, check_export, check_shared_export

@@ -9,7 +9,15 @@ from pathlib import Path
 import onnx
 import torch
 
-from gpt2onnx.engine.contract import CACHE_DIMS, STEP_INPUTS, GPT2Config, input_names, output_names, past_names, present_names
+from gpt2onnx.engine.contract import (
+    CACHE_DIMS,
+    STEP_INPUTS,
+    GPT2Config,
+    input_names,
+    output_names,
+    past_names,
+    present_names,
+)
 
 from .model import GPT2, SharedCacheGraph
 

@@ -86,7 +86,9 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, q, k, v, mask, past_k, past_v, n_head, scale):
-        from torch.onnx._internal.torchscript_exporter.symbolic_helper import _optional_input_placeholder_tensor
+        from torch.onnx._internal.torchscript_exporter.symbolic_helper import (
+            _optional_input_placeholder_tensor,
+        )
 
         none = _optional_input_placeholder_tensor(g)
         mask32 = g.op("Cast", mask, to_i=6)  # int32, as the op wants
@@ -113,7 +115,9 @@ class SharedCacheAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, qkv, past_k, past_v, seqlens_k, total_len, n_head, scale):
-        from torch.onnx._internal.torchscript_exporter.symbolic_helper import _optional_input_placeholder_tensor
+        from torch.onnx._internal.torchscript_exporter.symbolic_helper import (
+            _optional_input_placeholder_tensor,
+        )
 
         none = _optional_input_placeholder_tensor(g)
         y, k_all, v_all = g.op(

@@ -11,7 +11,11 @@ import torch
 
 from gpt2onnx.engine.contract import GPT2Config
 from gpt2onnx.export.checkpoint import (
-    CheckpointError, convert_hf_state_dict, load_checkpoint, random_state_dict, to_hf_checkpoint,
+    CheckpointError,
+    convert_hf_state_dict,
+    load_checkpoint,
+    random_state_dict,
+    to_hf_checkpoint,
 )  # fmt: skip
 
 
@@ -19,7 +23,8 @@ def test_round_trip_through_transformers_names():
     config = GPT2Config(n_layer=2, n_head=2, n_embd=8, n_positions=16, vocab_size=30)
     ours = random_state_dict(config, seed=5)
     hf_config, hf_state = to_hf_checkpoint(config, ours)
-    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
 
     model = GPT2LMHeadModel(HFConfig(**{k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")}))
     missing, unexpected = model.load_state_dict(hf_state, strict=False)

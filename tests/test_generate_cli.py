@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from test_export_cli import assert_one_line_error, run_cli
 
 from gpt2onnx.engine.cli import main
-from test_export_cli import assert_one_line_error, run_cli
 
 
 def run_flags(capsys, *argv) -> tuple[int, str]:

@@ -14,13 +14,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from conftest import export_folder, make_hf_model, save_hf_folder
 from gpt2onnx.engine.device_sampling import build_sampler, row_params
 from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.sampling import SamplingConfig, next_tokens
 from gpt2onnx.engine.session import cuda_device_count
 from gpt2onnx.export.verify import TOLERANCES, top1_agreement
-
-from conftest import export_folder, make_hf_model, save_hf_folder
 
 HAVE_CUDA = cuda_device_count() > 0 and "CUDAExecutionProvider" in ort.get_available_providers()
 if os.environ.get("GPT2_ONNX_REQUIRE_GPU") and not HAVE_CUDA:  # .ci/gpu-run: a skip there would prove nothing

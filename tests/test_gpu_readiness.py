@@ -12,9 +12,11 @@ import onnxruntime as ort
 import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
-from gpt2onnx.engine import cuda_libs
+from gpt2onnx.engine import (
+    cuda_libs,
+    static_session,  # noqa: F401  (imported before sys.path is replaced)
+)
 from gpt2onnx.engine import session as session_module
-from gpt2onnx.engine import static_session  # noqa: F401  (imported before sys.path is replaced)
 from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.session import ProviderError
 

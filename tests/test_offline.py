@@ -7,15 +7,14 @@ import json
 import sys
 
 import pytest
+from test_export_cli import assert_nothing_left, assert_one_line_error, run_cli
+from test_tokenizer import REFERENCE_TEXT, REFERENCE_TOKENS
 
 from conftest import SHARED_TOKENIZER, make_hf_model, save_hf_folder
-from gpt2onnx.engine.cli import main
 from gpt2onnx.engine.contract import GPT2Config
 from gpt2onnx.engine.extras import MissingExtraError, needs_extra, require
 from gpt2onnx.export.checkpoint import CheckpointError
 from gpt2onnx.export.tokenizer_files import PACKAGED_GPT2, find_tokenizer, packaged_gpt2_json, write_tokenizer
-from test_export_cli import assert_nothing_left, assert_one_line_error, run_cli
-from test_tokenizer import REFERENCE_TEXT, REFERENCE_TOKENS
 
 GPT2_VOCAB = (50257, 50256)  # size, id of <|endoftext|>
 TEXTS = [

@@ -73,6 +73,7 @@ def matmul_model() -> bytes:
 
 def session() -> int:
     import numpy as np
+
     from gpt2onnx.engine.session import create_session
 
     sess = create_session(model=matmul_model(), provider="cuda", threads=None)[0]
