@@ -60,7 +60,9 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if min(self.new_tokens) < 2:
-            raise ValueError("--new-tokens must be >= 2: decode speed is measured over the steps after the first token")
+            raise ValueError(
+                "--new-tokens must be >= 2: decode speed is measured over the steps after the first token"
+            )
 
     @property
     def configs(self) -> list[tuple[int, int, int]]:
@@ -72,10 +74,15 @@ QUICK = dict(batches=(1,), prompt_lens=(32,), new_tokens=(128,), warmup=1, repea
 
 def find_optimum_python(explicit: str | None) -> str | None:
     """Where Optimum can run: an explicit Python, this one, or the repo's .venv-optimum."""
-    candidates = [explicit] if explicit else [sys.executable, str(Path(".venv-optimum/bin/python").absolute())]  # absolute, not resolve: a venv python is a symlink
+    candidates = (
+        [explicit] if explicit else [sys.executable, str(Path(".venv-optimum/bin/python").absolute())]
+    )  # absolute, not resolve: a venv python is a symlink
     for python in candidates:
         if python and Path(python).exists():
-            ok = subprocess.run([python, "-c", "import optimum.onnxruntime"], capture_output=True).returncode == 0
+            ok = (
+                subprocess.run([python, "-c", "import optimum.onnxruntime"], capture_output=True).returncode
+                == 0
+            )
             if ok:
                 return python
     return None
@@ -98,7 +105,9 @@ def write_hf_reference(manifest: Manifest, folder: Path) -> None:
     else:
         ckpt = load_checkpoint(src.checkpoint)
         if ckpt.source.weights_sha256 != src.weights_sha256:
-            raise CheckpointError(f"{src.checkpoint} changed since the model folder was exported (sha256 differs); re-export before benchmarking")
+            raise CheckpointError(
+                f"{src.checkpoint} changed since the model folder was exported (sha256 differs); re-export before benchmarking"
+            )
         state = ckpt.state_dict
     hf_config, hf_state = to_hf_checkpoint(manifest.config, state)
     hf_state.pop("lm_head.weight")  # tied to wte; safetensors refuses shared tensors
@@ -116,7 +125,16 @@ def standard_twin(manifest: Manifest, model_folder: Path, workdir: Path) -> Path
     random_size = src.checkpoint.removeprefix("random-init:") if src.random_init else None
     out = workdir / "standard-graph"
     log.info("exporting the standard graph of the same weights for the ONNX baselines")
-    export(ExportConfig(output=out, model=None if src.random_init else src.checkpoint, random_init=random_size, seed=src.seed or 0, dtype=manifest.dtype, tokenizer=model_folder / manifest.tokenizer_file))
+    export(
+        ExportConfig(
+            output=out,
+            model=None if src.random_init else src.checkpoint,
+            random_init=random_size,
+            seed=src.seed or 0,
+            dtype=manifest.dtype,
+            tokenizer=model_folder / manifest.tokenizer_file,
+        )
+    )
     return out
 
 
@@ -129,7 +147,9 @@ def run_worker(python: str, spec: dict, workdir: Path) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
     last = b""
     with out_path.open("w") as stdout:
-        proc = subprocess.Popen([python, str(WORKER), str(path)], stdout=stdout, stderr=subprocess.PIPE, env=env)
+        proc = subprocess.Popen(
+            [python, str(WORKER), str(path)], stdout=stdout, stderr=subprocess.PIPE, env=env
+        )
         for line in proc.stderr:
             os.write(2, line)  # to the terminal as it comes, as an inherited stderr would
             last = line.strip() or last
@@ -153,12 +173,29 @@ def run_bench(cfg: BenchConfig) -> dict:
     prompts = gen.integers(0, c.vocab_size, (max(cfg.batches), width), dtype=np.int64)
     prompts[prompts == c.eos_token_id] = 0
     if width + max(cfg.new_tokens) > c.n_positions:
-        raise ValueError(f"prompt {width} + new {max(cfg.new_tokens)} tokens exceed the model's {c.n_positions}-token context")
+        raise ValueError(
+            f"prompt {width} + new {max(cfg.new_tokens)} tokens exceed the model's {c.n_positions}-token context"
+        )
     optimum_python = find_optimum_python(cfg.optimum_python) if "optimum" in cfg.baselines else None
     results: dict = {
         "machine": machine_info(),
-        "model": {"folder": str(cfg.model_folder), "checkpoint": manifest.source.checkpoint, "random_init": manifest.source.random_init, "seed": manifest.source.seed, "dtype": manifest.dtype, "kv_cache": manifest.kv_cache, "optimized": manifest.optimized, "n_params": c.n_params, "n_layer": c.n_layer, "n_embd": c.n_embd},
-        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}, "configs": cfg.configs, "decoding": "greedy, EOS ignored: every runner generates exactly new_tokens"},
+        "model": {
+            "folder": str(cfg.model_folder),
+            "checkpoint": manifest.source.checkpoint,
+            "random_init": manifest.source.random_init,
+            "seed": manifest.source.seed,
+            "dtype": manifest.dtype,
+            "kv_cache": manifest.kv_cache,
+            "optimized": manifest.optimized,
+            "n_params": c.n_params,
+            "n_layer": c.n_layer,
+            "n_embd": c.n_embd,
+        },
+        "settings": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "configs": cfg.configs,
+            "decoding": "greedy, EOS ignored: every runner generates exactly new_tokens",
+        },
         "runners": {},
         "ok": True,  # False when one of OURS failed: the benchmark failed
         "failures": [],  # {"runner", "reason", "ours"} for every runner that failed
@@ -174,20 +211,38 @@ def run_bench(cfg: BenchConfig) -> dict:
             log.info("writing the transformers reference folder with the same weights")
             write_hf_reference(manifest, hf_folder)
         onnx_baseline_folder = cfg.model_folder.resolve()
-        if manifest.kv_cache == "shared" and any(b in ("ort-plain-loop", "naive-no-cache") for b in cfg.baselines):
+        if manifest.kv_cache == "shared" and any(
+            b in ("ort-plain-loop", "naive-no-cache") for b in cfg.baselines
+        ):
             onnx_baseline_folder = standard_twin(manifest, cfg.model_folder, workdir)
         for runner in ("gpt2-onnx", *cfg.baselines):
             configs = [x for x in cfg.configs if runner != "naive-no-cache" or x[0] <= cfg.naive_max_batch]
             python = sys.executable
             if runner == "optimum":
                 if optimum_python is None:
-                    results["runners"][runner] = {"runner": runner, "skipped": "optimum-onnx is not installed; run .ci/setup-optimum (its own venv) or pass --optimum-python"}
-                    log.warning("Optimum skipped: not installed (.ci/setup-optimum installs it in .venv-optimum)")
+                    results["runners"][runner] = {
+                        "runner": runner,
+                        "skipped": "optimum-onnx is not installed; run .ci/setup-optimum (its own venv) or pass --optimum-python",
+                    }
+                    log.warning(
+                        "Optimum skipped: not installed (.ci/setup-optimum installs it in .venv-optimum)"
+                    )
                     continue
                 python = optimum_python
             log.info("running %s over %d configurations", runner, len(configs))
             folder = cfg.model_folder.resolve() if runner.startswith("gpt2-onnx") else onnx_baseline_folder
-            spec = {"runner": runner, "model_folder": str(folder), "hf_folder": str(hf_folder), "provider": cfg.provider, "dtype": manifest.dtype, "max_batch": max(cfg.batches), "configs": configs, "prompts": prompts.tolist(), "warmup": cfg.warmup, "repeats": cfg.repeats}
+            spec = {
+                "runner": runner,
+                "model_folder": str(folder),
+                "hf_folder": str(hf_folder),
+                "provider": cfg.provider,
+                "dtype": manifest.dtype,
+                "max_batch": max(cfg.batches),
+                "configs": configs,
+                "prompts": prompts.tolist(),
+                "warmup": cfg.warmup,
+                "repeats": cfg.repeats,
+            }
             results["runners"][runner] = data = run_worker(python, spec, workdir)
             if "error" in data:
                 record_failure(results, runner, data["error"])

@@ -27,26 +27,59 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 
     from .bench import ALL_BASELINES
 
-    p = sub.add_parser("bench", parents=parents, help="benchmark the engine side by side with transformers, Optimum and naive loops", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "bench",
+        parents=parents,
+        help="benchmark the engine side by side with transformers, Optimum and naive loops",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a model folder, or anything `export --model` takes")
-    src.add_argument("--random-init", metavar="SIZE", help="a random-weight model of SIZE (exported into --models-dir once)")
+    src.add_argument(
+        "--random-init",
+        metavar="SIZE",
+        help="a random-weight model of SIZE (exported into --models-dir once)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype when exporting")
-    p.add_argument("--tokenizer", help="tokenizer folder when exporting (default: beside the weights, "
-                   "else GPT-2's, shipped with gpt2-onnx)")
-    p.add_argument("--kv-cache", choices=KV_CACHES, default="concat", help="graph when exporting (shared: the fast path, cache updated in place)")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer folder when exporting (default: beside the weights, "
+        "else GPT-2's, shipped with gpt2-onnx)",
+    )
+    p.add_argument(
+        "--kv-cache",
+        choices=KV_CACHES,
+        default="concat",
+        help="graph when exporting (shared: the fast path, cache updated in place)",
+    )
     p.add_argument("--models-dir", default="models", help="where exported models are kept")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
-    p.add_argument("--quick", action="store_true", help="the targets' setting only (batch 1, prompt 32, 128 new tokens, 3 runs after 1 warm-up): about 2 minutes for the 124M shape on 2 cores")
-    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="execution provider for ours and the ONNX baselines")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the targets' setting only (batch 1, prompt 32, 128 new tokens, 3 runs after 1 warm-up): about 2 minutes for the 124M shape on 2 cores",
+    )
+    p.add_argument(
+        "--provider",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="execution provider for ours and the ONNX baselines",
+    )
     p.add_argument("--batches", type=ints, default=(1, 2, 4, 8), help="batch sizes")
     p.add_argument("--prompt-lens", type=ints, default=(32, 256), help="prompt lengths")
     p.add_argument("--new-tokens", type=ints, default=(128,), help="tokens generated per row")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (after warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration")
-    p.add_argument("--baselines", default=",".join(ALL_BASELINES), help="comma-separated baselines to run beside ours (also: gpt2-onnx-eager, ours without CUDA graphs and device sampling)")
-    p.add_argument("--optimum-python", help="a Python interpreter whose environment has optimum-onnx (default: this one, else .venv-optimum)")
+    p.add_argument(
+        "--baselines",
+        default=",".join(ALL_BASELINES),
+        help="comma-separated baselines to run beside ours (also: gpt2-onnx-eager, ours without CUDA graphs and device sampling)",
+    )
+    p.add_argument(
+        "--optimum-python",
+        help="a Python interpreter whose environment has optimum-onnx (default: this one, else .venv-optimum)",
+    )
     p.set_defaults(run=run)
 
 
@@ -69,12 +102,27 @@ def run(args: argparse.Namespace) -> int:
     baselines = tuple(b for b in args.baselines.split(",") if b)
     unknown = set(baselines) - set(ALL_BASELINES) - set(EXTRA_BASELINES)
     if unknown:
-        raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {', '.join(ALL_BASELINES + EXTRA_BASELINES)}")
+        raise ValueError(
+            f"unknown baselines {sorted(unknown)}; choose from {', '.join(ALL_BASELINES + EXTRA_BASELINES)}"
+        )
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
     check_baseline_modules(baselines, ALL_BASELINES)
-    folder = resolve_model(args.model, args.random_init, args.seed, args.dtype, args.tokenizer, args.models_dir, args.kv_cache)
-    cfg = BenchConfig(model_folder=folder, out=args.out, provider=args.provider, batches=args.batches, prompt_lens=args.prompt_lens, new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats, baselines=baselines, optimum_python=args.optimum_python)
+    folder = resolve_model(
+        args.model, args.random_init, args.seed, args.dtype, args.tokenizer, args.models_dir, args.kv_cache
+    )
+    cfg = BenchConfig(
+        model_folder=folder,
+        out=args.out,
+        provider=args.provider,
+        batches=args.batches,
+        prompt_lens=args.prompt_lens,
+        new_tokens=args.new_tokens,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        baselines=baselines,
+        optimum_python=args.optimum_python,
+    )
     if args.quick:
         cfg = replace(cfg, **QUICK)
     results = run_bench(cfg)

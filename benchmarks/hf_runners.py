@@ -39,7 +39,11 @@ def transformers_eager(hf_folder: str, provider: str, dtype: str = "fp32"):
 
     device = "cuda" if provider == "cuda" or (provider == "auto" and torch.cuda.is_available()) else "cpu"
     torch_dtype = torch.float16 if device == "cuda" and dtype == "fp16" else torch.float32
-    model = GPT2LMHeadModel.from_pretrained(hf_folder, attn_implementation="eager", torch_dtype=torch_dtype).to(device).eval()
+    model = (
+        GPT2LMHeadModel.from_pretrained(hf_folder, attn_implementation="eager", torch_dtype=torch_dtype)
+        .to(device)
+        .eval()
+    )
     model.generation_config.eos_token_id = None
 
     def run(prompts: np.ndarray, new_tokens: int) -> Run:

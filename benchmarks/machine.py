@@ -24,7 +24,12 @@ def cpu_name() -> str:
 
 def gpu_name() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
@@ -48,7 +53,16 @@ def machine_info() -> dict:
         "gpu": gpu_name(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": versions("gpt2-onnx", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy", "torch", "transformers", "tokenizers"),
+        "versions": versions(
+            "gpt2-onnx",
+            "onnxruntime-gpu",
+            "onnxruntime",
+            "onnx",
+            "numpy",
+            "torch",
+            "transformers",
+            "tokenizers",
+        ),
     }
 
 
@@ -90,8 +104,10 @@ def probe_model(k: int, n: int):
 def bandwidth_method(device: str, repeats: int = 10, mib: int | None = None) -> str:
     """How read_bandwidth_gbs measured, for the results file."""
     mib = mib or BANDWIDTH_MIB[device]
-    return (f"onnxruntime MatMul (1x{PROBE_K})@({PROBE_K}xN) streaming {mib} MiB of fp32 weights per run, "
-            f"bound as an input already on {device} (IO binding), all threads, median of {repeats}")
+    return (
+        f"onnxruntime MatMul (1x{PROBE_K})@({PROBE_K}xN) streaming {mib} MiB of fp32 weights per run, "
+        f"bound as an input already on {device} (IO binding), all threads, median of {repeats}"
+    )
 
 
 def read_bandwidth_gbs(device: str = "cpu", repeats: int = 10, mib: int | None = None) -> float:
@@ -107,10 +123,16 @@ def read_bandwidth_gbs(device: str = "cpu", repeats: int = 10, mib: int | None =
 
     k, n = probe_shape(mib or BANDWIDTH_MIB[device])
     session, device, _ = create_session(probe_model(k, n).SerializeToString(), device, None)
-    host_weight = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)  # random: nothing to compress
-    weight = ort.OrtValue.ortvalue_from_numpy(host_weight, device, 0)  # on the CPU it shares host_weight's memory
+    host_weight = np.random.default_rng(0).standard_normal(
+        (k, n), dtype=np.float32
+    )  # random: nothing to compress
+    weight = ort.OrtValue.ortvalue_from_numpy(
+        host_weight, device, 0
+    )  # on the CPU it shares host_weight's memory
     io = session.io_binding()
-    io.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(np.ones((1, k), dtype=np.float32), device, 0))
+    io.bind_ortvalue_input(
+        "x", ort.OrtValue.ortvalue_from_numpy(np.ones((1, k), dtype=np.float32), device, 0)
+    )
     io.bind_ortvalue_input("w", weight)
     io.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_shape_and_type((1, n), np.float32, device, 0))
     session.run_with_iobinding(io)  # run_with_iobinding waits for the device before returning

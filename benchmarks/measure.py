@@ -57,13 +57,24 @@ def summarize(values: list[float]) -> dict[str, float]:
     return {"min": float(np.min(values)), "median": float(np.median(values)), "max": float(np.max(values))}
 
 
-def measure(runner: Callable[[np.ndarray, int], Run], prompts: np.ndarray, new_tokens: int, warmup: int, repeats: int, label: str) -> ConfigResult:
+def measure(
+    runner: Callable[[np.ndarray, int], Run],
+    prompts: np.ndarray,
+    new_tokens: int,
+    warmup: int,
+    repeats: int,
+    label: str,
+) -> ConfigResult:
     B, L = prompts.shape
     result = ConfigResult(B, L, new_tokens)
     for i in range(warmup + repeats):
         run = runner(prompts, new_tokens)
         kind = "warm-up" if i < warmup else f"run {i - warmup + 1}/{repeats}"
-        print(f"  {label}: batch {B}, prompt {L}, new {new_tokens}: {kind} {run.total_s:.2f} s", file=sys.stderr, flush=True)
+        print(
+            f"  {label}: batch {B}, prompt {L}, new {new_tokens}: {kind} {run.total_s:.2f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         if i < warmup:
             continue
         result.runs.append(

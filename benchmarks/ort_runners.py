@@ -26,7 +26,9 @@ class EngineRunner:
         rows = [row.tolist() for row in prompts]
         result = self.engine.generate(rows, max_new_tokens=new_tokens, ignore_eos=True)
         t = result.details  # its clocks cover the decode loop; t.text_s (ids -> text after it) is left out, as no baseline makes text
-        return Run(t.first_token_s, list(t.step_s), [c.token_ids for c in result.completions], t.python_overhead_ms())
+        return Run(
+            t.first_token_s, list(t.step_s), [c.token_ids for c in result.completions], t.python_overhead_ms()
+        )
 
     def graph_state(self) -> dict:
         session = self.engine.session  # getattr: graph_fallback is newer than cuda_graph
@@ -44,10 +46,15 @@ def ours(folder: Path, provider: str, max_batch: int, fast_gpu_path: bool | None
 def _plain(folder: Path, provider: str):
     manifest = read_manifest(folder)
     session, _, _ = create_session(folder / manifest.model_file, provider, None)
-    device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"  # where it really runs
+    device = (
+        "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+    )  # where it really runs
     c = manifest.config
     kv_dtype = KV_DTYPES[manifest.dtype]
-    empty = lambda B: {name: np.zeros((B, c.n_head, 0, c.head_dim), kv_dtype) for name in past_names(c.n_layer)}  # noqa: E731
+
+    def empty(B):
+        return {name: np.zeros((B, c.n_head, 0, c.head_dim), kv_dtype) for name in past_names(c.n_layer)}
+
     return session, device, empty
 
 
@@ -58,7 +65,13 @@ def plain_run_loop(folder: Path, provider: str):
 
     def run(prompts: np.ndarray, new_tokens: int) -> Run:
         B, L = prompts.shape
-        feeds = {"input_ids": prompts, "position_ids": np.tile(np.arange(L), (B, 1)), "attention_mask": np.ones((B, L), np.int64), "logits_to_keep": np.array(1), **empty(B)}
+        feeds = {
+            "input_ids": prompts,
+            "position_ids": np.tile(np.arange(L), (B, 1)),
+            "attention_mask": np.ones((B, L), np.int64),
+            "logits_to_keep": np.array(1),
+            **empty(B),
+        }
         tokens, clock = [], StepClock()
         for i in range(new_tokens):
             out = session.run(None, feeds)
@@ -66,7 +79,12 @@ def plain_run_loop(folder: Path, provider: str):
             tokens.append(nxt)
             clock.tick()
             total = L + i + 1
-            feeds = {"input_ids": nxt[:, None], "position_ids": np.full((B, 1), total - 1), "attention_mask": np.ones((B, total), np.int64), "logits_to_keep": np.array(1)}
+            feeds = {
+                "input_ids": nxt[:, None],
+                "position_ids": np.full((B, 1), total - 1),
+                "attention_mask": np.ones((B, total), np.int64),
+                "logits_to_keep": np.array(1),
+            }
             feeds |= {name.replace("present", "past"): value for name, value in zip(names[1:], out[1:])}
         return Run(clock.ttft_s, clock.steps, np.stack(tokens, 1).tolist())
 
@@ -82,7 +100,13 @@ def naive_no_cache(folder: Path, provider: str):
         seq, clock = prompts, StepClock()
         for _ in range(new_tokens):
             T = seq.shape[1]
-            feeds = {"input_ids": seq, "position_ids": np.tile(np.arange(T), (B, 1)), "attention_mask": np.ones((B, T), np.int64), "logits_to_keep": np.array(1), **empty(B)}
+            feeds = {
+                "input_ids": seq,
+                "position_ids": np.tile(np.arange(T), (B, 1)),
+                "attention_mask": np.ones((B, T), np.int64),
+                "logits_to_keep": np.array(1),
+                **empty(B),
+            }
             nxt = session.run(["logits"], feeds)[0][:, -1].argmax(-1)
             seq = np.concatenate([seq, nxt[:, None]], axis=1)
             clock.tick()
@@ -91,4 +115,9 @@ def naive_no_cache(folder: Path, provider: str):
     return run, device
 
 
-RUNNERS = {"gpt2-onnx": ours, "gpt2-onnx-eager": lambda *a: ours(*a, fast_gpu_path=False), "ort-plain-loop": plain_run_loop, "naive-no-cache": naive_no_cache}
+RUNNERS = {
+    "gpt2-onnx": ours,
+    "gpt2-onnx-eager": lambda *a: ours(*a, fast_gpu_path=False),
+    "ort-plain-loop": plain_run_loop,
+    "naive-no-cache": naive_no_cache,
+}

@@ -13,7 +13,9 @@ log = logging.getLogger(__name__)
 
 def markdown(results: dict) -> str:
     m, model = results["machine"], results["model"]
-    graph = ("in-place KV cache" if model.get("kv_cache") == "shared" else "standard graph") + (", fused" if model.get("optimized") else "")
+    graph = ("in-place KV cache" if model.get("kv_cache") == "shared" else "standard graph") + (
+        ", fused" if model.get("optimized") else ""
+    )
     label = f"{model['checkpoint']} ({model['dtype']}, {graph}, {model['n_params'] / 1e6:.0f}M params{', RANDOM weights, seed ' + str(model['seed']) if model['random_init'] else ''})"
     failed = [f for f in results.get("failures", []) if f["ours"]]
     lines = [f"**FAILED: {f['runner']} (our engine) failed: {cell(f['reason'])}**  " for f in failed]
@@ -22,7 +24,8 @@ def markdown(results: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}; onnxruntime-gpu {m['versions'].get('onnxruntime-gpu', '?')}, torch {m['versions'].get('torch', '?')}, transformers {m['versions'].get('transformers', '?')}  ",
         f"Read bandwidth: {m['read_bandwidth_gbs']:.1f} GB/s ({m['bandwidth_method']})  ",
         f"Greedy, EOS ignored; medians of {results['settings']['repeats']} runs after {results['settings']['warmup']} warm-up. "
-        "Baselines run the fp32 weights the model was exported from" + (" (ours is int8, so its tokens drift from theirs)." if model["dtype"] == "int8" else "."),
+        "Baselines run the fp32 weights the model was exported from"
+        + (" (ours is int8, so its tokens drift from theirs)." if model["dtype"] == "int8" else "."),
         "",
         "| runner | batch | prompt | new | TTFT ms | decode ms/token | tokens/s | decode × slower than ours | tokens equal to ours | peak RSS MB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|",
@@ -30,7 +33,9 @@ def markdown(results: dict) -> str:
     for name, data in results["runners"].items():
         if "skipped" in data or "error" in data:
             left_out = "" if name in {f["runner"] for f in failed} else ", left out"
-            note = f"skipped: {data['skipped']}" if "skipped" in data else f"FAILED{left_out}: {data['error']}"
+            note = (
+                f"skipped: {data['skipped']}" if "skipped" in data else f"FAILED{left_out}: {data['error']}"
+            )
             lines.append(f"| {name} | | | | | | | | | {cell(note)} |")
         lines += [table_row(name, r, data["peak_rss_mb"]) for r in data.get("results", [])]
     lines.append("")
@@ -83,7 +88,11 @@ def plots(results: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (name, data) in enumerate(runners.items()):
         for prompt, style in zip(prompts, ("-", "--", ":", "-.")):
-            pts = sorted((r["batch"], r["tokens_per_s"]["median"]) for r in data["results"] if r["prompt_len"] == prompt)
+            pts = sorted(
+                (r["batch"], r["tokens_per_s"]["median"])
+                for r in data["results"]
+                if r["prompt_len"] == prompt
+            )
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", color=f"C{i}", label=f"{name}, prompt {prompt}")
     ax.set(xlabel="batch size", ylabel="tokens/s (median)", title="Throughput", xscale="log", yscale="log")
@@ -102,7 +111,12 @@ def plots(results: dict, out: Path) -> list[Path]:
             median = [sorted(s[i] for s in steps)[len(steps) // 2] for i in range(len(steps[0]))]
             context = [r["prompt_len"] + i + 1 for i in range(len(median))]
             ax.plot(context, median, label=f"{name} (prompt {r['prompt_len']})", linewidth=1)
-    ax.set(xlabel="context length (tokens)", ylabel="ms per token", title="Decode step time, batch 1", yscale="log")
+    ax.set(
+        xlabel="context length (tokens)",
+        ylabel="ms per token",
+        title="Decode step time, batch 1",
+        yscale="log",
+    )
     ax.legend(fontsize=7), ax.grid(alpha=0.3)
     latency = out / "ms_per_token_vs_context.png"
     fig.tight_layout(), fig.savefig(latency, dpi=110), plt.close(fig)

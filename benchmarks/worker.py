@@ -30,7 +30,9 @@ def make_runner(spec: dict):
     if name in ("transformers-eager", "optimum"):
         from hf_runners import RUNNERS
 
-        return RUNNERS[name](spec["hf_folder"], spec["provider"], *([spec["dtype"]] if name == "transformers-eager" else []))
+        return RUNNERS[name](
+            spec["hf_folder"], spec["provider"], *([spec["dtype"]] if name == "transformers-eager" else [])
+        )
     from gpt2onnx.benchmarks.ort_runners import RUNNERS
 
     if name.startswith("gpt2-onnx"):
@@ -59,14 +61,26 @@ def main() -> None:
     for batch, prompt_len, new_tokens in spec["configs"]:
         prompts = np.asarray(spec["prompts"], dtype=np.int64)[:batch, :prompt_len]
         results.append(measure(runner, prompts, new_tokens, spec["warmup"], spec["repeats"], spec["runner"]))
-    out = {"runner": spec["runner"], "device": device, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "results": to_json(results)}
+    out = {
+        "runner": spec["runner"],
+        "device": device,
+        "load_s": load_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "results": to_json(results),
+    }
     if hasattr(runner, "graph_state"):  # ours: whether CUDA graphs really ran, read after the timed runs
         out.update(runner.graph_state())
     if device == "cuda":
         import subprocess
 
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True)
-        out["device_memory_mb"] = float(smi.stdout.split()[0]) if smi.returncode == 0 and smi.stdout.strip() else None
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+        )
+        out["device_memory_mb"] = (
+            float(smi.stdout.split()[0]) if smi.returncode == 0 and smi.stdout.strip() else None
+        )
     print(json.dumps(out))
 
 

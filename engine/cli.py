@@ -65,45 +65,117 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_log_flags(parser: argparse.ArgumentParser, default) -> None:
-    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logs")
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show tracebacks and debug logs"
+    )
     parser.add_argument("--quiet", action="store_true", default=default, help="log warnings and errors only")
-    parser.add_argument("--verbose", action="store_true", default=default, help="log progress of every command (export logs it by default)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="log progress of every command (export logs it by default)",
+    )
 
 
 def add_generate_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("generate", parents=parents, help="generate text with an exported model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "generate",
+        parents=parents,
+        help="generate text with an exported model",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a model folder, or anything `export --model` takes (exported into --models-dir on first use)")
-    src.add_argument("--random-init", metavar="SIZE", help="a random-weight model of SIZE (exported into --models-dir on first use); its text is meaningless")
+    src.add_argument(
+        "--model",
+        help="a model folder, or anything `export --model` takes (exported into --models-dir on first use)",
+    )
+    src.add_argument(
+        "--random-init",
+        metavar="SIZE",
+        help="a random-weight model of SIZE (exported into --models-dir on first use); its text is meaningless",
+    )
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per prompt")
-    p.add_argument("--temperature", type=finite,
-                   help="sampling temperature (0 = greedy, else 1e-05 to 100); default greedy unless a "
-                   "sampling flag is given, then 1.0")
+    p.add_argument(
+        "--temperature",
+        type=finite,
+        help="sampling temperature (0 = greedy, else 1e-05 to 100); default greedy unless a "
+        "sampling flag is given, then 1.0",
+    )
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=finite, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
-    p.add_argument("--min-p", type=finite, default=0.0,
-                   help="drop tokens below min_p x the top probability, in [0, 1] (0 = off)")
-    p.add_argument("--repetition-penalty", type=finite, default=1.0,
-                   help="transformers-style penalty on prompt and generated tokens, in [0.01, 100] (1 = off)")
-    p.add_argument("--presence-penalty", type=finite, default=0.0,
-                   help="OpenAI-style presence penalty on generated tokens, in [-2, 2]")
-    p.add_argument("--frequency-penalty", type=finite, default=0.0,
-                   help="OpenAI-style frequency penalty on generated tokens, in [-2, 2]")
-    p.add_argument("--logit-bias", action="append", type=bias_item, default=[], metavar="ID=BIAS",
-                   help="add BIAS (in [-10000, 10000]; -100 bans it) to token ID's logit; repeatable")
-    p.add_argument("--seed", type=int, help="sampling seed (same seed, same output); also the seed of --random-init weights")
-    p.add_argument("--stop", action="append", default=[], help="stop a row when its text contains this string (not included); repeatable")
+    p.add_argument(
+        "--min-p",
+        type=finite,
+        default=0.0,
+        help="drop tokens below min_p x the top probability, in [0, 1] (0 = off)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=finite,
+        default=1.0,
+        help="transformers-style penalty on prompt and generated tokens, in [0.01, 100] (1 = off)",
+    )
+    p.add_argument(
+        "--presence-penalty",
+        type=finite,
+        default=0.0,
+        help="OpenAI-style presence penalty on generated tokens, in [-2, 2]",
+    )
+    p.add_argument(
+        "--frequency-penalty",
+        type=finite,
+        default=0.0,
+        help="OpenAI-style frequency penalty on generated tokens, in [-2, 2]",
+    )
+    p.add_argument(
+        "--logit-bias",
+        action="append",
+        type=bias_item,
+        default=[],
+        metavar="ID=BIAS",
+        help="add BIAS (in [-10000, 10000]; -100 bans it) to token ID's logit; repeatable",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="sampling seed (same seed, same output); also the seed of --random-init weights",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="stop a row when its text contains this string (not included); repeatable",
+    )
     p.add_argument("--no-bos", action="store_true", help="do not prepend <|endoftext|> to prompts")
-    p.add_argument("--truncate", choices=["left"], help="drop a too-long prompt's oldest tokens instead of failing")
+    p.add_argument(
+        "--truncate", choices=["left"], help="drop a too-long prompt's oldest tokens instead of failing"
+    )
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="execution provider")
     p.add_argument("--max-batch", type=int, default=8, help="prompts run together; more are run in turns")
-    p.add_argument("--cuda-graphs", choices=SWITCH, default="auto", help="decode steps of fixed shapes, captured as CUDA graphs (needs --kv-cache shared; auto: on with the CUDA provider; on the CPU: fixed shapes, no capture)")
-    p.add_argument("--device-sampling", choices=SWITCH, default="auto", help="pick tokens with the sampling graph where the logits are (auto: on with the CUDA provider)")
+    p.add_argument(
+        "--cuda-graphs",
+        choices=SWITCH,
+        default="auto",
+        help="decode steps of fixed shapes, captured as CUDA graphs (needs --kv-cache shared; auto: on with the CUDA provider; on the CPU: fixed shapes, no capture)",
+    )
+    p.add_argument(
+        "--device-sampling",
+        choices=SWITCH,
+        default="auto",
+        help="pick tokens with the sampling graph where the logits are (auto: on with the CUDA provider)",
+    )
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object with completions and timing")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype when exporting on first use (int8: CPU)")
-    p.add_argument("--kv-cache", choices=KV_CACHES, default="concat", help="graph when exporting on first use (shared: the fast path, cache updated in place)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="fp32", help="dtype when exporting on first use (int8: CPU)"
+    )
+    p.add_argument(
+        "--kv-cache",
+        choices=KV_CACHES,
+        default="concat",
+        help="graph when exporting on first use (shared: the fast path, cache updated in place)",
+    )
     p.add_argument("--tokenizer", help="tokenizer folder when exporting on first use")
     p.add_argument("--models-dir", default="models", help="where models exported on first use are kept")
     p.set_defaults(run=run_generate)
@@ -134,7 +206,15 @@ def bias_item(text: str) -> tuple[int, float]:
         ) from None
 
 
-def resolve_model(model: str | None, random_init: str | None = None, seed: int = 0, dtype: str = "fp32", tokenizer: str | None = None, models_dir: str = "models", kv_cache: str = "concat") -> Path:
+def resolve_model(
+    model: str | None,
+    random_init: str | None = None,
+    seed: int = 0,
+    dtype: str = "fp32",
+    tokenizer: str | None = None,
+    models_dir: str = "models",
+    kv_cache: str = "concat",
+) -> Path:
     """A model folder as given, or the export of `model` / `random_init` in models_dir (made once, reused after)."""
     if model:
         atomic_folder.recover(Path(model))  # an `export --force` killed mid-swap left the old folder aside
@@ -156,7 +236,17 @@ def resolve_model(model: str | None, random_init: str | None = None, seed: int =
         from gpt2onnx.export.exporter import ExportConfig, export
 
     log.info("exporting %s into %s (once)", model or f"random-init {random_init}", folder)
-    export(ExportConfig(output=folder, model=model, random_init=random_init, seed=seed, dtype=dtype, tokenizer=Path(tokenizer) if tokenizer else None, kv_cache=kv_cache))
+    export(
+        ExportConfig(
+            output=folder,
+            model=model,
+            random_init=random_init,
+            seed=seed,
+            dtype=dtype,
+            tokenizer=Path(tokenizer) if tokenizer else None,
+            kv_cache=kv_cache,
+        )
+    )
     return folder
 
 
@@ -189,9 +279,29 @@ def run_generate(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, logit_bias=args.logit_bias, seed=args.seed,
     )  # fmt: skip
-    folder = resolve_model(args.model, args.random_init, args.seed or 0, args.dtype, args.tokenizer, args.models_dir, args.kv_cache)
-    engine = Engine.load(folder, provider=args.provider, max_batch=args.max_batch, static_decode=SWITCH[args.cuda_graphs], device_sampling=SWITCH[args.device_sampling])
-    options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, prepend_bos=not args.no_bos, truncate=args.truncate, **sampling)
+    folder = resolve_model(
+        args.model,
+        args.random_init,
+        args.seed or 0,
+        args.dtype,
+        args.tokenizer,
+        args.models_dir,
+        args.kv_cache,
+    )
+    engine = Engine.load(
+        folder,
+        provider=args.provider,
+        max_batch=args.max_batch,
+        static_decode=SWITCH[args.cuda_graphs],
+        device_sampling=SWITCH[args.device_sampling],
+    )
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop,
+        prepend_bos=not args.no_bos,
+        truncate=args.truncate,
+        **sampling,
+    )
     if args.stream and not args.json:
         for prompt in args.prompt:
             print(prompt, end="", flush=True)
@@ -215,9 +325,17 @@ def run_generate(args: argparse.Namespace) -> int:
         for c in result.completions:
             print(c.prompt + c.text)
         t = result.timing
-        log.info("prefill %.1f ms, decode %.2f ms/token, %.1f tokens/s", t["prefill_ms"], t["decode_ms_per_token"], t["tokens_per_s"])
+        log.info(
+            "prefill %.1f ms, decode %.2f ms/token, %.1f tokens/s",
+            t["prefill_ms"],
+            t["decode_ms_per_token"],
+            t["tokens_per_s"],
+        )
     if source.random_init and not args.json:
-        print(f"gpt2-onnx: note: {source.checkpoint} has RANDOM weights (seed {source.seed}); the text above is meaningless", file=sys.stderr)
+        print(
+            f"gpt2-onnx: note: {source.checkpoint} has RANDOM weights (seed {source.seed}); the text above is meaningless",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -227,7 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     chatty = args.command in ("export", "bench") or args.verbose
     level = logging.DEBUG if args.debug else logging.INFO if chatty and not args.quiet else logging.WARNING
     # Our progress at `level`; the libraries' own INFO (the fusion and quantizer chatter) only with --debug.
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="gpt2-onnx: %(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="gpt2-onnx: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
     log.setLevel(level)
     try:
         return args.run(args)
@@ -242,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug of ours: still one line, with the way to see more
         if args.debug:
             raise
-        print(f"gpt2-onnx: internal error: {e.__class__.__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"gpt2-onnx: internal error: {e.__class__.__name__}: {e} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -116,10 +116,24 @@ def present_names(n_layer: int) -> list[str]:
 
 
 STEP_INPUTS = {
-    "concat": {"input_ids": ("int64", ["batch", "seq"]), "position_ids": ("int64", ["batch", "seq"]), "attention_mask": ("int64", ["batch", "total_seq"]), "logits_to_keep": ("int64", [])},
-    "shared": {"input_ids": ("int64", ["batch", "seq"]), "position_ids": ("int64", ["batch", "seq"]), "seqlens_k": ("int32", ["batch"]), "total_sequence_length": ("int32", []), "logits_index": ("int64", ["batch", "kept"])},
+    "concat": {
+        "input_ids": ("int64", ["batch", "seq"]),
+        "position_ids": ("int64", ["batch", "seq"]),
+        "attention_mask": ("int64", ["batch", "total_seq"]),
+        "logits_to_keep": ("int64", []),
+    },
+    "shared": {
+        "input_ids": ("int64", ["batch", "seq"]),
+        "position_ids": ("int64", ["batch", "seq"]),
+        "seqlens_k": ("int32", ["batch"]),
+        "total_sequence_length": ("int32", []),
+        "logits_index": ("int64", ["batch", "kept"]),
+    },
 }
-CACHE_DIMS = {"concat": ("past_seq", "total_seq"), "shared": ("max_seq", "max_seq")}  # (past, present) seq dim
+CACHE_DIMS = {
+    "concat": ("past_seq", "total_seq"),
+    "shared": ("max_seq", "max_seq"),
+}  # (past, present) seq dim
 
 
 def input_names(n_layer: int, kv_cache: str = "concat") -> list[str]:

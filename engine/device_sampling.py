@@ -55,13 +55,23 @@ def blocked_cumsum(op, const, x: str, n: int) -> str:
     row length, milliseconds over the vocabulary), so sum within blocks, then across block totals.
     The result is padded with zeros to whole blocks (its extra entries equal the total)."""
     blocks = -(-n // CUMSUM_BLOCK)
-    padded = op("Pad", [x, const("cumsum_pads", [0, 0, 0, blocks * CUMSUM_BLOCK - n], np.int64)], "cumsum_padded")
+    padded = op(
+        "Pad", [x, const("cumsum_pads", [0, 0, 0, blocks * CUMSUM_BLOCK - n], np.int64)], "cumsum_padded"
+    )
     padded = op("Cast", [padded], "cumsum_f64", to=TensorProto.DOUBLE)
-    tiles = op("Reshape", [padded, const("cumsum_tiles", [-1, blocks, CUMSUM_BLOCK], np.int64)], "cumsum_tiles_of")  # (B, blocks, block)
+    tiles = op(
+        "Reshape", [padded, const("cumsum_tiles", [-1, blocks, CUMSUM_BLOCK], np.int64)], "cumsum_tiles_of"
+    )  # (B, blocks, block)
     within = op("CumSum", [tiles, const("cumsum_ax2", 2, np.int64)], "cumsum_within")
-    sums = op("ReduceSum", [tiles, const("cumsum_axes2", [2], np.int64)], "cumsum_block_sums", keepdims=1)  # (B, blocks, 1)
+    sums = op(
+        "ReduceSum", [tiles, const("cumsum_axes2", [2], np.int64)], "cumsum_block_sums", keepdims=1
+    )  # (B, blocks, 1)
     before = op("CumSum", [sums, const("cumsum_ax1", 1, np.int64)], "cumsum_before", exclusive=1)
-    return op("Reshape", [op("Add", [within, before], "cumsum_tiled"), const("cumsum_flat", [0, -1], np.int64)], "cdf")
+    return op(
+        "Reshape",
+        [op("Add", [within, before], "cumsum_tiled"), const("cumsum_flat", [0, -1], np.int64)],
+        "cdf",
+    )
 
 
 def build_sampler(vocab_size: int) -> onnx.ModelProto:
@@ -85,31 +95,73 @@ def build_sampler(vocab_size: int) -> onnx.ModelProto:
     neg_inf, one, zero = const("neg_inf", -np.inf), const("one", 1.0), const("zero", 0.0)
     last_rank = const("last_rank", k - 1.0)
     axis1 = const("axis1", [1], np.int64)
-    nodes.append(helper.make_node("Split", ["params"], ["temperature", "top_k", "top_p", "min_p"], axis=1))  # each (B, 1)
+    nodes.append(
+        helper.make_node("Split", ["params"], ["temperature", "top_k", "top_p", "min_p"], axis=1)
+    )  # each (B, 1)
     sampling = op("Greater", ["temperature", zero], "sampling")  # (B, 1): False = greedy row
     scaled = op("Div", ["logits", op("Where", [sampling, "temperature", one], "safe_t")], "scaled")  # (B, V)
-    nodes.append(helper.make_node("TopK", [scaled, const("k", [k], np.int64)], ["best", "best_idx"], axis=-1))  # (B, k) descending
+    nodes.append(
+        helper.make_node("TopK", [scaled, const("k", [k], np.int64)], ["best", "best_idx"], axis=-1)
+    )  # (B, k) descending
 
     # top-k: keep values >= the k-th best (ties included, as in sampling.mask_top_k)
     k_at = index(op("Clip", [op("Sub", ["top_k", one], "k_m1"), zero, last_rank], "k_at"))
-    floor_k = op("Where", [op("Greater", ["top_k", zero], "has_k"), op("GatherElements", ["best", k_at], "kth", axis=1), neg_inf], "floor_k")
+    floor_k = op(
+        "Where",
+        [
+            op("Greater", ["top_k", zero], "has_k"),
+            op("GatherElements", ["best", k_at], "kth", axis=1),
+            neg_inf,
+        ],
+        "floor_k",
+    )
     # top-p among the top-k survivors: the last best value whose higher-ranked mass is below p
-    probs_k = op("Softmax", [op("Where", [op("GreaterOrEqual", ["best", floor_k], "in_k"), "best", neg_inf], "best_k")], "probs_k", axis=-1)
+    probs_k = op(
+        "Softmax",
+        [op("Where", [op("GreaterOrEqual", ["best", floor_k], "in_k"), "best", neg_inf], "best_k")],
+        "probs_k",
+        axis=-1,
+    )
     before = op("Sub", [op("CumSum", [probs_k, const("ax1", 1, np.int64)], "cum_k"), probs_k], "before")
-    count = op("ReduceSum", [op("Cast", [op("Less", [before, "top_p"], "in_p")], "in_p_count", to=TensorProto.FLOAT), axis1], "n_p", keepdims=1)
+    count = op(
+        "ReduceSum",
+        [op("Cast", [op("Less", [before, "top_p"], "in_p")], "in_p_count", to=TensorProto.FLOAT), axis1],
+        "n_p",
+        keepdims=1,
+    )
     p_at = index(op("Clip", [op("Sub", [count, one], "n_p_m1"), zero, last_rank], "p_at"))
-    floor_p = op("Where", [op("Less", ["top_p", one], "has_p"), op("GatherElements", ["best", p_at], "pth", axis=1), neg_inf], "floor_p")
+    floor_p = op(
+        "Where",
+        [op("Less", ["top_p", one], "has_p"), op("GatherElements", ["best", p_at], "pth", axis=1), neg_inf],
+        "floor_p",
+    )
     # min-p: p >= min_p * p_max  <=>  logit >= best + log(min_p)  (log 0 = -inf: off)
-    top = op("Slice", ["best", const("first", [0], np.int64), const("second", [1], np.int64), axis1], "top")  # (B, 1): the best scaled logit
+    top = op(
+        "Slice", ["best", const("first", [0], np.int64), const("second", [1], np.int64), axis1], "top"
+    )  # (B, 1): the best scaled logit
     floor_m = op("Add", [top, op("Log", ["min_p"], "log_min_p")], "floor_m")
     floor = op("Max", [floor_k, floor_p, floor_m], "floor")  # (B, 1)
 
     # inverse CDF over the vocabulary in token order, as sampling.sample_from
-    probs = op("Softmax", [op("Where", [op("GreaterOrEqual", [scaled, floor], "kept"), scaled, neg_inf], "masked")], "probs", axis=-1)
+    probs = op(
+        "Softmax",
+        [op("Where", [op("GreaterOrEqual", [scaled, floor], "kept"), scaled, neg_inf], "masked")],
+        "probs",
+        axis=-1,
+    )
     cdf = blocked_cumsum(op, const, probs, vocab_size)  # (B, padded vocab); padding adds 0
-    total = op("Slice", [cdf, const("last", [-1], np.int64), const("end", [1 << 30], np.int64), axis1], "total")
-    target = op("Mul", [op("Unsqueeze", ["uniform", axis1], "u"), total], "target")  # float64, as the host's draw
-    drawn = op("ReduceSum", [op("Cast", [op("Less", [cdf, target], "below")], "below_count", to=TensorProto.FLOAT), axis1], "n_below", keepdims=0)
+    total = op(
+        "Slice", [cdf, const("last", [-1], np.int64), const("end", [1 << 30], np.int64), axis1], "total"
+    )
+    target = op(
+        "Mul", [op("Unsqueeze", ["uniform", axis1], "u"), total], "target"
+    )  # float64, as the host's draw
+    drawn = op(
+        "ReduceSum",
+        [op("Cast", [op("Less", [cdf, target], "below")], "below_count", to=TensorProto.FLOAT), axis1],
+        "n_below",
+        keepdims=0,
+    )
     drawn = index(op("Min", [drawn, const("last_token", vocab_size - 1.0)], "drawn"))
     greedy = op("ArgMax", [scaled], "greedy", axis=-1, keepdims=0)
     op("Where", [op("Squeeze", [sampling, axis1], "sampling_row"), drawn, greedy], "token")
@@ -122,6 +174,11 @@ def build_sampler(vocab_size: int) -> onnx.ModelProto:
         [helper.make_tensor_value_info("token", TensorProto.INT64, ["batch"])],
         inits,
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="gpt2-onnx", ir_version=IR_VERSION)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="gpt2-onnx",
+        ir_version=IR_VERSION,
+    )
     onnx.checker.check_model(model)
     return model

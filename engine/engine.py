@@ -82,11 +82,18 @@ class Engine:
         tokenizer_path = self.folder / self.manifest.tokenizer_file
         self.tokenizer = Tokenizer(tokenizer_path, c.bos_token_id, c.eos_token_id)
         check_tokenizer(self.tokenizer, c, tokenizer_path)
-        self.session = open_session(self.folder, self.manifest, config)  # checks the graph against the manifest
+        self.session = open_session(
+            self.folder, self.manifest, config
+        )  # checks the graph against the manifest
         self._probe()
         self._lock = threading.Lock()
         if self.manifest.source.random_init:
-            log.info("%s holds RANDOM weights (%s, seed %s): its text is meaningless", self.folder, self.manifest.source.checkpoint, self.manifest.source.seed)
+            log.info(
+                "%s holds RANDOM weights (%s, seed %s): its text is meaningless",
+                self.folder,
+                self.manifest.source.checkpoint,
+                self.manifest.source.seed,
+            )
 
     def _probe(self) -> None:
         """One token through the graph at load, at the last position the manifest promises: a folder
@@ -97,9 +104,13 @@ class Engine:
             logits = self.session.full_logits(np.array([[c.bos_token_id]], dtype=np.int64), c.n_positions - 1)
         except Exception as e:  # onnxruntime raises its own untyped errors
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise ModelFolderError(f"{self.folder}: the graph fails on one token ({first}); re-export the model folder") from e
+            raise ModelFolderError(
+                f"{self.folder}: the graph fails on one token ({first}); re-export the model folder"
+            ) from e
         if logits.shape != (1, 1, c.vocab_size) or not np.isfinite(logits).all():
-            raise ModelFolderError(f"{self.folder}: the graph gives logits of shape {logits.shape} (finite: {bool(np.isfinite(logits).all())}) for one token, expected (1, 1, {c.vocab_size}) and finite; re-export the model folder")
+            raise ModelFolderError(
+                f"{self.folder}: the graph gives logits of shape {logits.shape} (finite: {bool(np.isfinite(logits).all())}) for one token, expected (1, 1, {c.vocab_size}) and finite; re-export the model folder"
+            )
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", max_batch: int = 8, max_seq: int | None = None,
@@ -261,7 +272,9 @@ class Engine:
     @contextmanager
     def _exclusive(self):
         if not self._lock.acquire(blocking=False):
-            raise EngineBusyError("this Engine is already running a call (another thread, or an open stream); Engine is not thread-safe, use one per thread")
+            raise EngineBusyError(
+                "this Engine is already running a call (another thread, or an open stream); Engine is not thread-safe, use one per thread"
+            )
         try:
             yield
         finally:
@@ -275,10 +288,14 @@ class Engine:
         rows = inputs.token_rows("tokens", tokens, self.vocab_size, self.session.max_batch)
         batch, seq = len(rows), len(rows[0])
         if seq > self.n_positions:
-            raise InputError(f"tokens has {seq} ids a row, past the {self.n_positions}-token context; pass fewer")
+            raise InputError(
+                f"tokens has {seq} ids a row, past the {self.n_positions}-token context; pass fewer"
+            )
         if batch * seq * self.vocab_size > MAX_LOGITS:
             gib = batch * seq * self.vocab_size * 4 / 2**30
-            raise InputError(f"tokens of {batch} x {seq} ids would return {gib:.1f} GiB of logits; pass fewer rows")
+            raise InputError(
+                f"tokens of {batch} x {seq} ids would return {gib:.1f} GiB of logits; pass fewer rows"
+            )
         with self._exclusive():
             return self.session.full_logits(np.array(rows, dtype=np.int64))
 

@@ -82,7 +82,15 @@ class Row:
 
     def _held(self) -> int:
         """Length of the longest tail of text that is a proper prefix of a stop string."""
-        return max((n for s in self.stop for n in range(min(len(s) - 1, len(self.text)), 0, -1) if s.startswith(self.text[-n:])), default=0)
+        return max(
+            (
+                n
+                for s in self.stop
+                for n in range(min(len(s) - 1, len(self.text)), 0, -1)
+                if s.startswith(self.text[-n:])
+            ),
+            default=0,
+        )
 
 
 def left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -96,14 +104,24 @@ def left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return ids, mask, positions
 
 
-def decode_batch(session: ModelSession, rows: list[Row], max_new_tokens: int, sampling: SamplingConfig, rng: np.random.Generator, eos_id: int, timing: Timing) -> Iterator[tuple[int, str]]:
+def decode_batch(
+    session: ModelSession,
+    rows: list[Row],
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    rng: np.random.Generator,
+    eos_id: int,
+    timing: Timing,
+) -> Iterator[tuple[int, str]]:
     """Yield (row index, text piece) as tokens are produced; closing the generator stops the work."""
     ids, mask, positions = left_pad([r.prompt_ids for r in rows])
     B, width = ids.shape
     # When the graph's argmax or the sampling graph can pick the tokens, only B ids reach the host.
     session.start(B, width + max_new_tokens, row_params(sampling, B) if runs_on_device(sampling) else None)
     on_device = session.picks_on_device
-    draw = (lambda: rng.random(B)) if on_device and not sampling.greedy else (lambda: None)  # the host path's draws, in order
+    draw = (
+        (lambda: rng.random(B)) if on_device and not sampling.greedy else (lambda: None)
+    )  # the host path's draws, in order
     seen = counts = None
     if sampling.uses_history:
         seen = np.zeros((B, session.vocab_size), dtype=bool)

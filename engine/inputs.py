@@ -141,7 +141,10 @@ RULES: dict[str, Callable] = {
     "max_seq": Count(1, MAX_VOCAB, "a positive integer, or None (the model's n_positions)", optional=True),
     "threads": Count(0, 1024, "an integer from 1 to 1024, or 0 or None (onnxruntime chooses)", optional=True),
     "temperature": Real(
-        0.0, 100.0, optional=True, floor=1e-5,
+        0.0,
+        100.0,
+        optional=True,
+        floor=1e-5,
         want=">= 0 (0 is greedy, else from 1e-05 to 100), or None (1.0 when top_k, top_p or min_p ask for "
         "sampling, else greedy)",
     ),  # fmt: skip

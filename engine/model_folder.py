@@ -56,13 +56,17 @@ def _short(value: object) -> str:
 class _Fields:
     """Typed reads from one JSON object of the manifest; a failure names the field's path."""
 
-    def __init__(self, data: object, where: str, prefix: str, defaults: dict[str, object], fix: str = REEXPORT):
+    def __init__(
+        self, data: object, where: str, prefix: str, defaults: dict[str, object], fix: str = REEXPORT
+    ):
         self.where, self.prefix, self.fix = where, prefix, fix
         if not isinstance(data, dict):
             self.fail(prefix.rstrip(".") or "the manifest", data, "a JSON object")
         unknown = sorted(set(data) - set(defaults))
         if unknown:
-            raise ModelFolderError(f"{where}: unknown field {prefix}{unknown[0]}; it is not from this gpt2-onnx: {fix}")
+            raise ModelFolderError(
+                f"{where}: unknown field {prefix}{unknown[0]}; it is not from this gpt2-onnx: {fix}"
+            )
         self.data, self.defaults = data, defaults
 
     def fail(self, field: str, value: object, rule: str):
@@ -80,7 +84,9 @@ class _Fields:
         if value is None and optional:
             return None
         if type(value) is not int or not lo <= value <= hi:  # not bool, float or str
-            self.fail(self.prefix + key, value, f"an integer in [{lo}, {hi}]" + (" or null" if optional else ""))
+            self.fail(
+                self.prefix + key, value, f"an integer in [{lo}, {hi}]" + (" or null" if optional else "")
+            )
         return value
 
     def number(self, key: str, lo: float, hi: float) -> float:
@@ -117,7 +123,9 @@ class _Fields:
             return None
         plain = type(value) is str and 0 < len(value) <= 255 and value not in (".", "..")
         if not plain or any(c in value for c in "/\\\0"):
-            self.fail(self.prefix + key, value, "a plain file name inside the model folder (no '/', '\\' or '..')")
+            self.fail(
+                self.prefix + key, value, "a plain file name inside the model folder (no '/', '\\' or '..')"
+            )
         return value
 
 
@@ -169,7 +177,9 @@ def parse_manifest(data: object, where: str = MANIFEST_FILE) -> Manifest:
     dtype, kv_cache = f.choice("dtype", DTYPES), f.choice("kv_cache", KV_CACHES)
     optimized = f.bool("optimized")
     if kv_cache == "shared" and (not optimized or config.head_dim % 8):
-        f.fail("kv_cache", kv_cache, "'concat' for an unfused graph or a head size that is not a multiple of 8")
+        f.fail(
+            "kv_cache", kv_cache, "'concat' for an unfused graph or a head size that is not a multiple of 8"
+        )
     check = f.get("check")
     if check is not None and not isinstance(check, dict):
         f.fail("check", check, "a JSON object or null")
@@ -217,7 +227,12 @@ def _depth(value: object) -> int:
     depth, level = 0, [value]
     while level and depth <= MAX_DEPTH:
         depth += 1
-        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
+        level = [
+            v
+            for x in level
+            if isinstance(x, (dict, list))
+            for v in (x.values() if isinstance(x, dict) else x)
+        ]
     return depth
 
 
@@ -277,7 +292,9 @@ def check_graph(inputs: list, outputs: list, manifest: Manifest, path: Path) -> 
             i = next((i for i, (a, b) in enumerate(zip(got, names)) if a != b), min(len(got), len(names)))
             have = repr(got[i]) if i < len(got) else "nothing"
             want = repr(names[i]) if i < len(names) else "nothing"
-            raise ModelFolderError(f"{path}: graph {side} {i} is {have} where the manifest has {want}; {not_ours}")
+            raise ModelFolderError(
+                f"{path}: graph {side} {i} is {have} where the manifest has {want}; {not_ours}"
+            )
         for arg in args:
             spec = manifest.io[f"{side}s"][arg.name]
             want_type = ORT_TYPES.get(spec["dtype"], spec["dtype"])
@@ -286,7 +303,9 @@ def check_graph(inputs: list, outputs: list, manifest: Manifest, path: Path) -> 
                     f"{path}: graph {side} {arg.name!r} is {arg.type} where the manifest has {want_type}; {not_ours}"
                 )
             shape, dims = arg.shape if isinstance(arg.shape, list) else [], spec["dims"]
-            static_match = [g == w if isinstance(w, int) else not isinstance(g, int) for g, w in zip(shape, dims)]
+            static_match = [
+                g == w if isinstance(w, int) else not isinstance(g, int) for g, w in zip(shape, dims)
+            ]
             if len(shape) != len(dims) or not all(static_match):
                 raise ModelFolderError(
                     f"{path}: graph {side} {arg.name!r} has shape {shape} where the manifest has {dims}; {not_ours}"
@@ -305,7 +324,9 @@ def check_tokenizer(tokenizer, config: GPT2Config, path: Path) -> None:
     for name in ("bos_token_id", "eos_token_id"):
         token_id = getattr(config, name)
         if tokenizer.id_to_token(token_id) is None:
-            raise ModelFolderError(f"{path}: the manifest's {name} {token_id} is not a token of the tokenizer; {fix}")
+            raise ModelFolderError(
+                f"{path}: the manifest's {name} {token_id} is not a token of the tokenizer; {fix}"
+            )
     for text in PROBE_TEXTS:
         ids = tokenizer.to_tokens(text, prepend_bos=False)
         if not ids or tokenizer.to_string(ids) != text:

@@ -62,7 +62,9 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return np.where(seen, penalised, logits)
 
 
-def apply_presence_frequency(logits: np.ndarray, counts: np.ndarray, presence: float, frequency: float) -> np.ndarray:
+def apply_presence_frequency(
+    logits: np.ndarray, counts: np.ndarray, presence: float, frequency: float
+) -> np.ndarray:
     """counts: (batch, vocab) of generated tokens."""
     if presence == 0.0 and frequency == 0.0:
         return logits
@@ -115,7 +117,13 @@ def sample_from(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.minimum((cdf < u).sum(axis=-1), probs.shape[-1] - 1)
 
 
-def next_tokens(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator, seen: np.ndarray | None = None, counts: np.ndarray | None = None) -> np.ndarray:
+def next_tokens(
+    logits: np.ndarray,
+    cfg: SamplingConfig,
+    rng: np.random.Generator,
+    seen: np.ndarray | None = None,
+    counts: np.ndarray | None = None,
+) -> np.ndarray:
     """(batch, vocab) float32 logits -> (batch,) int64 token ids."""
     logits = apply_logit_bias(logits, cfg.logit_bias)
     if cfg.uses_history:

@@ -81,8 +81,12 @@ class SessionConfig:
     max_batch: int = 8
     max_seq: int | None = None  # None: the model's n_positions
     threads: int | None = None  # CPU intra-op threads; None lets onnxruntime choose
-    device_sampling: bool | None = None  # sample with the sampling graph; None: on the GPU only (on the CPU numpy is faster)
-    static_decode: bool | None = None  # fixed decode shapes and addresses (CUDA graphs; shared cache only); None: on the GPU
+    device_sampling: bool | None = (
+        None  # sample with the sampling graph; None: on the GPU only (on the CPU numpy is faster)
+    )
+    static_decode: bool | None = (
+        None  # fixed decode shapes and addresses (CUDA graphs; shared cache only); None: on the GPU
+    )
 
     def __post_init__(self) -> None:
         """Every setting through the input gate (InputError names it), before any folder is read."""
@@ -91,7 +95,9 @@ class SessionConfig:
         from . import inputs
 
         for f in fields(self):
-            object.__setattr__(self, f.name, inputs.check(f.name, getattr(self, f.name)))  # frozen: set once, here
+            object.__setattr__(
+                self, f.name, inputs.check(f.name, getattr(self, f.name))
+            )  # frozen: set once, here
 
 
 def cuda_device_count() -> int:
@@ -107,7 +113,9 @@ def cuda_device_count() -> int:
     return count.value
 
 
-def create_session(model: Path | bytes, provider: str, threads: int | None, cuda_graph: bool = False) -> tuple[ort.InferenceSession, str, bool]:
+def create_session(
+    model: Path | bytes, provider: str, threads: int | None, cuda_graph: bool = False
+) -> tuple[ort.InferenceSession, str, bool]:
     """The one place that picks a provider and checks what onnxruntime actually gave us.
     `model` is a model file, or a serialized model (the sampling graph). cuda_graph asks the
     CUDA provider to capture runs as CUDA graphs. Returns (session, "cuda" | "cpu", whether
@@ -120,10 +128,15 @@ def create_session(model: Path | bytes, provider: str, threads: int | None, cuda
         options.intra_op_num_threads = threads
     want_cuda = provider == "cuda" or (provider == "auto" and cuda_device_count() > 0)
     if provider == "cuda" and cuda_device_count() == 0:
-        raise ProviderError("--provider cuda was requested but no NVIDIA GPU is visible to the driver; use --provider cpu (or auto)")
+        raise ProviderError(
+            "--provider cuda was requested but no NVIDIA GPU is visible to the driver; use --provider cpu (or auto)"
+        )
     providers = ["CPUExecutionProvider"]
     if want_cuda and load_cuda_libraries(provider):
-        providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if cuda_graph else {}), "CPUExecutionProvider"]
+        providers = [
+            ("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if cuda_graph else {}),
+            "CPUExecutionProvider",
+        ]
     else:
         want_cuda = False
     source = model if isinstance(model, bytes) else str(model)
@@ -134,10 +147,15 @@ def create_session(model: Path | bytes, provider: str, threads: int | None, cuda
             if not (want_cuda and cuda_graph):
                 raise
             # Capture needs every compute node on the CUDA provider; run without graphs rather than fail.
-            log.warning("CUDA graphs are off: onnxruntime cannot capture this graph (%s)", str(e).splitlines()[0][:200])
+            log.warning(
+                "CUDA graphs are off: onnxruntime cannot capture this graph (%s)",
+                str(e).splitlines()[0][:200],
+            )
             return *create_session(model, provider, threads)[:2], False
     except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
-        raise ModelFolderError(f"{model if isinstance(model, Path) else 'an in-memory graph'} could not be loaded by onnxruntime ({str(e).splitlines()[0][:200]}); re-export the model folder") from e
+        raise ModelFolderError(
+            f"{model if isinstance(model, Path) else 'an in-memory graph'} could not be loaded by onnxruntime ({str(e).splitlines()[0][:200]}); re-export the model folder"
+        ) from e
     got = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
     if want_cuda and got != "cuda":
         why = "the CUDA libraries were found; --debug shows onnxruntime's own error"
@@ -145,8 +163,15 @@ def create_session(model: Path | bytes, provider: str, threads: int | None, cuda
             why = f"onnxruntime {ort.__version__} here has no CUDA provider: install onnxruntime-gpu"
         if provider == "cuda":
             raise ProviderError(f"the CUDA execution provider failed to start ({why}); use --provider cpu")
-        log.warning("a GPU is present but the CUDA execution provider failed to start (%s); running on the CPU", why)
-    log.info("running on %s (%s)%s", got.upper(), session.get_providers()[0], " with CUDA graphs" if cuda_graph and got == "cuda" else "")
+        log.warning(
+            "a GPU is present but the CUDA execution provider failed to start (%s); running on the CPU", why
+        )
+    log.info(
+        "running on %s (%s)%s",
+        got.upper(),
+        session.get_providers()[0],
+        " with CUDA graphs" if cuda_graph and got == "cuda" else "",
+    )
     return session, got, cuda_graph and got == "cuda"
 
 
@@ -158,7 +183,9 @@ def load_cuda_libraries(provider: str) -> bool:
     if not missing:
         return True
     what = cuda_libs.describe(missing)
-    fix = "install torch's CUDA packages (nvidia-cublas, nvidia-cuda-runtime, nvidia-curand, nvidia-cudnn-cu13)"
+    fix = (
+        "install torch's CUDA packages (nvidia-cublas, nvidia-cuda-runtime, nvidia-curand, nvidia-cudnn-cu13)"
+    )
     if provider == "cuda":
         raise ProviderError(f"the CUDA execution provider cannot start: {what}; {fix} or use --provider cpu")
     log.warning("a GPU is present but the CUDA execution provider cannot start (%s); running on the CPU: %s",
@@ -178,15 +205,21 @@ class ModelSession:
         self.manifest, self.n_layer, self.vocab_size = manifest, c.n_layer, c.vocab_size
         self.max_batch = config.max_batch
         self.max_seq = min(config.max_seq or c.n_positions, c.n_positions)
-        self.session, self.device, self.cuda_graph = create_session(folder / manifest.model_file, config.provider, config.threads, self.captures)
+        self.session, self.device, self.cuda_graph = create_session(
+            folder / manifest.model_file, config.provider, config.threads, self.captures
+        )
         outs = self.session.get_outputs()
         check_graph(self.session.get_inputs(), outs, manifest, folder / manifest.model_file)
         self.has_argmax = any(o.name == "next_token" for o in outs)  # the graph has its own greedy argmax
         self.graph_fallback: str | None = None  # why CUDA graphs were turned off after they were asked for
-        self.device_sampling = self.device == "cuda" if config.device_sampling is None else config.device_sampling
+        self.device_sampling = (
+            self.device == "cuda" if config.device_sampling is None else config.device_sampling
+        )
         self._sampler, self.sampler_graph = None, False
         if self.device_sampling:  # same provider as the model, so it reads the logits where they are
-            self._sampler, _, self.sampler_graph = create_session(build_sampler(self.vocab_size).SerializeToString(), self.device, config.threads, self.captures)
+            self._sampler, _, self.sampler_graph = create_session(
+                build_sampler(self.vocab_size).SerializeToString(), self.device, config.threads, self.captures
+            )
             self._sampler_io = self._sampler.io_binding()
         self.pick = "host"  # who picks the tokens of the current batch (see _choose_pick)
         self.kv_dtype = KV_DTYPES[manifest.dtype]
@@ -203,16 +236,28 @@ class ModelSession:
     def reserve(self, batch: int, seq: int) -> None:
         """Make room for `batch` rows of `seq` cache positions. Does nothing when already big enough."""
         if batch > self.max_batch or seq > self.max_seq:
-            raise ValueError(f"batch {batch} x sequence {seq} exceeds the engine's max_batch {self.max_batch} x max_seq {self.max_seq}")
+            raise ValueError(
+                f"batch {batch} x sequence {seq} exceeds the engine's max_batch {self.max_batch} x max_seq {self.max_seq}"
+            )
         if batch <= self._cap_batch and seq <= self._cap_seq:
             return
         cap_batch = max(batch, self._cap_batch)
         cap_seq = min(self.max_seq, max(self._cap_seq, -(-seq // SEQ_GRANULE) * SEQ_GRANULE))
         shape = (cap_batch, self.n_head, cap_seq, self.head_dim)
-        self._check_room(self.kv_sets * len(self._past) * int(np.prod(shape)) * np.dtype(self.kv_dtype).itemsize, shape)
+        self._check_room(
+            self.kv_sets * len(self._past) * int(np.prod(shape)) * np.dtype(self.kv_dtype).itemsize, shape
+        )
         self._cap_batch, self._cap_seq = cap_batch, cap_seq
-        log.debug("allocating KV cache for batch %d x seq %d on %s", self._cap_batch, self._cap_seq, self.device)
-        self._kv = [[ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0) for _ in self._past] for _ in range(self.kv_sets)]
+        log.debug(
+            "allocating KV cache for batch %d x seq %d on %s", self._cap_batch, self._cap_seq, self.device
+        )
+        self._kv = [
+            [
+                ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+                for _ in self._past
+            ]
+            for _ in range(self.kv_sets)
+        ]
         self._kv_ptrs = [[v.data_ptr() for v in kv_set] for kv_set in self._kv]
         n = self._cap_batch * self._cap_seq
         self._host = {name: np.zeros(n, dtype=dtype) for name, dtype in self.host_inputs.items()}
@@ -267,7 +312,9 @@ class ModelSession:
             self._out = self._host_next[:batch].reshape(batch, 1)
             self._bind_host("next_token", np.int64, self._out.shape, self._host_next, output=True)
         elif self.pick == "sampler":  # logits stay on the device, where the sampling graph reads them
-            self._io.bind_output("logits", self.device, 0, np.float32, (batch, 1, self.vocab_size), self._dev_logits.data_ptr())
+            self._io.bind_output(
+                "logits", self.device, 0, np.float32, (batch, 1, self.vocab_size), self._dev_logits.data_ptr()
+            )
             self._host_params[:batch] = params
             self._dev_params.update_inplace(self._host_params)
             bind = self._sampler_io.bind_input
@@ -304,7 +351,9 @@ class ModelSession:
 
     def _bind_cache(self, name: str, ptr: int, seq: int, output: bool) -> None:
         shape = (self.batch, self.n_head, seq, self.head_dim)
-        (self._io.bind_output if output else self._io.bind_input)(name, self.device, 0, self.kv_dtype, shape, ptr)
+        (self._io.bind_output if output else self._io.bind_input)(
+            name, self.device, 0, self.kv_dtype, shape, ptr
+        )
 
     def _run(self, uniform: np.ndarray | None) -> np.ndarray:
         """Run the bound graph; (batch, vocab) logits of one position per row, or (batch,) ids
@@ -328,7 +377,9 @@ class ConcatCacheSession(ModelSession):
     kv_sets = 2
     host_inputs = host_dtypes("concat")
 
-    def prefill(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, uniform: np.ndarray | None = None) -> np.ndarray:
+    def prefill(
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, uniform: np.ndarray | None = None
+    ) -> np.ndarray:
         """Left-padded prompts (batch, width) with their mask and positions -> last-position logits (or ids, see start)."""
         B, width = ids.shape
         assert B == self.batch, f"prefill of {B} rows after start({self.batch})"
@@ -347,7 +398,9 @@ class ConcatCacheSession(ModelSession):
     def _step(self, ids: np.ndarray, positions: np.ndarray, uniform) -> np.ndarray:
         total = self.past_len + ids.shape[1]
         assert total <= self._cap_seq, f"cache holds {self._cap_seq} positions, step needs {total}"
-        self._feed(input_ids=ids, position_ids=positions, attention_mask=self._mask[:, :total], logits_to_keep=ONE)
+        self._feed(
+            input_ids=ids, position_ids=positions, attention_mask=self._mask[:, :total], logits_to_keep=ONE
+        )
         # pasts from one set, presents into the other; both shapes change every step
         for name, ptr in zip(self._past, self._kv_ptrs[self._cur]):
             self._bind_cache(name, ptr, self.past_len, output=False)
@@ -366,7 +419,9 @@ class ConcatCacheSession(ModelSession):
             "position_ids": positions_from(first_position, B, T),
             "attention_mask": np.ones((B, T), dtype=np.int64),
             "logits_to_keep": np.array(T, dtype=np.int64),
-            **{name: np.zeros((B, self.n_head, 0, self.head_dim), dtype=self.kv_dtype) for name in self._past},
+            **{
+                name: np.zeros((B, self.n_head, 0, self.head_dim), dtype=self.kv_dtype) for name in self._past
+            },
         }
         return self.session.run(["logits"], feeds)[0]
 
@@ -377,7 +432,9 @@ class SharedCacheSession(ModelSession):
 
     host_inputs = host_dtypes("shared")
 
-    def prefill(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, uniform: np.ndarray | None = None) -> np.ndarray:
+    def prefill(
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, uniform: np.ndarray | None = None
+    ) -> np.ndarray:
         """Left-padded prompts -> each row's last-token logits (or ids, see start). Rows are moved to the left of a
         right-padded batch; padding K/V past a row's length is overwritten by its next token."""
         B, width = ids.shape
@@ -405,8 +462,16 @@ class SharedCacheSession(ModelSession):
         return out
 
     def _step(self, ids, positions, logits_index, uniform) -> np.ndarray:
-        assert self._total <= self._cap_seq, f"cache holds {self._cap_seq} positions, step needs {self._total}"
-        self._feed(input_ids=ids, position_ids=positions, seqlens_k=self._seqlens, total_sequence_length=self._total, logits_index=logits_index)
+        assert self._total <= self._cap_seq, (
+            f"cache holds {self._cap_seq} positions, step needs {self._total}"
+        )
+        self._feed(
+            input_ids=ids,
+            position_ids=positions,
+            seqlens_k=self._seqlens,
+            total_sequence_length=self._total,
+            logits_index=logits_index,
+        )
         return self._run(uniform)
 
     def full_logits(self, ids: np.ndarray, first_position: int = 0) -> np.ndarray:
@@ -421,7 +486,9 @@ class SharedCacheSession(ModelSession):
             "seqlens_k": np.full(B, T - 1, dtype=np.int32),
             "total_sequence_length": np.array(T, dtype=np.int32),
             "logits_index": np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),
-            **{name: np.zeros((B, self.n_head, T, self.head_dim), dtype=self.kv_dtype) for name in self._past},
+            **{
+                name: np.zeros((B, self.n_head, T, self.head_dim), dtype=self.kv_dtype) for name in self._past
+            },
         }
 
 
@@ -434,7 +501,9 @@ def open_session(folder: Path, manifest: Manifest, config: SessionConfig) -> Mod
     on_gpu = config.provider == "cuda" or (config.provider == "auto" and cuda_device_count() > 0)
     if manifest.kv_cache != "shared":
         if config.static_decode:
-            raise ValueError("static decode (CUDA graphs) needs the in-place cache: export with --kv-cache shared")
+            raise ValueError(
+                "static decode (CUDA graphs) needs the in-place cache: export with --kv-cache shared"
+            )
         return ConcatCacheSession(folder, manifest, config)
     if on_gpu and manifest.dtype not in GQA_CUDA_DTYPES:
         config = cpu_for_gqa(manifest.dtype, config)

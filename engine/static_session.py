@@ -45,7 +45,11 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch sizes that get their own g
 OUTPUT_DTYPES = {"logits": np.float32, "next_token": np.int64}
 # Every buffer a decode step (and the sampling graph) reads or writes: dtype, shape after the batch dim.
 # dims after the batch are 1 in a decode step (seq, kept); total_sequence_length, a host scalar, is not among them
-STEP_INPUTS = {name: (np.dtype(t).type, (1,) * (len(dims) - 1)) for name, (t, dims) in contract.STEP_INPUTS["shared"].items() if dims}
+STEP_INPUTS = {
+    name: (np.dtype(t).type, (1,) * (len(dims) - 1))
+    for name, (t, dims) in contract.STEP_INPUTS["shared"].items()
+    if dims
+}
 SAMPLER_INPUTS = {"params": (np.float32, (4,)), "uniform": (np.float64, ())}
 UPDATED_PER_STEP = ("input_ids", "position_ids", "seqlens_k")
 RUN_ERRORS = (Fail, EPFail, RuntimeException, RuntimeError)  # what onnxruntime raises for a run that failed
@@ -62,12 +66,18 @@ class Bucket:
     copies a whole buffer, so each bucket has its own: a step copies its rows, no more)."""
 
     def __init__(self, batch: int, vocab_size: int, device: str):
-        new = lambda shape, dtype: ort.OrtValue.ortvalue_from_shape_and_type((batch, *shape), dtype, device, 0)  # noqa: E731
+        def new(shape, dtype):
+            return ort.OrtValue.ortvalue_from_shape_and_type((batch, *shape), dtype, device, 0)
+
         inputs = STEP_INPUTS | SAMPLER_INPUTS
         self.batch = batch
         self.host = {name: np.zeros((batch, *shape), dtype) for name, (dtype, shape) in inputs.items()}
         self.dev = {name: new(shape, dtype) for name, (dtype, shape) in inputs.items()}
-        self.dev |= {"logits": new((1, vocab_size), np.float32), "next_token": new((1,), np.int64), "token": new((), np.int64)}
+        self.dev |= {
+            "logits": new((1, vocab_size), np.float32),
+            "next_token": new((1,), np.int64),
+            "token": new((), np.int64),
+        }
 
     def upload(self, *names: str) -> None:
         for name in names:
@@ -89,13 +99,24 @@ class StaticCacheSession(SharedCacheSession):
         self._eager = run_options(-1)
         graphs = {b: run_options(i + 1) for i, b in enumerate(self.buckets)}
         self._graph = {"model": graphs, "sampler": dict(graphs)}  # run options per session and bucket
-        self._graph_ran: dict[str, set[int]] = {"model": set(), "sampler": set()}  # buckets whose graph has run
+        self._graph_ran: dict[str, set[int]] = {
+            "model": set(),
+            "sampler": set(),
+        }  # buckets whose graph has run
         if self.device == "cuda":  # asked for graphs on both sessions; create_session says which it got
             got = (("decode", self.cuda_graph), ("sampling", self.sampler_graph or self._sampler is None))
             if refused := [name for name, on in got if not on]:
                 refused_graphs = " and ".join(refused)
-                self.graph_fallback = f"onnxruntime refused to capture the {refused_graphs} graph at session creation"
-        log.info("static decode: cache for %d x %d positions, batch buckets %s, CUDA graphs %s", cap, self._cap_seq, self.buckets, "on" if self.cuda_graph else "off")
+                self.graph_fallback = (
+                    f"onnxruntime refused to capture the {refused_graphs} graph at session creation"
+                )
+        log.info(
+            "static decode: cache for %d x %d positions, batch buckets %s, CUDA graphs %s",
+            cap,
+            self._cap_seq,
+            self.buckets,
+            "on" if self.cuda_graph else "off",
+        )
 
     def _reserve_sampler(self, cap: int) -> None:
         pass  # every bucket has its own sampling buffers
@@ -113,7 +134,9 @@ class StaticCacheSession(SharedCacheSession):
         buf.upload("logits_index", "params")
         if self.pick == "sampler":  # bound once per call; the sampling graph is captured per bucket too
             logits = buf.dev["logits"]  # the model's (b, 1, vocab) output, read as (b, vocab)
-            self._sampler_io.bind_input("logits", self.device, 0, np.float32, (buf.batch, self.vocab_size), logits.data_ptr())
+            self._sampler_io.bind_input(
+                "logits", self.device, 0, np.float32, (buf.batch, self.vocab_size), logits.data_ptr()
+            )
             for name in ("params", "uniform"):
                 self._sampler_io.bind_ortvalue_input(name, buf.dev[name])
             self._sampler_io.bind_ortvalue_output("token", buf.dev["token"])
@@ -132,7 +155,11 @@ class StaticCacheSession(SharedCacheSession):
         B, host = self.batch, self._buf.host
         self._seqlens += 1
         assert self._position.max() < self._cap_seq, f"cache holds {self._cap_seq} positions"
-        host["input_ids"][:B, 0], host["position_ids"][:B], host["seqlens_k"][:B] = tokens, self._position, self._seqlens
+        host["input_ids"][:B, 0], host["position_ids"][:B], host["seqlens_k"][:B] = (
+            tokens,
+            self._position,
+            self._seqlens,
+        )
         self._buf.upload(*UPDATED_PER_STEP)
         if not self._decode_bound:
             self._bind_decode()
@@ -172,7 +199,9 @@ class StaticCacheSession(SharedCacheSession):
         self.run_s += time.perf_counter() - t0
         return out
 
-    def _run_graph(self, which: str, session: ort.InferenceSession, io: ort.IOBinding, options: ort.RunOptions):
+    def _run_graph(
+        self, which: str, session: ort.InferenceSession, io: ort.IOBinding, options: ort.RunOptions
+    ):
         """One run of the model or the sampling graph; when the bucket's graph fails at its first
         run (its capture), graphs go off and the step runs again without one (module docstring)."""
         captures = self.cuda_graph if which == "model" else self.sampler_graph

@@ -22,11 +22,15 @@ class Tokenizer:
     def __init__(self, path: str | Path, bos_token_id: int, eos_token_id: int):
         size = Path(path).stat().st_size
         if size > MAX_TOKENIZER_BYTES:  # GPT-2's is 2 MB; a huge file would be read whole
-            raise ModelFolderError(f"{path} is {size} bytes, more than a tokenizer's {MAX_TOKENIZER_BYTES}; put the model's own tokenizer.json in the folder")
+            raise ModelFolderError(
+                f"{path} is {size} bytes, more than a tokenizer's {MAX_TOKENIZER_BYTES}; put the model's own tokenizer.json in the folder"
+            )
         try:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise ModelFolderError(f"{path} is not a valid tokenizer.json ({e}); re-export the model folder") from e
+            raise ModelFolderError(
+                f"{path} is not a valid tokenizer.json ({e}); re-export the model folder"
+            ) from e
         self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
         self.max_token_bytes, self.cuttable = byte_level_bounds(self._tok)
 

@@ -19,7 +19,9 @@ REFERENCE_TEXT = "I am an amazing autoregressive, decoder-only, GPT-2 style tran
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="an exported model folder")
     args = parser.parse_args()
     engine = Engine.load(args.model)

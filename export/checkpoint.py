@@ -30,12 +30,33 @@ SIZES: dict[str, dict[str, int]] = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
 }
-SIZE_ALIASES = {"124m": "gpt2", "small": "gpt2", "medium": "gpt2-medium", "large": "gpt2-large", "xl": "gpt2-xl"}
+SIZE_ALIASES = {
+    "124m": "gpt2",
+    "small": "gpt2",
+    "medium": "gpt2-medium",
+    "large": "gpt2-large",
+    "xl": "gpt2-xl",
+}
 
 # Hugging Face activation names -> ours.
-ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # in order of preference
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+ACTIVATIONS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+}
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+)  # in order of preference
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 class CheckpointError(UserError, ValueError):
@@ -63,7 +84,9 @@ def load_checkpoint(model: str) -> Checkpoint:
     if path.exists():
         folder, label = path, str(path.resolve())
     elif _looks_like_path(model):
-        raise CheckpointError(f"model folder {model!r} does not exist; pass an existing folder or a hub id such as gpt2")
+        raise CheckpointError(
+            f"model folder {model!r} does not exist; pass an existing folder or a hub id such as gpt2"
+        )
     else:
         folder, label = download(model), model
     if not folder.is_dir():
@@ -102,10 +125,14 @@ def param_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     return shapes | {"ln_f.weight": (C,), "ln_f.bias": (C,)}
 
 
-def to_hf_checkpoint(config: GPT2Config, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+def to_hf_checkpoint(
+    config: GPT2Config, state: dict[str, torch.Tensor]
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """Our names -> a Hugging Face GPT2LMHeadModel (config dict, state dict): the inverse of loading,
     so baselines can run the very weights a model folder was exported from."""
-    hf_state = {("transformer." + k if k != "wte_t" else "transformer.wte.weight"): v for k, v in state.items()}
+    hf_state = {
+        ("transformer." + k if k != "wte_t" else "transformer.wte.weight"): v for k, v in state.items()
+    }
     hf_state["transformer.wte.weight"] = state["wte_t"].t().contiguous()
     hf_state["transformer.wpe.weight"] = hf_state.pop("transformer.wpe")
     hf_state["lm_head.weight"] = hf_state["transformer.wte.weight"]
@@ -141,7 +168,9 @@ def read_hf_config(folder: Path) -> GPT2Config:
     (a hostile config cannot size anything before it is checked)."""
     path = folder / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{folder} has no config.json; pass a Hugging Face GPT-2 model folder (config.json + model.safetensors or pytorch_model.bin)")
+        raise CheckpointError(
+            f"{folder} has no config.json; pass a Hugging Face GPT-2 model folder (config.json + model.safetensors or pytorch_model.bin)"
+        )
     fix = "fix config.json or pass a Hugging Face GPT-2 checkpoint"
     try:
         hf = read_json(path, "a config.json", fix)
@@ -149,15 +178,31 @@ def read_hf_config(folder: Path) -> GPT2Config:
             raise ModelFolderError(f"{path} is not a JSON object; {fix}")
         model_type = hf.get("model_type")
         if model_type != "gpt2":
-            raise CheckpointError(f"{path} describes model_type {model_type!r}, not 'gpt2'; gpt2-onnx exports GPT-2 family checkpoints only")
+            raise CheckpointError(
+                f"{path} describes model_type {model_type!r}, not 'gpt2'; gpt2-onnx exports GPT-2 family checkpoints only"
+            )
         if hf.get("reorder_and_upcast_attn") or hf.get("add_cross_attention"):
             raise CheckpointError(f"{path}: reorder_and_upcast_attn / add_cross_attention are not supported")
         if hf.get("scale_attn_weights") is False:
             raise CheckpointError(f"{path}: scale_attn_weights=false is not supported")
         act = hf.get("activation_function", "gelu_new")
         if act not in ACTIVATIONS:
-            raise CheckpointError(f"{path}: activation_function {act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
-        fields = {key: hf[key] for key in ("n_layer", "n_head", "n_embd", "vocab_size", "n_inner", "layer_norm_epsilon", "scale_attn_by_inverse_layer_idx") if key in hf}
+            raise CheckpointError(
+                f"{path}: activation_function {act!r} is not supported; expected one of {sorted(ACTIVATIONS)}"
+            )
+        fields = {
+            key: hf[key]
+            for key in (
+                "n_layer",
+                "n_head",
+                "n_embd",
+                "vocab_size",
+                "n_inner",
+                "layer_norm_epsilon",
+                "scale_attn_by_inverse_layer_idx",
+            )
+            if key in hf
+        }
         fields |= dict(
             n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
             activation=ACTIVATIONS[act],
@@ -184,7 +229,9 @@ def convert_hf_state_dict(hf: dict[str, torch.Tensor], config: GPT2Config) -> di
         raise CheckpointError("the weights have no wte.weight (token embedding); is this a GPT-2 checkpoint?")
     wte = hf.pop("wte.weight")
     if lm_head is not None and not (lm_head.shape == wte.shape and torch.equal(lm_head, wte)):
-        raise CheckpointError("lm_head.weight differs from wte.weight; only GPT-2's tied embedding is supported")
+        raise CheckpointError(
+            "lm_head.weight differs from wte.weight; only GPT-2's tied embedding is supported"
+        )
     state = {"wte_t": wte.t().contiguous(), "wpe": hf.pop("wpe.weight", None)}
     state |= hf
     expected = param_shapes(config)
@@ -198,7 +245,9 @@ def convert_hf_state_dict(hf: dict[str, torch.Tensor], config: GPT2Config) -> di
         )
     for k, shape in expected.items():
         if tuple(state[k].shape) != shape:
-            raise CheckpointError(f"weight {k} has shape {tuple(state[k].shape)} but config.json implies {shape}")
+            raise CheckpointError(
+                f"weight {k} has shape {tuple(state[k].shape)} but config.json implies {shape}"
+            )
         state[k] = state[k].float()
     return state
 
@@ -215,7 +264,9 @@ def _weight_files(folder: Path) -> list[Path]:
         return [folder / s for s in shards]
     if (folder / "pytorch_model.bin").is_file():
         return [folder / "pytorch_model.bin"]
-    raise CheckpointError(f"{folder} has no weights: expected model.safetensors or pytorch_model.bin beside config.json")
+    raise CheckpointError(
+        f"{folder} has no weights: expected model.safetensors or pytorch_model.bin beside config.json"
+    )
 
 
 def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -231,9 +282,20 @@ def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
                 state |= load_file(f)
             else:
                 state |= torch.load(f, map_location="cpu", weights_only=True)
-        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        except (
+            SafetensorError,
+            OSError,
+            RuntimeError,
+            EOFError,
+            ValueError,
+            KeyError,
+            pickle.UnpicklingError,
+            zipfile.BadZipFile,
+        ) as e:
             # torch.load raises a zoo of exception types on damaged files; all mean the same to a user.
-            raise CheckpointError(f"weights file {f} is corrupt or unreadable ({e.__class__.__name__}); re-download or re-save the checkpoint") from e
+            raise CheckpointError(
+                f"weights file {f} is corrupt or unreadable ({e.__class__.__name__}); re-download or re-save the checkpoint"
+            ) from e
     return state
 
 
@@ -259,12 +321,16 @@ def download(repo_id: str) -> Path:
     log.info("fetching %s from the Hugging Face hub (cached after the first time)", repo_id)
     safetensors = ["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", *safetensors, *TOKENIZER_FILES]))
+        folder = Path(
+            snapshot_download(repo_id, allow_patterns=["config.json", *safetensors, *TOKENIZER_FILES])
+        )
         if not any((folder / name).is_file() for name in WEIGHT_FILES):  # an older repo: .bin only
             folder = Path(snapshot_download(repo_id, allow_patterns=["pytorch_model.bin"]))
         return folder
     except RepositoryNotFoundError as e:
-        raise CheckpointError(f"{repo_id!r} is neither a local folder nor a model on the Hugging Face hub") from e
+        raise CheckpointError(
+            f"{repo_id!r} is neither a local folder nor a model on the Hugging Face hub"
+        ) from e
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise CheckpointError(
             f"could not download {repo_id!r} from the Hugging Face hub (offline?); download it elsewhere "

@@ -13,17 +13,48 @@ from gpt2onnx.engine.contract import DTYPES, KV_CACHES
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("export", parents=parents, help="export a GPT-2 checkpoint to an ONNX model folder", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "export",
+        parents=parents,
+        help="export a GPT-2 checkpoint to an ONNX model folder",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) or a hub id: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2")
-    src.add_argument("--random-init", metavar="SIZE", help="the real shape of SIZE (gpt2/124m, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) with seeded random weights, for benchmarks and offline runs")
+    src.add_argument(
+        "--model",
+        help="a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) or a hub id: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2",
+    )
+    src.add_argument(
+        "--random-init",
+        metavar="SIZE",
+        help="the real shape of SIZE (gpt2/124m, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) with seeded random weights, for benchmarks and offline runs",
+    )
     p.add_argument("--output", required=True, type=Path, help="the model folder to write")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision: fp32; fp16 (for CUDA); int8 weights with fp32 activations (for the CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="fp32",
+        help="precision: fp32; fp16 (for CUDA); int8 weights with fp32 activations (for the CPU)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
-    p.add_argument("--tokenizer", type=Path, help="a folder with tokenizer.json (or vocab.json + merges.txt); default: beside the weights, else GPT-2's (shipped with gpt2-onnx)")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="a folder with tokenizer.json (or vocab.json + merges.txt); default: beside the weights, else GPT-2's (shipped with gpt2-onnx)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing model folder")
-    p.add_argument("--kv-cache", choices=KV_CACHES, default="concat", help="concat: the standard graph (past + new -> present, attention_mask input); shared: the fast graph, a fixed-size cache updated in place by GroupQueryAttention")
-    p.add_argument("--no-optimize", dest="optimize", action="store_false", help="keep the plain graph (standard ONNX ops only) instead of the fused one (MultiHeadAttention, SkipLayerNormalization, FastGelu)")
+    p.add_argument(
+        "--kv-cache",
+        choices=KV_CACHES,
+        default="concat",
+        help="concat: the standard graph (past + new -> present, attention_mask input); shared: the fast graph, a fixed-size cache updated in place by GroupQueryAttention",
+    )
+    p.add_argument(
+        "--no-optimize",
+        dest="optimize",
+        action="store_false",
+        help="keep the plain graph (standard ONNX ops only) instead of the fused one (MultiHeadAttention, SkipLayerNormalization, FastGelu)",
+    )
     p.set_defaults(run=run)
 
 

@@ -57,9 +57,13 @@ class ExportConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if self.kv_cache not in KV_CACHES:
-            raise ValueError(f"--kv-cache {self.kv_cache!r} is not supported; choose one of {', '.join(KV_CACHES)}")
+            raise ValueError(
+                f"--kv-cache {self.kv_cache!r} is not supported; choose one of {', '.join(KV_CACHES)}"
+            )
         if self.kv_cache == "shared" and not self.optimize:
-            raise ValueError("--kv-cache shared needs the fused graph (GroupQueryAttention); drop --no-optimize")
+            raise ValueError(
+                "--kv-cache shared needs the fused graph (GroupQueryAttention); drop --no-optimize"
+            )
         if (self.model is None) == (self.random_init is None):
             raise ValueError("pass exactly one of --model SRC or --random-init SIZE")
         if type(self.seed) is not int or not 0 <= self.seed < 2**63:
@@ -83,15 +87,25 @@ def export(cfg: ExportConfig) -> Manifest:
     if out.exists() and not cfg.force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
-        raise OutputExistsError(f"{out} exists and is not a gpt2-onnx model folder; refusing to replace it even with --force")
+        raise OutputExistsError(
+            f"{out} exists and is not a gpt2-onnx model folder; refusing to replace it even with --force"
+        )
 
     if cfg.dtype == "int8":
         check_int8_available()  # a missing onnx_ir fails now, not after tracing
-    ckpt: Checkpoint = random_checkpoint(cfg.random_init, cfg.seed) if cfg.random_init else load_checkpoint(cfg.model)
+    ckpt: Checkpoint = (
+        random_checkpoint(cfg.random_init, cfg.seed) if cfg.random_init else load_checkpoint(cfg.model)
+    )
     if ckpt.source.random_init:
-        log.warning("RANDOM weights (%s, seed %d): the model folder is labelled random-init and its text is meaningless", ckpt.source.checkpoint, cfg.seed)
+        log.warning(
+            "RANDOM weights (%s, seed %d): the model folder is labelled random-init and its text is meaningless",
+            ckpt.source.checkpoint,
+            cfg.seed,
+        )
     if cfg.kv_cache == "shared" and ckpt.config.head_dim % 8:
-        raise CheckpointError(f"--kv-cache shared needs a head size that is a multiple of 8 (GroupQueryAttention); this model's is {ckpt.config.head_dim}: use --kv-cache concat")
+        raise CheckpointError(
+            f"--kv-cache shared needs a head size that is a multiple of 8 (GroupQueryAttention); this model's is {ckpt.config.head_dim}: use --kv-cache concat"
+        )
     tokenizer_src = find_tokenizer(cfg.tokenizer, ckpt.folder, hub_fallback="gpt2")  # the family shares one
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,9 +113,25 @@ def export(cfg: ExportConfig) -> Manifest:
     try:
         write_tokenizer(tokenizer_src, tmp, ckpt.config)
         reference = build_module(ckpt.config, ckpt.state_dict, "fp32")
-        graph_module = reference if cfg.dtype == "fp32" else build_module(ckpt.config, {k: v.clone() for k, v in ckpt.state_dict.items()}, cfg.dtype)
-        log.info("tracing %d-layer GPT-2 (%.1fM parameters) to ONNX in %s", ckpt.config.n_layer, ckpt.config.n_params / 1e6, cfg.dtype)
-        external = export_graph(graph_module, cfg.dtype, tmp / MODEL_FILE, cfg.external_data_threshold, optimize=cfg.optimize, kv_cache=cfg.kv_cache)
+        graph_module = (
+            reference
+            if cfg.dtype == "fp32"
+            else build_module(ckpt.config, {k: v.clone() for k, v in ckpt.state_dict.items()}, cfg.dtype)
+        )
+        log.info(
+            "tracing %d-layer GPT-2 (%.1fM parameters) to ONNX in %s",
+            ckpt.config.n_layer,
+            ckpt.config.n_params / 1e6,
+            cfg.dtype,
+        )
+        external = export_graph(
+            graph_module,
+            cfg.dtype,
+            tmp / MODEL_FILE,
+            cfg.external_data_threshold,
+            optimize=cfg.optimize,
+            kv_cache=cfg.kv_cache,
+        )
         del graph_module
         atomic_folder.fault_point("weights-written")
         manifest = Manifest(
@@ -136,9 +166,17 @@ def _check(folder: Path, manifest: Manifest, reference) -> CheckReport:
     if manifest.kv_cache == "shared":
         from gpt2onnx.engine.session import SessionConfig, open_session
 
-        session = open_session(folder, manifest, SessionConfig(provider="cpu", max_batch=4, max_seq=min(64, manifest.config.n_positions)))
+        session = open_session(
+            folder,
+            manifest,
+            SessionConfig(provider="cpu", max_batch=4, max_seq=min(64, manifest.config.n_positions)),
+        )
         return check_shared_export(session, reference, manifest.dtype)
-    return check_export(ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"]), reference, manifest.dtype)
+    return check_export(
+        ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"]),
+        reference,
+        manifest.dtype,
+    )
 
 
 def _remove_partial(tmp: Path) -> None:

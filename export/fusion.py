@@ -34,11 +34,17 @@ def fuse(proto: onnx.ModelProto, config: GPT2Config, kv_cache: str = "concat") -
     from onnxruntime.transformers.optimizer import optimize_model
 
     log.info("fusing LayerNorm and GELU with onnxruntime's transformer optimizer")
-    model = optimize_model(proto, model_type="gpt2", num_heads=config.n_head, hidden_size=config.n_embd, opt_level=0)
+    model = optimize_model(
+        proto, model_type="gpt2", num_heads=config.n_head, hidden_size=config.n_embd, opt_level=0
+    )
     counts = Counter(node.op_type for node in model.model.graph.node)
     missing = {op: (n, counts[op]) for op, n in expected_fusions(config, kv_cache).items() if counts[op] != n}
     if missing:
         detail = ", ".join(f"{op} {got} (expected {n})" for op, (n, got) in missing.items())
-        fix = "export with --kv-cache concat --no-optimize" if kv_cache == "shared" else "export with --no-optimize"
+        fix = (
+            "export with --kv-cache concat --no-optimize"
+            if kv_cache == "shared"
+            else "export with --no-optimize"
+        )
         raise FusionError(f"graph fusion came out wrong: {detail}; {fix} to get the unfused graph")
     return model.model

@@ -24,7 +24,11 @@ from .model import GPT2, SharedCacheGraph
 log = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization is a single op from opset 17
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}  # int8: traced in fp32, then quantized
+TORCH_DTYPES = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "int8": torch.float32,
+}  # int8: traced in fp32, then quantized
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # protobuf's 2 GiB limit, less headroom for the graph itself
 
 
@@ -36,7 +40,10 @@ def build_module(config: GPT2Config, state_dict: dict[str, torch.Tensor], dtype:
 
 def dynamic_axes(n_layer: int, kv_cache: str) -> dict[str, dict[int, str]]:
     """Symbolic dims of every input and output, from the contract's table."""
-    axes = {name: {i: d for i, d in enumerate(dims) if isinstance(d, str)} for name, (_, dims) in STEP_INPUTS[kv_cache].items()}
+    axes = {
+        name: {i: d for i, d in enumerate(dims) if isinstance(d, str)}
+        for name, (_, dims) in STEP_INPUTS[kv_cache].items()
+    }
     axes["logits"] = {0: "batch", 1: "kept"}
     if kv_cache == "shared":
         axes["next_token"] = {0: "batch", 1: "kept"}
@@ -51,14 +58,35 @@ def example_inputs(config: GPT2Config, dtype: torch.dtype, kv_cache: str) -> tup
     B, T, P = 2, 3, 4
     if kv_cache == "shared":
         M = 8  # buffer capacity
-        step = (torch.zeros(B, T, dtype=torch.long), torch.arange(T).repeat(B, 1), torch.full((B,), T - 1, dtype=torch.int32), torch.tensor(T, dtype=torch.int32), torch.tensor([[0, T - 1]] * B))
+        step = (
+            torch.zeros(B, T, dtype=torch.long),
+            torch.arange(T).repeat(B, 1),
+            torch.full((B,), T - 1, dtype=torch.int32),
+            torch.tensor(T, dtype=torch.int32),
+            torch.tensor([[0, T - 1]] * B),
+        )
     else:
         M = P
-        step = (torch.zeros(B, T, dtype=torch.long), torch.arange(P, P + T).repeat(B, 1), torch.ones(B, P + T, dtype=torch.long), torch.tensor(T))
-    return (*step, *[torch.zeros(B, config.n_head, M, config.head_dim, dtype=dtype) for _ in range(2 * config.n_layer)])
+        step = (
+            torch.zeros(B, T, dtype=torch.long),
+            torch.arange(P, P + T).repeat(B, 1),
+            torch.ones(B, P + T, dtype=torch.long),
+            torch.tensor(T),
+        )
+    return (
+        *step,
+        *[torch.zeros(B, config.n_head, M, config.head_dim, dtype=dtype) for _ in range(2 * config.n_layer)],
+    )
 
 
-def export_graph(model: GPT2, dtype: str, path: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, optimize: bool = False, kv_cache: str = "concat") -> str | None:
+def export_graph(
+    model: GPT2,
+    dtype: str,
+    path: Path,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    optimize: bool = False,
+    kv_cache: str = "concat",
+) -> str | None:
     """Write `path` (and `path`.data when the weights pass the threshold). Returns the external data file name.
     optimize: fused attention and onnxruntime's fusions, with their counts checked (the shared
     cache needs it: ExportConfig refuses kv_cache="shared" without it)."""
@@ -70,7 +98,9 @@ def export_graph(model: GPT2, dtype: str, path: Path, external_data_threshold: i
         model.untie_embedding()  # the lm_head's copy becomes int8; the Gather's stays float
     traced = SharedCacheGraph(model) if kv_cache == "shared" else model
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices are not for our users
+        warnings.simplefilter(
+            "ignore"
+        )  # the TorchScript exporter's deprecation notices are not for our users
         torch.onnx.export(
             traced,
             example_inputs(model.config, TORCH_DTYPES[dtype], kv_cache),
@@ -96,8 +126,20 @@ def export_graph(model: GPT2, dtype: str, path: Path, external_data_threshold: i
         proto = quantize_int8(proto, n_layer)
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     external = f"{path.name}.data" if weight_bytes > external_data_threshold else None
-    log.info("writing %s (%.1f MB of weights%s)", path.name, weight_bytes / 1e6, f", external data in {external}" if external else "")
-    onnx.save_model(proto, str(path), save_as_external_data=bool(external), all_tensors_to_one_file=True, location=external, size_threshold=1024)
+    log.info(
+        "writing %s (%.1f MB of weights%s)",
+        path.name,
+        weight_bytes / 1e6,
+        f", external data in {external}" if external else "",
+    )
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=bool(external),
+        all_tensors_to_one_file=True,
+        location=external,
+        size_threshold=1024,
+    )
     for f in scratch.iterdir():
         f.unlink()
     scratch.rmdir()

@@ -130,7 +130,11 @@ class SharedCacheAttention(torch.autograd.Function):
         return y, k_all, v_all
 
 
-ATTENTION_KINDS = ("plain", "mha", "gqa")  # standard ops | MultiHeadAttention | GroupQueryAttention, shared cache
+ATTENTION_KINDS = (
+    "plain",
+    "mha",
+    "gqa",
+)  # standard ops | MultiHeadAttention | GroupQueryAttention, shared cache
 
 
 class Attention(nn.Module):
@@ -202,7 +206,10 @@ class GPT2(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, logits_to_keep, *past):
         T = input_ids.shape[1]
-        masks = (None if self.h[0].attn.kind == "mha" else allowed_mask(T, past[0].shape[2], attention_mask), attention_mask)
+        masks = (
+            None if self.h[0].attn.kind == "mha" else allowed_mask(T, past[0].shape[2], attention_mask),
+            attention_mask,
+        )
         x, presents = self._blocks(input_ids, position_ids, masks, past)
         x = x[:, T - logits_to_keep :, :]  # (B, kept, C)
         return (self._lm_head(x), *presents)

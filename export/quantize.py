@@ -18,7 +18,9 @@ import onnx
 
 log = logging.getLogger(__name__)
 
-BLOCK_SIZE = 128  # weights per scale: 128 ran 4.7 ms/step against 5.6 for 32 on the 124M shape, within tolerance
+BLOCK_SIZE = (
+    128  # weights per scale: 128 ran 4.7 ms/step against 5.6 for 32 on the 124M shape, within tolerance
+)
 ACCURACY_LEVEL = 4  # int8 activations x int8 weights inside the kernel (VNNI on x86)
 
 
@@ -42,7 +44,11 @@ def quantize_int8(proto: onnx.ModelProto, n_layer: int) -> onnx.ModelProto:
     nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "export", "--dtype int8")
     log.info("quantizing weights to int8 (MatMulNBits, block %d)", BLOCK_SIZE)
     quantizer = nbits.MatMulNBitsQuantizer(
-        proto, bits=8, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+        proto,
+        bits=8,
+        block_size=BLOCK_SIZE,
+        is_symmetric=True,
+        accuracy_level=ACCURACY_LEVEL,
         op_types_to_quantize=("MatMul",),
     )
     quantizer.process()
@@ -50,5 +56,7 @@ def quantize_int8(proto: onnx.ModelProto, n_layer: int) -> onnx.ModelProto:
     counts = Counter(node.op_type for node in out.graph.node)
     expected = 4 * n_layer + 1  # c_attn, attn c_proj, c_fc, mlp c_proj per layer, and lm_head
     if counts["MatMulNBits"] != expected:
-        raise QuantizationError(f"int8 quantization produced {counts['MatMulNBits']} MatMulNBits nodes, expected {expected}; the graph did not have the shape the quantizer expects")
+        raise QuantizationError(
+            f"int8 quantization produced {counts['MatMulNBits']} MatMulNBits nodes, expected {expected}; the graph did not have the shape the quantizer expects"
+        )
     return out

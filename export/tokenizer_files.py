@@ -50,8 +50,11 @@ def find_tokenizer(
         if checkpoint_folder is None:
             log.info("tokenizer: GPT-2's, shipped with gpt2-onnx")
         else:
-            log.warning("%s has no tokenizer: using GPT-2's, shipped with gpt2-onnx "
-                        "(pass --tokenizer if these weights were trained with another)", checkpoint_folder)
+            log.warning(
+                "%s has no tokenizer: using GPT-2's, shipped with gpt2-onnx "
+                "(pass --tokenizer if these weights were trained with another)",
+                checkpoint_folder,
+            )
         return PACKAGED_GPT2
     assert hub_fallback is None, f"no packaged tokenizer for {hub_fallback!r}; only gpt2's is shipped"
     raise CheckpointError(

@@ -33,7 +33,11 @@ class Tolerance:
 
 
 # The one tolerance table. fp16 is compared against the fp32 reference, so it measures fp16's real error.
-TOLERANCES = {"fp32": Tolerance(atol=1e-4, rtol=1e-4), "fp16": Tolerance(atol=1e-2, rtol=1e-2), "int8": Tolerance(atol=5e-2, rtol=5e-2)}
+TOLERANCES = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-4),
+    "fp16": Tolerance(atol=1e-2, rtol=1e-2),
+    "int8": Tolerance(atol=5e-2, rtol=5e-2),
+}
 
 # (batch, seq, past_len, logits_to_keep or None for all, left padding of the last rows)
 CHECK_SHAPES = [(1, 1, 0, None, 0), (1, 7, 0, 1, 0), (3, 5, 0, None, 3), (2, 1, 6, 1, 2), (2, 4, 3, None, 4)]
@@ -53,12 +57,25 @@ class CheckReport:
     def __str__(self) -> str:
         return (
             f"max |Δ logits| {self.max_abs_logits:.3g}, "
-            + (f"max |Δ present| {self.max_abs_present:.3g}, " if self.max_abs_present is not None else "presents checked through later steps' logits, ")
+            + (
+                f"max |Δ present| {self.max_abs_present:.3g}, "
+                if self.max_abs_present is not None
+                else "presents checked through later steps' logits, "
+            )
             + f"top-1 agreement {self.top1_agreement:.2%} over {self.positions} positions"
         )
 
 
-def random_inputs(config: GPT2Config, batch: int, seq: int, past_len: int, keep: int | None, pad: int, gen: np.random.Generator, np_dtype) -> dict[str, np.ndarray]:
+def random_inputs(
+    config: GPT2Config,
+    batch: int,
+    seq: int,
+    past_len: int,
+    keep: int | None,
+    pad: int,
+    gen: np.random.Generator,
+    np_dtype,
+) -> dict[str, np.ndarray]:
     """Inputs in the graph contract's names; the last rows of the batch are left-padded by up to `pad`."""
     total = past_len + seq
     mask = np.ones((batch, total), dtype=np.int64)
@@ -83,11 +100,24 @@ def check_export(session, reference: GPT2, dtype: str, seed: int = 0) -> CheckRe
     np_dtype = KV_DTYPES[dtype]
     report = CheckReport(0.0, 0.0, 0.0, 0)
     for i, shape in enumerate(CHECK_SHAPES):
-        log.info("checking against PyTorch: shape %d/%d (batch, seq, past, keep, pad) = %s", i + 1, len(CHECK_SHAPES), shape)
+        log.info(
+            "checking against PyTorch: shape %d/%d (batch, seq, past, keep, pad) = %s",
+            i + 1,
+            len(CHECK_SHAPES),
+            shape,
+        )
         feeds = random_inputs(config, *shape, gen=gen, np_dtype=np_dtype)
         got = session.run(None, feeds)
         with torch.no_grad():
-            want = [t.numpy() for t in reference(*(torch.from_numpy(v).float() if v.dtype == np_dtype else torch.from_numpy(v) for v in feeds.values()))]
+            want = [
+                t.numpy()
+                for t in reference(
+                    *(
+                        torch.from_numpy(v).float() if v.dtype == np_dtype else torch.from_numpy(v)
+                        for v in feeds.values()
+                    )
+                )
+            ]
         # Outputs at padding positions are unspecified (a padded query attends to nothing real),
         # so only real query positions and real cache slots are compared.
         mask = feeds["attention_mask"].astype(bool)
@@ -119,12 +149,31 @@ def check_shared_export(session, reference: GPT2, dtype: str, seed: int = 0) -> 
         got += [session.decode(new[:, i]).copy() for i in range(steps)]
         full_ids, full_mask, full_pos = left_pad([p + n.tolist() for p, n in zip(prompts, new)])
         with torch.no_grad():
-            want = reference(*map(torch.from_numpy, (full_ids, full_pos, full_mask, np.array(steps + 1))), *[torch.zeros(len(lengths), config.n_head, 0, config.head_dim)] * (2 * config.n_layer))[0].numpy()
-        _compare(report, "logits", np.stack(got, axis=1), want, np.ones(want.shape[:2] + (1,), bool), TOLERANCES[dtype], (lengths, steps))
+            want = reference(
+                *map(torch.from_numpy, (full_ids, full_pos, full_mask, np.array(steps + 1))),
+                *[torch.zeros(len(lengths), config.n_head, 0, config.head_dim)] * (2 * config.n_layer),
+            )[0].numpy()
+        _compare(
+            report,
+            "logits",
+            np.stack(got, axis=1),
+            want,
+            np.ones(want.shape[:2] + (1,), bool),
+            TOLERANCES[dtype],
+            (lengths, steps),
+        )
     return report
 
 
-def _compare(report: CheckReport, what: str, got: np.ndarray, want: np.ndarray, valid: np.ndarray, tol: Tolerance, shape) -> None:
+def _compare(
+    report: CheckReport,
+    what: str,
+    got: np.ndarray,
+    want: np.ndarray,
+    valid: np.ndarray,
+    tol: Tolerance,
+    shape,
+) -> None:
     """Check one output where `valid` (broadcastable) is true; fold the figures into `report`."""
     got = got.astype(np.float32)
     if not np.isfinite(got).all():
@@ -133,7 +182,9 @@ def _compare(report: CheckReport, what: str, got: np.ndarray, want: np.ndarray, 
     limit = tol.atol + tol.rtol * float(np.abs(want).max(initial=0.0))
     if diff.max(initial=0.0) > limit:
         where = np.unravel_index(diff.argmax(), diff.shape)
-        raise ExportCheckError(f"{what} differ from PyTorch by {diff.max():.3g} (limit {limit:.3g}) at index {tuple(int(x) for x in where)}, shape {shape}")
+        raise ExportCheckError(
+            f"{what} differ from PyTorch by {diff.max():.3g} (limit {limit:.3g}) at index {tuple(int(x) for x in where)}, shape {shape}"
+        )
     if what == "logits":
         report.max_abs_logits = max(report.max_abs_logits, float(diff.max(initial=0.0)))
         rows = np.broadcast_to(valid[..., 0], got.shape[:-1])
@@ -153,5 +204,7 @@ def top1_agreement(got: np.ndarray, want: np.ndarray, limit: float) -> tuple[int
     for idx in zip(*np.nonzero(~agree)):
         margin = want[idx][w_top[idx]] - want[idx][g_top[idx]]
         if margin > 2 * limit:
-            raise ExportCheckError(f"top-1 token differs at position {tuple(int(i) for i in idx)} with reference margin {margin:.3g}")
+            raise ExportCheckError(
+                f"top-1 token differs at position {tuple(int(i) for i in idx)} with reference margin {margin:.3g}"
+            )
     return int(agree.sum()), agree.size

@@ -123,14 +123,20 @@ def tiny_int8(hf_folder, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_int8_shared(hf_folder, tmp_path_factory) -> Path:
-    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-int8-shared", dtype="int8", kv_cache="shared")
+    return export_folder(
+        hf_folder, tmp_path_factory.mktemp("export") / "tiny-int8-shared", dtype="int8", kv_cache="shared"
+    )
 
 
 def hf_forward(model, ids, mask, positions, cache=None):
     """One GPT2LMHeadModel call; returns (logits, cache). transformers renamed past_key_values to cache."""
-    kwargs = dict(attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(positions), use_cache=True)
+    kwargs = dict(
+        attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(positions), use_cache=True
+    )
     if cache is not None:
-        kwargs["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = cache
+        kwargs["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = (
+            cache
+        )
     with torch.no_grad():
         out = model(torch.from_numpy(ids), **kwargs)
     return out.logits.numpy(), out.past_key_values
@@ -155,4 +161,6 @@ def left_padded(lengths: list[int], gen: np.random.Generator, vocab_size: int):
 @pytest.fixture(scope="session")
 def tiny_fp16_shared(hf_folder, tmp_path_factory) -> Path:
     """The GPU's fast path: fp16 with the in-place cache (GroupQueryAttention runs fp16 only on CUDA)."""
-    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-fp16-shared", dtype="fp16", kv_cache="shared")
+    return export_folder(
+        hf_folder, tmp_path_factory.mktemp("export") / "tiny-fp16-shared", dtype="fp16", kv_cache="shared"
+    )

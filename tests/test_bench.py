@@ -13,25 +13,49 @@ from gpt2onnx.engine.cli import main
 
 
 def test_bench_runs_side_by_side_on_the_same_weights(tiny_fp32, tmp_path):
-    cfg = BenchConfig(model_folder=tiny_fp32, out=tmp_path, provider="cpu", batches=(1, 2), prompt_lens=(5,), new_tokens=(6,), warmup=1, repeats=2, baselines=("transformers-eager", "ort-plain-loop", "naive-no-cache", "optimum"), optimum_python="/nonexistent/python")
+    cfg = BenchConfig(
+        model_folder=tiny_fp32,
+        out=tmp_path,
+        provider="cpu",
+        batches=(1, 2),
+        prompt_lens=(5,),
+        new_tokens=(6,),
+        warmup=1,
+        repeats=2,
+        baselines=("transformers-eager", "ort-plain-loop", "naive-no-cache", "optimum"),
+        optimum_python="/nonexistent/python",
+    )
     results = run_bench(cfg)
     runners = results["runners"]
     assert results["ok"] and results["failures"] == [], "a skipped baseline is not a failure"
     assert "skipped" in runners["optimum"] and "not installed" in runners["optimum"]["skipped"]
-    assert runners["gpt2-onnx"]["cuda_graph"] is False, "ours records whether CUDA graphs ran (not on the CPU)"
+    assert runners["gpt2-onnx"]["cuda_graph"] is False, (
+        "ours records whether CUDA graphs ran (not on the CPU)"
+    )
     for name in ("gpt2-onnx", "transformers-eager", "ort-plain-loop", "naive-no-cache"):
         for r in runners[name]["results"]:
             assert len(r["runs"]) == 2, "warm-up must be excluded, repeats kept"
-            assert r["same_tokens_as_ours"], f"{name} produced other tokens at batch {r['batch']}: not the same weights?"
+            assert r["same_tokens_as_ours"], (
+                f"{name} produced other tokens at batch {r['batch']}: not the same weights?"
+            )
             assert len(r["tokens"]) == r["batch"] and all(len(t) == 6 for t in r["tokens"])
-            assert r["decode_ms_per_token"]["min"] <= r["decode_ms_per_token"]["median"] <= r["decode_ms_per_token"]["max"]
+            assert (
+                r["decode_ms_per_token"]["min"]
+                <= r["decode_ms_per_token"]["median"]
+                <= r["decode_ms_per_token"]["max"]
+            )
             assert r["fraction_of_floor"] > 0 and r["bytes_per_step"] > 0
         assert runners[name]["peak_rss_mb"] > 0
     assert [r["batch"] for r in runners["naive-no-cache"]["results"]] == [1]
     ours = runners["gpt2-onnx"]["results"][0]
     assert ours["python_overhead_ms"]["median"] > 0 and ours["decode_vs_ours"] == 1.0
     written = report.write(results, tmp_path)
-    assert {p.name for p in written} == {"results.json", "results.md", "throughput_vs_batch.png", "ms_per_token_vs_context.png"}
+    assert {p.name for p in written} == {
+        "results.json",
+        "results.md",
+        "throughput_vs_batch.png",
+        "ms_per_token_vs_context.png",
+    }
     assert json.loads((tmp_path / "results.json").read_text())["machine"]["read_bandwidth_gbs"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "transformers-eager" in table and "Python overhead per decode step" in table
@@ -56,7 +80,17 @@ def test_bench_rejects_a_zero_batch(tiny_fp32, capsys):
 
 
 def test_bench_of_the_in_place_cache_runs_onnx_baselines_on_the_standard_twin(tiny_shared, tmp_path):
-    cfg = BenchConfig(model_folder=tiny_shared, out=tmp_path, provider="cpu", batches=(2,), prompt_lens=(4,), new_tokens=(5,), warmup=1, repeats=1, baselines=("transformers-eager", "ort-plain-loop"))
+    cfg = BenchConfig(
+        model_folder=tiny_shared,
+        out=tmp_path,
+        provider="cpu",
+        batches=(2,),
+        prompt_lens=(4,),
+        new_tokens=(5,),
+        warmup=1,
+        repeats=1,
+        baselines=("transformers-eager", "ort-plain-loop"),
+    )
     results = run_bench(cfg)
     assert results["model"]["kv_cache"] == "shared"
     for name in ("transformers-eager", "ort-plain-loop"):

@@ -101,7 +101,9 @@ def test_our_engine_failing_fails_the_benchmark_with_the_workers_error(tiny_fp32
     assert results["ok"] is False
     reason = f"exit 1: RuntimeError: {CUDA_ERROR}"
     assert results["failures"] == [{"runner": "gpt2-onnx", "reason": reason, "ours": True}]
-    assert "ort-plain-loop" not in results["runners"], "no baseline runs when there is nothing to compare it with"
+    assert "ort-plain-loop" not in results["runners"], (
+        "no baseline runs when there is nothing to compare it with"
+    )
     assert "FAILED: gpt2-onnx" in (tmp_path / "out" / "results.md").read_text()
 
 
@@ -125,7 +127,9 @@ def test_a_failed_baseline_is_a_recorded_row_and_the_benchmark_passes(tiny_fp32,
     assert results["runners"]["ort-plain-loop"] == {"runner": "ort-plain-loop", "error": reason}
     assert results["runners"]["naive-no-cache"]["results"], "the baselines after a failed one still run"
     ours = results["runners"]["gpt2-onnx"]
-    assert ours["cuda_graph"] is False and ours["graph_fallback"] is None  # on the CPU: no graphs, no fallback
+    assert (
+        ours["cuda_graph"] is False and ours["graph_fallback"] is None
+    )  # on the CPU: no graphs, no fallback
     table = (tmp_path / "out" / "results.md").read_text()
     assert f"| ort-plain-loop | | | | | | | | | FAILED, left out: {reason} |" in table
 
@@ -133,7 +137,9 @@ def test_a_failed_baseline_is_a_recorded_row_and_the_benchmark_passes(tiny_fp32,
 def test_a_session_that_fell_back_to_the_cpu_fails_a_cuda_benchmark(tiny_fp32, tmp_path, monkeypatch, capsys):
     wrap_worker(monkeypatch, tmp_path, fall_back=True)
     code, last, results = run_cli(tiny_fp32, tmp_path / "out", "ort-plain-loop", capsys, provider="cuda")
-    expected = "gpt2-onnx failed: exit 1: FellBackError: --provider cuda was asked for but gpt2-onnx runs on cpu"
+    expected = (
+        "gpt2-onnx failed: exit 1: FellBackError: --provider cuda was asked for but gpt2-onnx runs on cpu"
+    )
     assert code != 0 and expected in last, last
     assert results["failures"][0]["ours"] and "fell back to the CPU" in results["failures"][0]["reason"]
 

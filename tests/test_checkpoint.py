@@ -26,7 +26,9 @@ def test_round_trip_through_transformers_names():
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(HFConfig(**{k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")}))
+    model = GPT2LMHeadModel(
+        HFConfig(**{k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")})
+    )
     missing, unexpected = model.load_state_dict(hf_state, strict=False)
     assert not unexpected and all(k.endswith(("attn.bias", "attn.masked_bias")) for k in missing)
     back = convert_hf_state_dict(dict(model.state_dict()), config)
@@ -55,11 +57,15 @@ def test_hostile_checkpoint_config_is_refused_before_anything_is_sized(hf_folder
         load_checkpoint(str(folder))
 
 
-@pytest.mark.parametrize("raw, message", [
-    ("[" * 100_000 + "]" * 100_000, "nested deeper"),
-    ("[1]", "not a JSON object"),
-    ('{"model_type": "gpt2", "n_layer": NaN}', "not valid JSON"),
-], ids=["deep", "list", "nan"])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested deeper"),
+        ("[1]", "not a JSON object"),
+        ('{"model_type": "gpt2", "n_layer": NaN}', "not valid JSON"),
+    ],
+    ids=["deep", "list", "nan"],
+)
 def test_malformed_checkpoint_config(hf_folder, tmp_path, raw, message):
     folder = tmp_path / "ckpt"
     shutil.copytree(hf_folder, folder)

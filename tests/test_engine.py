@@ -13,7 +13,12 @@ from gpt2onnx.engine.contract import ModelFolderError
 from gpt2onnx.engine.engine import Engine, EngineBusyError
 from gpt2onnx.engine.session import ProviderError, cuda_device_count
 
-PROMPTS = ["Hello", "The quick brown fox jumps over", "a", "Once upon a time, in a land far away, there lived"]
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over",
+    "a",
+    "Once upon a time, in a land far away, there lived",
+]
 
 
 @pytest.fixture(scope="module", params=["standard", "shared", "static"])
@@ -27,7 +32,13 @@ def engine(request):
 def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
     """transformers' own greedy generate on one unpadded prompt: the reference."""
     with torch.no_grad():
-        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n, do_sample=False, pad_token_id=hf_model.config.eos_token_id)
+        out = hf_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=hf_model.config.eos_token_id,
+        )
     return out[0, len(ids) :].tolist()
 
 
@@ -50,7 +61,10 @@ def test_greedy_matches_transformers_on_the_unfused_graph(tiny_fp32_plain, hf_mo
 def test_token_id_prompts(engine):
     ids = engine.to_tokens(PROMPTS[1])
     by_ids = engine.generate([ids], max_new_tokens=5).completions[0]
-    assert by_ids.prompt_token_ids == ids and by_ids.token_ids == engine.generate(PROMPTS[1], max_new_tokens=5).completions[0].token_ids
+    assert (
+        by_ids.prompt_token_ids == ids
+        and by_ids.token_ids == engine.generate(PROMPTS[1], max_new_tokens=5).completions[0].token_ids
+    )
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.generate([[10**7]], max_new_tokens=2)
 
@@ -64,13 +78,18 @@ def test_every_row_gives_what_it_gives_alone(engine):
 
 def test_more_prompts_than_max_batch_run_in_turns(engine):
     small = Engine.load(engine.folder, provider="cpu", max_batch=2)
-    assert [c.token_ids for c in small.generate(PROMPTS, max_new_tokens=5).completions] == [c.token_ids for c in engine.generate(PROMPTS, max_new_tokens=5).completions]
+    assert [c.token_ids for c in small.generate(PROMPTS, max_new_tokens=5).completions] == [
+        c.token_ids for c in engine.generate(PROMPTS, max_new_tokens=5).completions
+    ]
 
 
 def test_streaming_equals_non_streaming(engine):
     for prompt in PROMPTS[:2]:
         pieces = list(engine.stream(prompt, max_new_tokens=15, top_k=20, seed=3))
-        assert "".join(pieces) == engine.generate(prompt, max_new_tokens=15, top_k=20, seed=3).completions[0].text
+        assert (
+            "".join(pieces)
+            == engine.generate(prompt, max_new_tokens=15, top_k=20, seed=3).completions[0].text
+        )
 
 
 def test_rows_stop_one_by_one(engine, vocab):
@@ -92,7 +111,10 @@ def test_stop_string_is_not_streamed_before_it_completes(engine):
     if not stop:
         pytest.skip("completion too short")
     pieces = list(engine.stream(PROMPTS[1], max_new_tokens=10, stop=stop))
-    assert stop not in "".join(pieces) and "".join(pieces) == engine.generate(PROMPTS[1], max_new_tokens=10, stop=stop).completions[0].text
+    assert (
+        stop not in "".join(pieces)
+        and "".join(pieces) == engine.generate(PROMPTS[1], max_new_tokens=10, stop=stop).completions[0].text
+    )
 
 
 class CountingBinding:
@@ -128,7 +150,9 @@ def test_kv_cache_lives_in_the_preallocated_buffers(engine):
             assert written == pointers[0], f"step {step}: presents were not written in place"
             assert outputs[-1].shape()[2] == session._cap_seq
         else:
-            assert written == pointers[step % 2], f"step {step}: presents were not written into the preallocated set"
+            assert written == pointers[step % 2], (
+                f"step {step}: presents were not written into the preallocated set"
+            )
             assert outputs[-1].shape() == [2, c.n_head, 3 + step, c.head_dim]
     cache_binds = [name for _, name in counting.calls if name.startswith(("past", "present"))]
     if engine.manifest.kv_cache == "shared":
@@ -152,10 +176,18 @@ def test_score_matches_transformers(engine, hf_model):
     s = engine.score(text)
     with torch.no_grad():
         logits = hf_model(torch.tensor([s.tokens])).logits[0]
-    want = torch.log_softmax(logits.double(), -1)[:-1].gather(1, torch.tensor(s.tokens[1:])[:, None])[:, 0].numpy()
+    want = (
+        torch.log_softmax(logits.double(), -1)[:-1]
+        .gather(1, torch.tensor(s.tokens[1:])[:, None])[:, 0]
+        .numpy()
+    )
     np.testing.assert_allclose(s.logprobs, want, atol=1e-4)
     assert s.perplexity == pytest.approx(float(np.exp(-want.mean())), rel=1e-4)
-    assert len(s.str_tokens) == len(s.tokens) and engine.logits(s.tokens).shape == (1, len(s.tokens), engine.manifest.config.vocab_size)
+    assert len(s.str_tokens) == len(s.tokens) and engine.logits(s.tokens).shape == (
+        1,
+        len(s.tokens),
+        engine.manifest.config.vocab_size,
+    )
 
 
 def test_seeded_sampling_is_reproducible(engine):
@@ -245,7 +277,9 @@ def test_repeated_calls_do_not_grow_memory(engine):
     for _ in range(40):
         engine.generate(PROMPTS, max_new_tokens=8)
         engine.score("The quick brown fox")
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 20_000, "peak RSS grew by > 20 MB over 40 calls"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 20_000, (
+        "peak RSS grew by > 20 MB over 40 calls"
+    )
 
 
 def test_missing_and_corrupt_model_folders(tiny_fp32, tmp_path):
@@ -304,7 +338,9 @@ def test_greedy_argmax_on_the_device_equals_the_host(tiny_shared, hf_model):
     engine = Engine.load(tiny_shared, provider="cpu")
     on_device = engine.generate(PROMPTS, max_new_tokens=10)
     assert engine.session.pick == "argmax" and "logits" not in engine.session._bound
-    on_host = engine.generate(PROMPTS, max_new_tokens=10, logit_bias={0: 0.0})  # a bias needs the logits on the host
+    on_host = engine.generate(
+        PROMPTS, max_new_tokens=10, logit_bias={0: 0.0}
+    )  # a bias needs the logits on the host
     assert engine.session.pick == "host"
     assert [c.token_ids for c in on_device.completions] == [c.token_ids for c in on_host.completions]
     for c in on_device.completions:
@@ -320,7 +356,13 @@ def test_a_lower_max_seq_is_the_context(tiny_fp32):
     assert len(c.prompt_token_ids) == 28 and len(c.token_ids) == 4
 
 
-DEVICE_SETTINGS = [{}, {"top_k": 20, "seed": 1}, {"temperature": 0.7, "seed": 2}, {"top_k": 40, "top_p": 0.8, "temperature": 1.3, "seed": 3}, {"min_p": 0.2, "seed": 4}]
+DEVICE_SETTINGS = [
+    {},
+    {"top_k": 20, "seed": 1},
+    {"temperature": 0.7, "seed": 2},
+    {"top_k": 40, "top_p": 0.8, "temperature": 1.3, "seed": 3},
+    {"min_p": 0.2, "seed": 4},
+]
 
 
 @pytest.mark.parametrize("settings", DEVICE_SETTINGS, ids=lambda s: ",".join(s) or "greedy")
@@ -328,7 +370,9 @@ def test_sampling_graph_picks_what_the_host_picks(engine, settings):
     """The sampling graph (the GPU default, forced on here) reads the logits where the model
     wrote them and returns ids only; with the same seed it draws the host's tokens."""
     static = type(engine.session).__name__ == "StaticCacheSession"
-    device = Engine.load(engine.folder, provider="cpu", max_batch=4, device_sampling=True, static_decode=static)
+    device = Engine.load(
+        engine.folder, provider="cpu", max_batch=4, device_sampling=True, static_decode=static
+    )
     on_device = device.generate(PROMPTS, max_new_tokens=12, **settings)
     assert device.session.picks_on_device and "logits" not in device.session._bound
     assert device.session.pick == ("argmax" if not settings and device.session.has_argmax else "sampler")
@@ -339,7 +383,12 @@ def test_sampling_graph_picks_what_the_host_picks(engine, settings):
 
 def test_settings_the_sampling_graph_cannot_match_stay_on_the_host(tiny_fp32):
     device = Engine.load(tiny_fp32, provider="cpu", device_sampling=True)
-    for settings in ({"top_p": 0.9}, {"top_k": 500}, {"repetition_penalty": 1.3}, {"logit_bias": {5: 2.0}, "top_k": 5}):
+    for settings in (
+        {"top_p": 0.9},
+        {"top_k": 500},
+        {"repetition_penalty": 1.3},
+        {"logit_bias": {5: 2.0}, "top_k": 5},
+    ):
         device.generate(PROMPTS[0], max_new_tokens=2, **settings)
         assert device.session.pick == "host", settings
 
@@ -377,9 +426,16 @@ def test_static_decode_steps_keep_their_shapes_and_addresses(tiny_shared):
         assert bucket == {1: 1, 3: 4, 6: 6}[len(prompts)]
         graph_ids, outputs, binds = zip(*recorder.runs)
         assert graph_ids == ("-1",) + (str(session.buckets.index(bucket) + 1),) * 4, graph_ids
-        assert all(out == outputs[1] for out in outputs[1:]) and len(outputs[1]) == 2 + 2 * engine.manifest.config.n_layer
-        assert addresses.setdefault(bucket, outputs[1]) == outputs[1], "a bucket's buffers moved between calls"
-        assert binds[1] > binds[0] and len(set(binds[1:])) == 1, "a decode step after the first bound something"
+        assert (
+            all(out == outputs[1] for out in outputs[1:])
+            and len(outputs[1]) == 2 + 2 * engine.manifest.config.n_layer
+        )
+        assert addresses.setdefault(bucket, outputs[1]) == outputs[1], (
+            "a bucket's buffers moved between calls"
+        )
+        assert binds[1] > binds[0] and len(set(binds[1:])) == 1, (
+            "a decode step after the first bound something"
+        )
     assert session.kv_pointers == pointers
     session.session, session._io = recorder.session, counting.io
 

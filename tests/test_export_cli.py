@@ -80,7 +80,9 @@ def test_hub_id_while_offline_says_how_to_pass_a_folder(capsys, tmp_path):
 
 
 def test_unknown_random_size(capsys, tmp_path, tokenizer_dir):
-    code, err = run_cli(capsys, "export", "--random-init", "gpt5", "--tokenizer", tokenizer_dir, "--output", tmp_path / "out")
+    code, err = run_cli(
+        capsys, "export", "--random-init", "gpt5", "--tokenizer", tokenizer_dir, "--output", tmp_path / "out"
+    )
     assert_one_line_error(code, err, "unknown size", "gpt2-medium")
 
 
@@ -116,8 +118,19 @@ def test_manifest_round_trip(tiny_fp32, hf_folder):
     manifest = read_manifest(tiny_fp32)
     assert parse_manifest(json.loads(manifest.to_json())) == manifest
     assert manifest.source.checkpoint == str(hf_folder.resolve()) and not manifest.source.random_init
-    assert set(manifest.io["inputs"]) >= {"input_ids", "position_ids", "attention_mask", "past_key_0", "past_value_1"}
-    assert manifest.io["outputs"]["present_key_0"]["dims"] == ["batch", manifest.config.n_head, "total_seq", manifest.config.head_dim]
+    assert set(manifest.io["inputs"]) >= {
+        "input_ids",
+        "position_ids",
+        "attention_mask",
+        "past_key_0",
+        "past_value_1",
+    }
+    assert manifest.io["outputs"]["present_key_0"]["dims"] == [
+        "batch",
+        manifest.config.n_head,
+        "total_seq",
+        manifest.config.head_dim,
+    ]
     assert (tiny_fp32 / "tokenizer.json").is_file() and manifest.opset >= 17
 
 
@@ -134,7 +147,20 @@ def test_manifest_of_unknown_version_is_refused(tiny_fp32, tmp_path):
 
 def test_console_script_exit_code_and_stderr(tmp_path):
     """The installed entry point, in a fresh process, keeps tracebacks away from users."""
-    proc = subprocess.run([sys.executable, "-m", "gpt2onnx.engine.cli", "export", "--model", str(tmp_path / "x"), "--output", str(tmp_path / "o")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpt2onnx.engine.cli",
+            "export",
+            "--model",
+            str(tmp_path / "x"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("gpt2-onnx: error:")
 
@@ -142,7 +168,9 @@ def test_console_script_exit_code_and_stderr(tmp_path):
 def test_a_fusion_that_fails_fails_the_export(capsys, tmp_path, hf_folder, monkeypatch):
     from gpt2onnx.export import fusion
 
-    monkeypatch.setattr(fusion, "expected_fusions", lambda config, kv_cache: {"MultiHeadAttention": config.n_layer + 1})
+    monkeypatch.setattr(
+        fusion, "expected_fusions", lambda config, kv_cache: {"MultiHeadAttention": config.n_layer + 1}
+    )
     code, err = run_cli(capsys, "export", "--model", hf_folder, "--output", tmp_path / "out")
     assert_one_line_error(code, err, "MultiHeadAttention", "--no-optimize")
     assert not (tmp_path / "out").exists()
@@ -153,7 +181,9 @@ def test_progress_is_ours_and_library_chatter_needs_debug(capsys, tmp_path, hf_f
     """The default log is our few progress lines; onnxruntime's optimizer and quantizer log every
     node at INFO, which a user sees only with --debug."""
     capsys.readouterr()
-    assert main(["export", "--model", str(hf_folder), "--dtype", "int8", "--output", str(tmp_path / "q")]) == 0
+    assert (
+        main(["export", "--model", str(hf_folder), "--dtype", "int8", "--output", str(tmp_path / "q")]) == 0
+    )
     err = capsys.readouterr().err
     assert "export check passed" in err and "quantizing weights to int8" in err
     assert "skip to quantize" not in err and "Fused SkipLayerNormalization" not in err, err

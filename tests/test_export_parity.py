@@ -24,7 +24,12 @@ def run_graph(sess, config, ids, mask, positions, past=None, keep=None, dtype=np
     B = ids.shape[0]
     if past is None:
         past = [np.zeros((B, config.n_head, 0, config.head_dim), dtype) for _ in past_names(config.n_layer)]
-    feeds = dict(zip(input_names(config.n_layer), [ids, positions, mask, np.array(keep or ids.shape[1], np.int64), *past]))
+    feeds = dict(
+        zip(
+            input_names(config.n_layer),
+            [ids, positions, mask, np.array(keep or ids.shape[1], np.int64), *past],
+        )
+    )
     out = sess.run(None, feeds)
     return out[0], out[1:]
 
@@ -38,12 +43,24 @@ def assert_close(got, want, tol, what, valid=None):
     limit = tol.atol + tol.rtol * float(np.abs(want).max())
     if diff.max() > limit:
         where = np.unravel_index(diff.argmax(), diff.shape)
-        top1 = "" if got.ndim < 3 else f"; top-1 there {'agrees' if got[where[:-1]].argmax() == want[where[:-1]].argmax() else 'DIFFERS'}"
+        top1 = (
+            ""
+            if got.ndim < 3
+            else f"; top-1 there {'agrees' if got[where[:-1]].argmax() == want[where[:-1]].argmax() else 'DIFFERS'}"
+        )
         pytest.fail(f"{what}: max |Δ| {diff.max():.3g} > {limit:.3g} at {tuple(int(i) for i in where)}{top1}")
 
 
 # (prompt lengths per row, past_len, new tokens): random-ish shapes with past 0, left padding, batch > 1.
-SHAPES = [([1], 0, 1), ([9], 0, 9), ([3, 7, 5], 0, 7), ([4], 6, 3), ([2, 6], 6, 1), ([5, 1, 3, 8], 8, 4), ([12, 12], 12, 5)]
+SHAPES = [
+    ([1], 0, 1),
+    ([9], 0, 9),
+    ([3, 7, 5], 0, 7),
+    ([4], 6, 3),
+    ([2, 6], 6, 1),
+    ([5, 1, 3, 8], 8, 4),
+    ([12, 12], 12, 5),
+]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -61,9 +78,13 @@ def test_logits_and_presents_match_transformers(request, hf_model, variant, leng
 
     past, hf_cache = None, None
     if past_len:
-        _, past = run_graph(sess, config, ids[:, :split], mask[:, :split], positions[:, :split], dtype=np_dtype)
+        _, past = run_graph(
+            sess, config, ids[:, :split], mask[:, :split], positions[:, :split], dtype=np_dtype
+        )
         _, hf_cache = hf_forward(hf_model, ids[:, :split], mask[:, :split], positions[:, :split])
-    logits, presents = run_graph(sess, config, ids[:, split:], mask, positions[:, split:], past, dtype=np_dtype)
+    logits, presents = run_graph(
+        sess, config, ids[:, split:], mask, positions[:, split:], past, dtype=np_dtype
+    )
     want_logits, hf_cache = hf_forward(hf_model, ids[:, split:], mask, positions[:, split:], hf_cache)
 
     real_query = mask[:, split:, None].astype(bool)  # padded query rows attend to nothing; ignore them
@@ -94,7 +115,9 @@ def test_cache_equivalence_one_pass_vs_token_by_token(tiny_fp32):
     one_pass, _ = run_graph(sess, config, ids, mask, positions)
     past, steps = None, []
     for t in range(ids.shape[1]):
-        logits, past = run_graph(sess, config, ids[:, t : t + 1], mask[:, : t + 1], positions[:, t : t + 1], past)
+        logits, past = run_graph(
+            sess, config, ids[:, t : t + 1], mask[:, : t + 1], positions[:, t : t + 1], past
+        )
         steps.append(logits)
     real = mask.astype(bool)
     np.testing.assert_allclose(np.concatenate(steps, axis=1)[real], one_pass[real], atol=1e-4, rtol=1e-4)
@@ -117,7 +140,9 @@ def test_reduced_precision_parity_figures_against_fp32(request, variant, hf_mode
         want = hf_model(torch.from_numpy(ids)).logits.numpy()
     max_abs = float(np.abs(logits - want).max())
     agree = float((logits.argmax(-1) == want.argmax(-1)).mean())
-    print(f"{variant} vs fp32: max |Δ logits| {max_abs:.4f}, top-1 agreement {agree:.2%} over {ids.size} positions")
+    print(
+        f"{variant} vs fp32: max |Δ logits| {max_abs:.4f}, top-1 agreement {agree:.2%} over {ids.size} positions"
+    )
     tol = TOLERANCES[dtype]
     assert max_abs <= tol.atol + tol.rtol * float(np.abs(want).max())
     assert agree >= MIN_TOP1[dtype]
@@ -132,10 +157,15 @@ def test_optimized_graph_has_the_fused_ops(tiny_fp32, tiny_fp16, tiny_fp32_plain
     config = read_manifest(tiny_fp32).config
     for folder in (tiny_fp32, tiny_fp16, tiny_int8, tiny_shared):
         counts = Counter(n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node)
-        assert all(counts[op] == n for op, n in expected_fusions(config, read_manifest(folder).kv_cache).items()), (folder.name, counts)
+        assert all(
+            counts[op] == n for op, n in expected_fusions(config, read_manifest(folder).kv_cache).items()
+        ), (folder.name, counts)
         assert read_manifest(folder).optimized
     plain = Counter(n.op_type for n in onnx.load(str(tiny_fp32_plain / "model.onnx")).graph.node)
-    assert not any(op in plain for op in expected_fusions(config)) and not read_manifest(tiny_fp32_plain).optimized
+    assert (
+        not any(op in plain for op in expected_fusions(config))
+        and not read_manifest(tiny_fp32_plain).optimized
+    )
     shared = Counter(n.op_type for n in onnx.load(str(tiny_shared / "model.onnx")).graph.node)
     assert shared["Split"] == 0, "GroupQueryAttention takes c_attn's packed output, no Split per layer"
     int8 = Counter(n.op_type for n in onnx.load(str(tiny_int8 / "model.onnx")).graph.node)
@@ -153,16 +183,22 @@ def test_fp16_stays_finite_at_real_activation_scales(vocab, tokenizer_dir, tmp_p
     """Real GPT-2 has residual channels in the thousands and sharp attention; fp16 must survive both."""
     model = make_hf_model(vocab, seed=3)
     with torch.no_grad():
-        model.transformer.wpe.weight[:, 5] = 3000.0  # a massive-activation channel, as in GPT-2's residual stream
+        model.transformer.wpe.weight[:, 5] = (
+            3000.0  # a massive-activation channel, as in GPT-2's residual stream
+        )
         model.transformer.h[0].attn.c_attn.weight.mul_(20.0)  # attention logits in the hundreds
     folder = save_hf_folder(model, tmp_path / "loud", tokenizer_dir)
-    out = export_folder(folder, tmp_path / "loud-fp16", dtype="fp16")  # the export check itself compares with fp32
+    out = export_folder(
+        folder, tmp_path / "loud-fp16", dtype="fp16"
+    )  # the export check itself compares with fp32
     config, sess = read_manifest(out).config, session(out)
     ids, mask, positions = left_padded([9, 4], np.random.default_rng(4), config.vocab_size)
     logits, presents = run_graph(sess, config, ids, mask, positions, dtype=np.float16)
     want, _ = hf_forward(model, ids, mask, positions)
     assert np.isfinite(logits).all() and all(np.isfinite(p).all() for p in presents)
-    assert_close(logits, want, TOLERANCES["fp16"], "fp16 logits at large activations", mask[:, :, None].astype(bool))
+    assert_close(
+        logits, want, TOLERANCES["fp16"], "fp16 logits at large activations", mask[:, :, None].astype(bool)
+    )
 
 
 def test_pytorch_model_bin_and_external_data(hf_model, tokenizer_dir, tmp_path):
@@ -182,7 +218,9 @@ def test_pytorch_model_bin_and_external_data(hf_model, tokenizer_dir, tmp_path):
 @pytest.mark.slow
 def test_export_124m_shape_random_init(tokenizer_dir, vocab, tmp_path):
     if vocab[0] != 50257:
-        pytest.skip("the 124M shape needs the real GPT-2 tokenizer (../shared/gpt2-tokenizer) for its 50257 vocabulary")
+        pytest.skip(
+            "the 124M shape needs the real GPT-2 tokenizer (../shared/gpt2-tokenizer) for its 50257 vocabulary"
+        )
     out = export_folder(None, tmp_path / "gpt2-random", random_init="124m", seed=7, tokenizer=tokenizer_dir)
     manifest = read_manifest(out)
     c = manifest.config
@@ -190,7 +228,9 @@ def test_export_124m_shape_random_init(tokenizer_dir, vocab, tmp_path):
     assert manifest.source.random_init and manifest.source.seed == 7
     assert manifest.check["top1_agreement"] == 1.0 and manifest.check["max_abs_logits"] < 1e-3
     size = (out / "model.onnx").stat().st_size
-    assert 0.95 * c.n_params * 4 < size < 1.05 * c.n_params * 4, f"model.onnx is {size} bytes for {c.n_params} params"
+    assert 0.95 * c.n_params * 4 < size < 1.05 * c.n_params * 4, (
+        f"model.onnx is {size} bytes for {c.n_params} params"
+    )
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8"])
@@ -199,7 +239,13 @@ def test_shared_cache_exports_in_every_dtype(hf_folder, tmp_path, dtype):
     out = export_folder(hf_folder, tmp_path / f"shared-{dtype}", dtype=dtype, kv_cache="shared")
     manifest = read_manifest(out)
     assert manifest.kv_cache == "shared" and manifest.dtype == dtype and manifest.check["positions"] > 0
-    assert list(manifest.io["inputs"])[:5] == ["input_ids", "position_ids", "seqlens_k", "total_sequence_length", "logits_index"]
+    assert list(manifest.io["inputs"])[:5] == [
+        "input_ids",
+        "position_ids",
+        "seqlens_k",
+        "total_sequence_length",
+        "logits_index",
+    ]
 
 
 def test_shared_cache_needs_the_fused_graph(hf_folder, tmp_path):

@@ -30,11 +30,18 @@ def test_json_contract(tiny_fp32):
     )  # fmt: skip
     out = json.loads(proc.stdout)
     assert {"model", "provider", "completions", "timing"} <= set(out) and out["provider"] in ("cpu", "cuda")
-    assert set(out["timing"]) == {"prefill_ms", "decode_ms_per_token", "tokens_per_s"} and out["timing"]["tokens_per_s"] > 0
+    assert (
+        set(out["timing"]) == {"prefill_ms", "decode_ms_per_token", "tokens_per_s"}
+        and out["timing"]["tokens_per_s"] > 0
+    )
     first, empty = out["completions"]
     assert set(first) == {"prompt", "prompt_token_ids", "token_ids", "text", "finish_reason"}
     bos = json.loads((tiny_fp32 / "manifest.json").read_text())["config"]["bos_token_id"]
-    assert first["prompt"] == "Hello there" and first["prompt_token_ids"][0] == bos and len(first["prompt_token_ids"]) > 1
+    assert (
+        first["prompt"] == "Hello there"
+        and first["prompt_token_ids"][0] == bos
+        and len(first["prompt_token_ids"]) > 1
+    )
     assert len(first["token_ids"]) == 5 and first["finish_reason"] == "length"
     assert empty["prompt_token_ids"] == [bos] and len(empty["token_ids"]) == 5
 
@@ -48,14 +55,28 @@ def test_plain_and_stream_output_agree(tiny_fp32, capsys):
 
 
 def test_model_may_be_a_checkpoint_exported_on_first_use(hf_folder, tmp_path, capsys):
-    args = ["--verbose", "generate", "--model", str(hf_folder), "--models-dir", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "3", "--json"]
+    args = [
+        "--verbose",
+        "generate",
+        "--model",
+        str(hf_folder),
+        "--models-dir",
+        str(tmp_path),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     exported = list(tmp_path.iterdir())
     assert len(exported) == 1 and (exported[0] / "manifest.json").is_file()
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert "exported earlier" in captured.err and json.loads(captured.out)["completions"] == first["completions"]
+    assert (
+        "exported earlier" in captured.err and json.loads(captured.out)["completions"] == first["completions"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -78,16 +99,51 @@ def test_bad_input_is_one_line(tiny_fp32, capsys, extra, message):
 
 
 def test_missing_model_folder(capsys, tmp_path):
-    code, err = run_cli(capsys, "generate", "--model", tmp_path / "none" / "x", "--prompt", "x", "--models-dir", tmp_path)
+    code, err = run_cli(
+        capsys, "generate", "--model", tmp_path / "none" / "x", "--prompt", "x", "--models-dir", tmp_path
+    )
     assert_one_line_error(code, err, "does not exist")
 
 
 def test_generate_exports_the_in_place_cache_on_request(hf_folder, tmp_path, capsys):
-    args = ["generate", "--model", str(hf_folder), "--kv-cache", "shared", "--models-dir", str(tmp_path), "--prompt", "Hi", "--prompt", "Hello there", "--max-new-tokens", "4", "--json"]
+    args = [
+        "generate",
+        "--model",
+        str(hf_folder),
+        "--kv-cache",
+        "shared",
+        "--models-dir",
+        str(tmp_path),
+        "--prompt",
+        "Hi",
+        "--prompt",
+        "Hello there",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]
     assert main(args) == 0
     shared = json.loads(capsys.readouterr().out)["completions"]
     assert [p.name for p in tmp_path.iterdir()][0].endswith("-fp32-shared")
-    assert main(["generate", "--model", str(hf_folder), "--models-dir", str(tmp_path), "--prompt", "Hi", "--prompt", "Hello there", "--max-new-tokens", "4", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(hf_folder),
+                "--models-dir",
+                str(tmp_path),
+                "--prompt",
+                "Hi",
+                "--prompt",
+                "Hello there",
+                "--max-new-tokens",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     standard = json.loads(capsys.readouterr().out)["completions"]
     assert [c["token_ids"] for c in shared] == [c["token_ids"] for c in standard]
 
@@ -120,7 +176,9 @@ def test_generate_exports_the_in_place_cache_on_request(hf_folder, tmp_path, cap
 def test_a_bad_flag_is_one_line_naming_it_before_any_model_is_touched(tmp_path, capsys, flags, message):
     """One line, exit 2, the subcommand's --help; the model "M" is never looked up (else the error
     would be that it does not exist) and nothing is exported into --models-dir."""
-    code, err = run_flags(capsys, "generate", "--model", "M", "--prompt", "x", *flags, "--models-dir", tmp_path)
+    code, err = run_flags(
+        capsys, "generate", "--model", "M", "--prompt", "x", *flags, "--models-dir", tmp_path
+    )
     assert code == 2
     assert_one_line_error(code, err, message, "; see gpt2-onnx generate --help")
     assert list(tmp_path.iterdir()) == []
@@ -133,7 +191,11 @@ def test_a_bad_flag_is_one_line_naming_it_before_any_model_is_touched(tmp_path, 
         (["gen"], "invalid choice: 'gen'", "gpt2-onnx"),
         (["generate", "--model", "M"], "required: --prompt", "gpt2-onnx generate"),
         (["generate", "--prompt", "x"], "--model --random-init is required", "gpt2-onnx generate"),
-        (["--bogus", "generate", "--model", "M", "--prompt", "x"], "unrecognized arguments", "gpt2-onnx generate"),
+        (
+            ["--bogus", "generate", "--model", "M", "--prompt", "x"],
+            "unrecognized arguments",
+            "gpt2-onnx generate",
+        ),
         (["export", "--random-init", "tiny", "--output", "x", "--bogus"], "unrecognized", "gpt2-onnx export"),
         (["bench", "--model", "M", "--repeats", "many"], "--repeats: invalid int value", "gpt2-onnx bench"),
     ],

@@ -23,10 +23,19 @@ from gpt2onnx.export.verify import TOLERANCES, top1_agreement
 
 HAVE_CUDA = cuda_device_count() > 0 and "CUDAExecutionProvider" in ort.get_available_providers()
 if os.environ.get("GPT2_ONNX_REQUIRE_GPU") and not HAVE_CUDA:  # .ci/gpu-run: a skip there would prove nothing
-    raise RuntimeError(f"GPT2_ONNX_REQUIRE_GPU is set but no CUDA provider is usable (GPUs: {cuda_device_count()}, providers: {ort.get_available_providers()})")
-pytestmark = pytest.mark.skipif(not HAVE_CUDA, reason="needs an NVIDIA GPU and onnxruntime-gpu (see .ci/gpu-run)")
+    raise RuntimeError(
+        f"GPT2_ONNX_REQUIRE_GPU is set but no CUDA provider is usable (GPUs: {cuda_device_count()}, providers: {ort.get_available_providers()})"
+    )
+pytestmark = pytest.mark.skipif(
+    not HAVE_CUDA, reason="needs an NVIDIA GPU and onnxruntime-gpu (see .ci/gpu-run)"
+)
 
-PROMPTS = ["Hello", "The quick brown fox jumps over", "a", "Once upon a time, in a land far away, there lived"]
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over",
+    "a",
+    "Once upon a time, in a land far away, there lived",
+]
 
 
 def on_cuda(engine: Engine) -> Engine:
@@ -43,14 +52,18 @@ def hf_model(vocab):
 @pytest.fixture(scope="module")
 def tiny_fp16_shared(hf_model, tokenizer_dir, tmp_path_factory):
     folder = save_hf_folder(hf_model, tmp_path_factory.mktemp("hf") / "head64", tokenizer_dir)
-    return export_folder(folder, tmp_path_factory.mktemp("export") / "head64-fp16-shared", dtype="fp16", kv_cache="shared")
+    return export_folder(
+        folder, tmp_path_factory.mktemp("export") / "head64-fp16-shared", dtype="fp16", kv_cache="shared"
+    )
 
 
 @pytest.fixture(scope="module")
 def graphs(tiny_fp16_shared):
     """The GPU default: fp16, in-place cache, CUDA graphs, sampling on the device."""
     engine = on_cuda(Engine.load(tiny_fp16_shared, provider="cuda", max_batch=8))
-    assert engine.session.cuda_graph, "onnxruntime refused to capture the decode graph (a node fell back to the CPU?)"
+    assert engine.session.cuda_graph, (
+        "onnxruntime refused to capture the decode graph (a node fell back to the CPU?)"
+    )
     assert engine.session.sampler_graph, "onnxruntime refused to capture the sampling graph"
     return engine
 
@@ -58,7 +71,11 @@ def graphs(tiny_fp16_shared):
 @pytest.fixture(scope="module")
 def eager(tiny_fp16_shared):
     """The same model on CUDA without graphs or device sampling."""
-    return on_cuda(Engine.load(tiny_fp16_shared, provider="cuda", max_batch=8, static_decode=False, device_sampling=False))
+    return on_cuda(
+        Engine.load(
+            tiny_fp16_shared, provider="cuda", max_batch=8, static_decode=False, device_sampling=False
+        )
+    )
 
 
 def test_fp16_on_cuda_matches_transformers_fp32(graphs, hf_model):
@@ -69,7 +86,9 @@ def test_fp16_on_cuda_matches_transformers_fp32(graphs, hf_model):
             want = hf_model(torch.tensor([row])).logits[0].numpy()
         tol = TOLERANCES["fp16"]
         limit = tol.atol + tol.rtol * np.abs(want).max()
-        assert np.abs(got - want).max() <= limit, f"max |Δ logits| {np.abs(got - want).max():.3g} > {limit:.3g}"
+        assert np.abs(got - want).max() <= limit, (
+            f"max |Δ logits| {np.abs(got - want).max():.3g} > {limit:.3g}"
+        )
         agree, n = top1_agreement(got, want, limit)  # raises on a disagreement that is not a near-tie
         assert agree >= 0.9 * n
 
@@ -81,19 +100,32 @@ def test_cuda_graph_replays_give_the_eager_tokens(graphs, eager):
     for prompts in (PROMPTS, PROMPTS[:1], PROMPTS[1:4], PROMPTS + PROMPTS):
         got = [c.token_ids for c in graphs.generate(prompts, max_new_tokens=16).completions]
         assert graphs.session.pick == "argmax"
-        assert [c.token_ids for c in graphs.generate(prompts, max_new_tokens=16).completions] == got, f"batch {len(prompts)}: a replay differs"
+        assert [c.token_ids for c in graphs.generate(prompts, max_new_tokens=16).completions] == got, (
+            f"batch {len(prompts)}: a replay differs"
+        )
         want = [c.token_ids for c in eager.generate(prompts, max_new_tokens=16).completions]
         pairs = [(a, b) for g, w in zip(got, want) for a, b in zip(g, w)]
-        assert np.mean([a == b for a, b in pairs]) >= 0.95, f"batch {len(prompts)} (bucket {graphs.session.bucket}): {got} vs {want}"
+        assert np.mean([a == b for a, b in pairs]) >= 0.95, (
+            f"batch {len(prompts)} (bucket {graphs.session.bucket}): {got} vs {want}"
+        )
 
 
-@pytest.mark.parametrize("settings", [{"top_k": 20, "seed": 1}, {"temperature": 0.8, "seed": 2}, {"top_k": 50, "top_p": 0.9, "min_p": 0.05, "seed": 3}])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"top_k": 20, "seed": 1},
+        {"temperature": 0.8, "seed": 2},
+        {"top_k": 50, "top_p": 0.9, "min_p": 0.05, "seed": 3},
+    ],
+)
 def test_sampling_graph_on_cuda_agrees_with_the_host(graphs, eager, settings):
     """Same seed, same draws; the logits differ only by kernel rounding, so nearly every token agrees."""
     got = graphs.generate(PROMPTS, max_new_tokens=16, **settings)
     assert graphs.session.pick == "sampler"
     want = eager.generate(PROMPTS, max_new_tokens=16, **settings)
-    pairs = [(a, b) for g, w in zip(got.completions, want.completions) for a, b in zip(g.token_ids, w.token_ids)]
+    pairs = [
+        (a, b) for g, w in zip(got.completions, want.completions) for a, b in zip(g.token_ids, w.token_ids)
+    ]
     assert np.mean([a == b for a, b in pairs]) >= 0.9
 
 
@@ -101,15 +133,29 @@ def test_sampling_graph_alone_on_cuda():
     """The sampling graph on CUDA with the host's draws picks the host's tokens (a parallel
     cumulative sum may move a draw that sits on a boundary: allow 1 in 200)."""
     vocab = 50257
-    session = ort.InferenceSession(build_sampler(vocab).SerializeToString(), providers=["CUDAExecutionProvider"])
+    session = ort.InferenceSession(
+        build_sampler(vocab).SerializeToString(), providers=["CUDAExecutionProvider"]
+    )
     assert session.get_providers()[0] == "CUDAExecutionProvider"
     gen, same, total = np.random.default_rng(0), 0, 0
-    for cfg in (SamplingConfig(), SamplingConfig(top_k=40), SamplingConfig(temperature=0.7), SamplingConfig(top_k=100, top_p=0.8, min_p=0.02)):
+    for cfg in (
+        SamplingConfig(),
+        SamplingConfig(top_k=40),
+        SamplingConfig(temperature=0.7),
+        SamplingConfig(top_k=100, top_p=0.8, min_p=0.02),
+    ):
         for _ in range(20):
             logits = (gen.standard_normal((8, vocab)) * 3).astype(np.float32)
             seed = int(gen.integers(1 << 30))
             host = next_tokens(logits, cfg, np.random.default_rng(seed))
-            (device,) = session.run(None, {"logits": logits, "params": row_params(cfg, 8), "uniform": np.random.default_rng(seed).random(8)})
+            (device,) = session.run(
+                None,
+                {
+                    "logits": logits,
+                    "params": row_params(cfg, 8),
+                    "uniform": np.random.default_rng(seed).random(8),
+                },
+            )
             same, total = same + int((device == host).sum()), total + 8
     assert same >= total - total // 200, f"{total - same} of {total} draws differ"
 

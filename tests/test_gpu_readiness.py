@@ -20,7 +20,12 @@ from gpt2onnx.engine import session as session_module
 from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.session import ProviderError
 
-PROMPTS = ["Hello", "The quick brown fox jumps over", "a", "Once upon a time, in a land far away, there lived"]
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over",
+    "a",
+    "Once upon a time, in a land far away, there lived",
+]
 # CUDA 13's nvidia/cu13 package, in the order the libraries must be loaded (cuBLAS links cuBLASLt)
 CU13 = ["libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13", "libcurand.so.10", "libnvrtc.so.13",
         "libcufft.so.12"]  # fmt: skip
@@ -79,7 +84,9 @@ def gpu(monkeypatch):
 # -- 2. CUDA library discovery -------------------------------------------------------------------
 
 
-def test_libraries_are_found_anywhere_on_sys_path_and_loaded_dependencies_first(tmp_path, monkeypatch, loader):
+def test_libraries_are_found_anywhere_on_sys_path_and_loaded_dependencies_first(
+    tmp_path, monkeypatch, loader
+):
     """onnxruntime installed on its own (pip --target) has no nvidia folder beside it: the
     libraries are found in torch's site-packages and in a cuDNN package elsewhere on sys.path."""
     torch_site = nvidia_site(tmp_path / "torch-site", {"cu13": CU13})
@@ -115,7 +122,9 @@ def test_the_per_library_layout_is_found_and_optional_libraries_may_be_missing(t
     ]
 
 
-def test_a_required_library_found_nowhere_is_reported_and_the_system_path_counts(tmp_path, monkeypatch, loader):
+def test_a_required_library_found_nowhere_is_reported_and_the_system_path_counts(
+    tmp_path, monkeypatch, loader
+):
     monkeypatch.setattr(sys, "path", [str(nvidia_site(tmp_path, {"cu13": CU13}))])
     missing = cuda_libs.preload(13)
     assert missing == {"libcudnn.so.9": cuda_libs.NOT_FOUND}
@@ -180,7 +189,9 @@ def test_nothing_is_loaded_on_the_cpu_path(tiny_fp32, tmp_path, monkeypatch, loa
 @pytest.mark.parametrize("folder", ["tiny_shared", "tiny_int8_shared"])
 def test_explicit_cuda_refuses_a_non_fp16_in_place_cache(request, folder, monkeypatch, gpu):
     path = request.getfixturevalue(folder)
-    monkeypatch.setattr(session_module, "create_session", lambda *a, **k: pytest.fail("a session was created"))
+    monkeypatch.setattr(
+        session_module, "create_session", lambda *a, **k: pytest.fail("a session was created")
+    )
     fix = "fp16 only.*--dtype fp16 --kv-cache shared for the GPU, or use --provider cpu"
     with pytest.raises(ProviderError, match=fix) as info:
         Engine.load(path, provider="cuda")
@@ -197,7 +208,9 @@ def test_auto_runs_a_non_fp16_in_place_cache_on_the_cpu(tiny_shared, monkeypatch
     monkeypatch.setattr(session_module, "create_session", recording)
     with caplog.at_level(logging.WARNING, logger="gpt2onnx"):
         engine = Engine.load(tiny_shared, provider="auto")
-    assert engine.provider == "cpu" and providers == ["cpu"] and loader.calls == []  # no CUDA session attempted
+    assert (
+        engine.provider == "cpu" and providers == ["cpu"] and loader.calls == []
+    )  # no CUDA session attempted
     assert type(engine.session).__name__ == "SharedCacheSession"  # no static decode without capture
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "fp32" in warning and "--dtype fp16 --kv-cache shared" in warning and "\n" not in warning

@@ -64,7 +64,11 @@ BAD_FIELDS = [
     ("positions-negative", setter("config", "n_positions", -1), "config.n_positions"),
     ("bos-negative", setter("config", "bos_token_id", -1), "config.bos_token_id is -1"),
     ("eos-str", setter("config", "eos_token_id", "x"), "config.eos_token_id is 'x'"),
-    ("eos-past-vocab", lambda d: d["config"].update(eos_token_id=d["config"]["vocab_size"]), "config.eos_token_id"),
+    (
+        "eos-past-vocab",
+        lambda d: d["config"].update(eos_token_id=d["config"]["vocab_size"]),
+        "config.eos_token_id",
+    ),
     ("epsilon-zero", setter("config", "layer_norm_epsilon", 0), "config.layer_norm_epsilon"),
     ("activation", setter("config", "activation", "relu"), "config.activation is 'relu'"),
     ("config-list", setter("config", [1, 2]), "config is [1, 2]"),
@@ -75,7 +79,11 @@ BAD_FIELDS = [
     ("optimized-str", setter("optimized", "yes"), "optimized is 'yes'"),
     ("schema-str", setter("schema_version", "1"), "schema_version '1' is not supported"),
     ("model-file-int", setter("model_file", 123), "model_file is 123"),
-    ("model-file-parent", setter("model_file", "../../other/model.onnx"), "model_file is '../../other/model.onnx'"),
+    (
+        "model-file-parent",
+        setter("model_file", "../../other/model.onnx"),
+        "model_file is '../../other/model.onnx'",
+    ),
     ("model-file-absolute", setter("model_file", "/etc/passwd"), "model_file is '/etc/passwd'"),
     ("model-file-dotdot", setter("model_file", ".."), "model_file is '..'"),
     ("model-file-empty", setter("model_file", ""), "model_file is ''"),
@@ -85,7 +93,11 @@ BAD_FIELDS = [
     ("source-seed", setter("source", "seed", -3), "source.seed is -3"),
     ("source-sha", setter("source", "weights_sha256", "abc"), "source.weights_sha256"),
     ("opset-str", setter("opset", "17"), "opset is '17'"),
-    ("io-head-dim", lambda d: d["io"]["inputs"]["past_key_0"]["dims"].__setitem__(1, 99), "io is not what its config implies (inputs.past_key_0"),
+    (
+        "io-head-dim",
+        lambda d: d["io"]["inputs"]["past_key_0"]["dims"].__setitem__(1, 99),
+        "io is not what its config implies (inputs.past_key_0",
+    ),
     ("io-missing", deleter("io"), "io is missing"),
     ("check-list", setter("check", [1]), "check is [1]"),
 ]
@@ -115,13 +127,17 @@ def test_shared_cache_without_fusion_is_refused(tiny_shared, tmp_path):
         read_manifest(folder)
 
 
-@pytest.mark.parametrize("raw, message", [
-    ("[" * 100_000 + "]" * 100_000, "nested deeper"),
-    ('{"a": ' * (MAX_DEPTH + 2) + "1" + "}" * (MAX_DEPTH + 2), "nested deeper"),
-    ('{"schema_version": 1, "config": {"layer_norm_epsilon": NaN}}', "not valid JSON"),
-    ("[1, 2]", "must be a JSON object"),
-    ("\xff\xfe", "not valid JSON"),
-], ids=["deep-list", "deep-object", "nan", "list", "not-utf8"])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested deeper"),
+        ('{"a": ' * (MAX_DEPTH + 2) + "1" + "}" * (MAX_DEPTH + 2), "nested deeper"),
+        ('{"schema_version": 1, "config": {"layer_norm_epsilon": NaN}}', "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ("\xff\xfe", "not valid JSON"),
+    ],
+    ids=["deep-list", "deep-object", "nan", "list", "not-utf8"],
+)
 def test_malformed_manifest_file(tiny_fp32, tmp_path, raw, message):
     folder = copy_folder(tiny_fp32, tmp_path / "m")
     (folder / "manifest.json").write_bytes(raw.encode("latin-1") if raw.startswith("\xff") else raw.encode())
@@ -160,11 +176,14 @@ def test_model_file_may_be_a_symlink(tiny_fp32, tmp_path):
     assert Engine.load(folder, provider="cpu").generate("Hi", max_new_tokens=2).completions[0].token_ids
 
 
-@pytest.mark.parametrize("donor, message", [
-    ("tiny_shared", "graph input 2 is 'seqlens_k' where the manifest has 'attention_mask'"),
-    ("other_heads", "graph input 'past_key_0' has shape"),
-    ("tiny_fp16", "graph input 'past_key_0' is tensor(float16) where the manifest has tensor(float)"),
-])
+@pytest.mark.parametrize(
+    "donor, message",
+    [
+        ("tiny_shared", "graph input 2 is 'seqlens_k' where the manifest has 'attention_mask'"),
+        ("other_heads", "graph input 'past_key_0' has shape"),
+        ("tiny_fp16", "graph input 'past_key_0' is tensor(float16) where the manifest has tensor(float)"),
+    ],
+)
 def test_a_graph_that_is_not_the_folders_own(tiny_fp32, tmp_path, request, hf_folder, donor, message):
     if donor == "other_heads":  # same layers and width, 2 heads instead of 4
         from conftest import export_folder, make_hf_model, save_hf_folder
@@ -184,7 +203,9 @@ def test_a_graph_that_cannot_give_finite_logits_fails_at_load(tiny_fp32, tmp_pat
     folder = copy_folder(tiny_fp32, tmp_path / "m")
     model = onnx.load(str(folder / "model.onnx"))
     biggest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))  # the tied wte / lm_head
-    biggest.CopyFrom(onnx.numpy_helper.from_array(np.full(tuple(biggest.dims), np.nan, np.float32), biggest.name))
+    biggest.CopyFrom(
+        onnx.numpy_helper.from_array(np.full(tuple(biggest.dims), np.nan, np.float32), biggest.name)
+    )
     onnx.save(model, str(folder / "model.onnx"))
     with pytest.raises(ModelFolderError, match="expected .* and finite"):
         Engine.load(folder, provider="cpu")
@@ -226,7 +247,9 @@ def test_a_tokenizer_larger_than_the_model(tiny_fp32, tmp_path, vocab):
     folder = copy_folder(tiny_fp32, tmp_path / "m")
     edit_manifest(folder, lambda d: d["config"].update(vocab_size=50, bos_token_id=0, eos_token_id=0))
     edit_manifest(folder, lambda d: d["io"]["outputs"]["logits"]["dims"].__setitem__(2, 50))
-    with pytest.raises(ModelFolderError, match=f"token ids up to {vocab[0] - 1} but the model's vocabulary has 50"):
+    with pytest.raises(
+        ModelFolderError, match=f"token ids up to {vocab[0] - 1} but the model's vocabulary has 50"
+    ):
         Engine.load(folder, provider="cpu")
 
 

@@ -112,15 +112,17 @@ def test_export_without_torch_names_the_export_extra(capsys, tmp_path, hide_modu
 
 def test_int8_export_without_onnx_ir_names_the_export_extra(capsys, tmp_path, hf_folder, hide_modules):
     hide_modules("onnx_ir", reimport=("onnxruntime.quantization.matmul_nbits_quantizer",))
-    code, err = run_cli(capsys, "export", "--model", hf_folder, "--dtype", "int8",
-                        "--output", tmp_path / "out")
+    code, err = run_cli(
+        capsys, "export", "--model", hf_folder, "--dtype", "int8", "--output", tmp_path / "out"
+    )
     assert_one_line_error(code, err, "--dtype int8 needs onnx_ir", "pip install 'gpt2-onnx[export]'")
     assert not (tmp_path / "out").exists()
     assert_nothing_left(tmp_path)
 
 
-def test_bench_without_matplotlib_keeps_the_results_and_skips_the_plots(capsys, tmp_path, tiny_fp32,
-                                                                       hide_modules):
+def test_bench_without_matplotlib_keeps_the_results_and_skips_the_plots(
+    capsys, tmp_path, tiny_fp32, hide_modules
+):
     hide_modules("matplotlib")
     out = tmp_path / "bench"
     argv = ["--model", tiny_fp32, "--out", out, "--provider", "cpu", "--baselines", "", "--batches", "1"]
@@ -134,8 +136,9 @@ def test_bench_without_matplotlib_keeps_the_results_and_skips_the_plots(capsys, 
 
 
 @pytest.mark.parametrize("baseline, missing", [("transformers-eager", "transformers"), ("optimum", "torch")])
-def test_bench_baseline_without_its_module_fails_before_the_sweep(capsys, tmp_path, tiny_fp32, hide_modules,
-                                                                  baseline, missing):
+def test_bench_baseline_without_its_module_fails_before_the_sweep(
+    capsys, tmp_path, tiny_fp32, hide_modules, baseline, missing
+):
     hide_modules(missing)
     argv = ["--model", tiny_fp32, "--out", tmp_path / "bench", "--baselines", baseline, "--batches", "1"]
     code, err = run_cli(capsys, "bench", *argv, "--prompt-lens", "4", "--new-tokens", "3", "--repeats", "1")

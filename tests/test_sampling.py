@@ -20,7 +20,9 @@ def test_top_k_1_and_tiny_top_p_are_greedy(logits):
     for seed in range(5):
         rng = np.random.default_rng(seed)
         assert (next_tokens(logits, SamplingConfig(temperature=1.0, top_k=1), rng) == greedy).all()
-        assert (next_tokens(logits, SamplingConfig(top_k=1), rng) == greedy).all()  # through the sampling path
+        assert (
+            next_tokens(logits, SamplingConfig(top_k=1), rng) == greedy
+        ).all()  # through the sampling path
         assert (next_tokens(logits, SamplingConfig(temperature=0.7, top_k=1, top_p=0.5), rng) == greedy).all()
         assert (next_tokens(logits, SamplingConfig(temperature=1.0, top_p=1e-9), rng) == greedy).all()
         assert (next_tokens(logits, SamplingConfig(temperature=0.0, top_k=50), rng) == greedy).all()
@@ -95,7 +97,9 @@ def test_sampled_frequencies_match_the_softmax():
     observed = np.bincount(draws, minlength=6)
     expected = p * len(draws)
     chi2 = float(((observed - expected) ** 2 / expected).sum())
-    assert chi2 < 20.5, f"chi2 {chi2:.1f}: observed {observed.tolist()} vs expected {expected.round().tolist()}"
+    assert chi2 < 20.5, (
+        f"chi2 {chi2:.1f}: observed {observed.tolist()} vs expected {expected.round().tolist()}"
+    )
 
 
 def test_top_k_sampling_only_draws_kept_tokens(logits):
@@ -104,7 +108,17 @@ def test_top_k_sampling_only_draws_kept_tokens(logits):
     assert set(draws.tolist()) <= set(np.argsort(logits[0])[-3:].tolist())
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.01), dict(top_k=-2), dict(min_p=1.5), dict(repetition_penalty=0.0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=-0.1),
+        dict(top_p=0.0),
+        dict(top_p=1.01),
+        dict(top_k=-2),
+        dict(min_p=1.5),
+        dict(repetition_penalty=0.0),
+    ],
+)
 def test_bad_settings_are_rejected(kwargs):
     with pytest.raises(ValueError):
         SamplingConfig(**kwargs)
@@ -128,7 +142,9 @@ def sampler(request):
     """The sampling graph for GPT-2's vocabulary, and for one smaller than TOP_K_MAX."""
     import onnxruntime as ort
 
-    return request.param, ort.InferenceSession(build_sampler(request.param).SerializeToString(), providers=["CPUExecutionProvider"])
+    return request.param, ort.InferenceSession(
+        build_sampler(request.param).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
 
 
 @pytest.mark.parametrize("cfg", DEVICE_CONFIGS, ids=str)
@@ -152,4 +168,6 @@ def test_settings_outside_the_sampling_graph_stay_on_the_host():
     assert not runs_on_device(SamplingConfig(top_k=TOP_K_MAX + 1))
     assert not runs_on_device(SamplingConfig(repetition_penalty=1.2))
     assert not runs_on_device(SamplingConfig(logit_bias={1: 1.0}))
-    assert runs_on_device(SamplingConfig(top_k=10, top_p=0.9)) and runs_on_device(SamplingConfig(temperature=0.5))
+    assert runs_on_device(SamplingConfig(top_k=10, top_p=0.9)) and runs_on_device(
+        SamplingConfig(temperature=0.5)
+    )

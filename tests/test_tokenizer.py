@@ -10,7 +10,10 @@ import pytest
 from gpt2onnx.engine.tokenizer import Tokenizer
 
 REFERENCE_TEXT = "I am an amazing autoregressive, decoder-only, GPT-2 style transformer. One day I will exceed human level intelligence and take over the world!"
-REFERENCE_TOKENS = [int(t) for t in "50256 40 716 281 4998 1960 382 19741 11 875 12342 12 8807 11 402 11571 12 17 3918 47385 13 1881 1110 314 481 7074 1692 1241 4430 290 1011 625 262 995 0".split()]
+REFERENCE_TOKENS = [
+    int(t)
+    for t in "50256 40 716 281 4998 1960 382 19741 11 875 12342 12 8807 11 402 11571 12 17 3918 47385 13 1881 1110 314 481 7074 1692 1241 4430 290 1011 625 262 995 0".split()
+]
 REFERENCE_CONTINUATION = [314, 716, 257, 845, 12356, 290, 12356, 1048, 11, 290]
 REAL_MODEL_ENV = "GPT2_ONNX_REAL_GPT2"  # a folder with the real GPT-2 weights (HF checkpoint or exported)
 
@@ -31,7 +34,9 @@ def test_walkthrough_reference_text_tokenizes_to_golden_ids(tokenizer_dir):
 def test_walkthrough_greedy_continuation_with_real_weights(tmp_path):
     folder = os.environ.get(REAL_MODEL_ENV)
     if not folder:
-        pytest.skip(f"set {REAL_MODEL_ENV} to a folder with the real GPT-2 weights (none exist on this machine)")
+        pytest.skip(
+            f"set {REAL_MODEL_ENV} to a folder with the real GPT-2 weights (none exist on this machine)"
+        )
     from gpt2onnx.engine.contract import MANIFEST_FILE
     from gpt2onnx.engine.engine import Engine
 
@@ -42,10 +47,14 @@ def test_walkthrough_greedy_continuation_with_real_weights(tmp_path):
     engine = Engine.load(folder, provider="cpu")
     c = engine.generate(REFERENCE_TEXT, max_new_tokens=10).completions[0]
     assert c.prompt_token_ids == REFERENCE_TOKENS
-    assert c.token_ids == REFERENCE_CONTINUATION and c.text == " I am a very talented and talented person, and"
+    assert (
+        c.token_ids == REFERENCE_CONTINUATION and c.text == " I am a very talented and talented person, and"
+    )
 
 
-@pytest.mark.parametrize("text", ["héllo wörld", "日本語のテキスト", "emoji 🙂🚀 mixed ✓ text", "naïve café — “quotes”"])
+@pytest.mark.parametrize(
+    "text", ["héllo wörld", "日本語のテキスト", "emoji 🙂🚀 mixed ✓ text", "naïve café — “quotes”"]
+)
 def test_streaming_never_emits_broken_utf8(tokenizer, text):
     ids = tokenizer.to_tokens(text, prepend_bos=False)
     decoder = tokenizer.decode_stream()
@@ -73,7 +82,12 @@ def test_walkthrough_example_runs(tiny_fp32):
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "examples" / "walkthrough.py"), "--model", str(tiny_fp32)], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "walkthrough.py"), "--model", str(tiny_fp32)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "logits shape: (1, " in proc.stdout and "continuation ids:" in proc.stdout
 
 
