@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -218,7 +219,7 @@ def resolve_model(
     """A model folder as given, or the export of `model` / `random_init` in models_dir (made once, reused after)."""
     if model:
         atomic_folder.recover(Path(model))  # an `export --force` killed mid-swap left the old folder aside
-    if model and (Path(model) / MANIFEST_FILE).is_file():
+    if model and os.path.lexists(Path(model) / MANIFEST_FILE):  # a model folder (read_manifest judges it)
         return Path(model)
     if random_init:
         name = f"random-{random_init}-seed{seed}"

@@ -122,8 +122,9 @@ def create_session(
     graphs are on). Raises ProviderError when provider="cuda" cannot be honoured."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # onnxruntime's own warnings (shape ops placed on the CPU, ...) only with --debug; what matters is checked below.
-    options.log_severity_level = 2 if log.isEnabledFor(logging.DEBUG) else 3
+    # onnxruntime's own log lines (warnings about shape ops placed on the CPU, a failed kernel's
+    # error, which also comes back as the exception we report) only with --debug.
+    options.log_severity_level = 2 if log.isEnabledFor(logging.DEBUG) else 4
     if threads:
         options.intra_op_num_threads = threads
     want_cuda = provider == "cuda" or (provider == "auto" and cuda_device_count() > 0)

@@ -80,6 +80,11 @@ def exporter_version() -> str:
 def export(cfg: ExportConfig) -> Manifest:
     """Export, check and write a model folder. Raises CheckpointError, OutputExistsError, ExportCheckError."""
     out = Path(cfg.output)
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise OutputExistsError(
+            f"{parent} is a file, so --output {out} cannot be made; pass a path in a folder"
+        )
     atomic_folder.sweep(out.parent)  # first: puts back an --output a killed `export --force` left aside
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         kind = "a symbolic link" if out.is_symlink() else "a file"

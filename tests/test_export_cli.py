@@ -188,3 +188,12 @@ def test_progress_is_ours_and_library_chatter_needs_debug(capsys, tmp_path, hf_f
     assert "export check passed" in err and "quantizing weights to int8" in err
     assert "skip to quantize" not in err and "Fused SkipLayerNormalization" not in err, err
     assert len(err.splitlines()) < 20, err
+
+
+def test_output_under_a_file_is_refused_before_any_work(capsys, tmp_path, hf_folder):
+    (tmp_path / "afile").write_text("x")
+    code, err = run_cli(
+        capsys, "export", "--model", hf_folder, "--output", tmp_path / "afile" / "sub" / "out"
+    )
+    assert_one_line_error(code, err, "is a file, so --output")
+    assert (tmp_path / "afile").read_text() == "x"

@@ -276,3 +276,21 @@ def test_more_positions_than_the_graph_has(tiny_fp32, tmp_path):
     edit_manifest(folder, setter("config", "n_positions", 4096))
     with pytest.raises(ModelFolderError, match="the graph fails on one token"):
         Engine.load(folder, provider="cpu")
+
+
+def test_cli_load_failure_is_one_line_without_onnxruntime_logs(tiny_fp32, tmp_path, capfd):
+    """A kernel that fails in the load probe: onnxruntime's own log line stays quiet."""
+    folder = copy_folder(tiny_fp32, tmp_path / "m")
+    edit_manifest(folder, setter("config", "n_positions", 4096))
+    code = main(["generate", "--model", str(folder), "--prompt", "Hi", "--max-new-tokens", "2"])
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "the graph fails on one token" in err
+
+
+def test_a_manifest_that_is_a_folder_is_named(tiny_fp32, tmp_path, capfd):
+    folder = copy_folder(tiny_fp32, tmp_path / "m")
+    (folder / "manifest.json").unlink()
+    (folder / "manifest.json").mkdir()
+    code = main(["generate", "--model", str(folder), "--prompt", "Hi", "--max-new-tokens", "2"])
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "has no manifest.json" in err
