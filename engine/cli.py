@@ -9,13 +9,16 @@ before any model is loaded or exported: generate's flags go through the API's ow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import NoReturn
 
@@ -340,6 +343,34 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that an export (or any work in
+    progress) cleans up the same way instead of dying with its temp folder on disk."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def signals_as_interrupts():
+    """SIGTERM (`kill`, a container stop) and SIGHUP (a closed terminal) raise Terminated for the
+    duration; the previous handlers come back after. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -354,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     log.setLevel(level)
     try:
-        return args.run(args)
+        with signals_as_interrupts():
+            return args.run(args)
+    except Terminated as e:
+        print(f"gpt2-onnx: terminated ({e.name}); temporary files were removed", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("gpt2-onnx: interrupted", file=sys.stderr)
         return 130

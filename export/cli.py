@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
-import sys
-import threading
 from pathlib import Path
 
 from gpt2onnx.engine.contract import DTYPES, KV_CACHES
@@ -68,33 +64,6 @@ def run(args: argparse.Namespace) -> int:
         output=args.output, model=args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
         tokenizer=args.tokenizer, force=args.force, optimize=args.optimize, kv_cache=args.kv_cache,
     )  # fmt: skip
-    try:
-        with _sigterm_as_exception():
-            manifest = export(cfg)
-    except Terminated:
-        print("gpt2-onnx: terminated (SIGTERM); the export's temp folder was removed", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    manifest = export(cfg)  # SIGTERM / SIGHUP clean up like Ctrl-C (engine/cli.py's main)
     print(f"exported {manifest.source.checkpoint} ({manifest.dtype}) to {args.output}")
     return 0
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so the export cleans up the same way."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_exception():
-    """SIGTERM (`kill`, a container stop) raises Terminated for the duration; the previous handler
-    comes back after. Only the main thread can set handlers; elsewhere SIGTERM keeps its default."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -132,19 +132,26 @@ def test_export_without_force_restores_the_model_a_kill_left_aside(old_model, hf
     assert temp_folders(parent) == []
 
 
-@pytest.mark.parametrize("step", ["weights-written", "old-moved-aside"])
-def test_sigterm_cleans_up_like_ctrl_c(step, old_model, hf_folder):
+@pytest.mark.parametrize(
+    "step, sig",
+    [
+        ("weights-written", signal.SIGTERM),
+        ("old-moved-aside", signal.SIGTERM),
+        ("weights-written", signal.SIGHUP),
+    ],
+)
+def test_sigterm_cleans_up_like_ctrl_c(step, sig, old_model, hf_folder):
     proc = start_child(step, "wait", old_model, hf_folder)
     try:
         deadline = time.monotonic() + 180
         while not (old_model.parent / "ready").exists():
             assert proc.poll() is None and time.monotonic() < deadline, f"the child never reached {step}"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
     finally:
         code, err = finish(proc)
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 128 + signal.SIGTERM and len(lines) == 1 and "terminated" in lines[0], err
+    assert code == 128 + sig and len(lines) == 1 and f"terminated ({sig.name})" in lines[0], err
     assert_model(old_model, "old")  # restored by the exporter itself, before the next command
     assert temp_folders(old_model.parent) == []
 
