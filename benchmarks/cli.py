@@ -94,7 +94,7 @@ def check_baseline_modules(baselines: tuple[str, ...], known: tuple[str, ...]) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2onnx.engine.cli import resolve_model
+    from gpt2onnx.engine.model_source import resolve_model
 
     from . import report
     from .bench import ALL_BASELINES, EXTRA_BASELINES, QUICK, BenchConfig, BenchError, failure_line, run_bench

@@ -11,20 +11,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import NoReturn
 
-from . import atomic_folder, inputs
-from .contract import DTYPES, KV_CACHES, MANIFEST_FILE, InputError, UserError
-from .extras import needs_extra
+from . import inputs
+from .contract import DTYPES, KV_CACHES, InputError, UserError
+from .model_source import resolve_model
 
 log = logging.getLogger("gpt2onnx")
 
@@ -208,50 +205,6 @@ def bias_item(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not ID=BIAS (an integer id, a finite bias), e.g. --logit-bias 50256=-100"
         ) from None
-
-
-def resolve_model(
-    model: str | None,
-    random_init: str | None = None,
-    seed: int = 0,
-    dtype: str = "fp32",
-    tokenizer: str | None = None,
-    models_dir: str = "models",
-    kv_cache: str = "concat",
-) -> Path:
-    """A model folder as given, or the export of `model` / `random_init` in models_dir (made once, reused after)."""
-    if model:
-        atomic_folder.recover(Path(model))  # an `export --force` killed mid-swap left the old folder aside
-    if model and os.path.lexists(Path(model) / MANIFEST_FILE):  # a model folder (read_manifest judges it)
-        return Path(model)
-    if random_init:
-        name = f"random-{random_init}-seed{seed}"
-    elif Path(model).exists():
-        path = Path(model).resolve()
-        name = f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
-    else:
-        name = model.replace("/", "--")
-    folder = Path(models_dir) / f"{name}-{dtype}{'-shared' if kv_cache == 'shared' else ''}"
-    atomic_folder.recover(folder)
-    if (folder / MANIFEST_FILE).is_file():
-        log.info("using %s (exported earlier)", folder)
-        return folder
-    with needs_extra("export", "exporting a model on first use"):
-        from gpt2onnx.export.exporter import ExportConfig, export
-
-    log.info("exporting %s into %s (once)", model or f"random-init {random_init}", folder)
-    export(
-        ExportConfig(
-            output=folder,
-            model=model,
-            random_init=random_init,
-            seed=seed,
-            dtype=dtype,
-            tokenizer=Path(tokenizer) if tokenizer else None,
-            kv_cache=kv_cache,
-        )
-    )
-    return folder
 
 
 GENERATE_COUNTS_AND_NUMBERS = (

@@ -20,9 +20,10 @@ import numpy as np
 from . import atomic_folder, inputs
 from .contract import InputError, ModelFolderError, UserError
 from .generate import Row, Timing, decode_batch
+from .layouts import open_session
 from .model_folder import check_tokenizer, read_manifest
 from .sampling import SamplingConfig, softmax
-from .session import SessionConfig, open_session
+from .session import SessionConfig
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

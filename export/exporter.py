@@ -26,6 +26,8 @@ from gpt2onnx.engine.contract import (
     UserError,
     io_spec,
 )
+from gpt2onnx.engine.layouts import open_session
+from gpt2onnx.engine.session import SessionConfig
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, random_checkpoint
 from .graph import EXTERNAL_DATA_THRESHOLD, OPSET, build_module, export_graph
@@ -169,8 +171,6 @@ def _check(folder: Path, manifest: Manifest, reference) -> CheckReport:
     """The graph against PyTorch on the CPU: directly for the standard graph; through the
     engine's own session for the in-place cache, whose steps only make sense in sequence."""
     if manifest.kv_cache == "shared":
-        from gpt2onnx.engine.session import SessionConfig, open_session
-
         session = open_session(
             folder,
             manifest,

@@ -21,8 +21,9 @@ import pytest
 
 from gpt2onnx.engine import atomic_folder
 from gpt2onnx.engine.atomic_folder import MARKER, STEPS
-from gpt2onnx.engine.cli import main, resolve_model
+from gpt2onnx.engine.cli import main
 from gpt2onnx.engine.model_folder import read_manifest
+from gpt2onnx.engine.model_source import resolve_model
 
 # The child: replaces the hook, then runs the CLI. At its step it dies at once ("kill"), or says
 # "ready" and waits for the test's signal ("wait"); exit 98 means no signal came.
