@@ -36,9 +36,14 @@ _repr.maxstring = _repr.maxother = 60
 _repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 8
 
 
+def abbreviated(value) -> str:
+    """A value's repr for a message, cut short when long (a 10 MB prompt is not echoed back)."""
+    return _repr.repr(value)
+
+
 def shown(value) -> str:
     """A bad value for a message: its repr, cut short when long, and its type."""
-    return f"{_repr.repr(value)} ({type(value).__name__})"
+    return f"{abbreviated(value)} ({type(value).__name__})"
 
 
 def is_int(value) -> bool:
@@ -225,7 +230,7 @@ def token_ids(label: str, value, vocab: int) -> list[int]:
         ids = [int(v) for v in ids]
     if ids and (min(ids) < 0 or max(ids) >= vocab):
         at = next(i for i, v in enumerate(ids) if not 0 <= v < vocab)
-        raise InputError(f"{label}[{at}] = {_repr.repr(ids[at])} is outside the vocabulary [0, {vocab})")
+        raise InputError(f"{label}[{at}] = {abbreviated(ids[at])} is outside the vocabulary [0, {vocab})")
     return ids
 
 
@@ -346,7 +351,7 @@ def logit_bias(value, vocab: int | None = None, label: str = "logit_bias") -> di
             raise InputError(f"{label} key {shown(token)} is not a token id; keys must be ints (token ids)")
         if not 0 <= token < limit:
             raise InputError(
-                f"{label} key {_repr.repr(token)} is outside the vocabulary [0, {limit}); "
+                f"{label} key {abbreviated(token)} is outside the vocabulary [0, {limit}); "
                 "keys must be token ids"
             )  # fmt: skip
         bias[int(token)] = check("bias", amount, f"{label}[{token}]")

@@ -28,6 +28,7 @@ from .contract import (
     io_spec,
     output_names,
 )  # fmt: skip
+from .inputs import abbreviated
 
 MAX_MANIFEST_BYTES = 1 << 20  # ours are about 10 KB; the io table grows with n_layer
 MAX_DEPTH = 16  # ours nest 5 deep (io -> inputs -> name -> dims -> dim)
@@ -48,11 +49,6 @@ ORT_TYPES = {
 }  # fmt: skip
 
 
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 class _Fields:
     """Typed reads from one JSON object of the manifest; a failure names the field's path."""
 
@@ -70,7 +66,9 @@ class _Fields:
         self.data, self.defaults = data, defaults
 
     def fail(self, field: str, value: object, rule: str):
-        raise ModelFolderError(f"{self.where}: {field} is {_short(value)}, but it must be {rule}; {self.fix}")
+        raise ModelFolderError(
+            f"{self.where}: {field} is {abbreviated(value)}, but it must be {rule}; {self.fix}"
+        )
 
     def get(self, key: str) -> object:
         if key in self.data:
@@ -169,7 +167,7 @@ def parse_manifest(data: object, where: str = MANIFEST_FILE) -> Manifest:
     confined to the folder, and the io table equal to the one the config implies."""
     if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
         raise ModelFolderError(
-            f"{where}: schema_version {_short(data.get('schema_version'))} is not supported (this gpt2-onnx "
+            f"{where}: schema_version {abbreviated(data.get('schema_version'))} is not supported (this gpt2-onnx "
             f"reads version {SCHEMA_VERSION}); re-export the model with this version of gpt2-onnx"
         )
     f = _Fields(data, where, "", _defaults(Manifest))
@@ -207,14 +205,14 @@ def parse_manifest(data: object, where: str = MANIFEST_FILE) -> Manifest:
 def _first_difference(got: object, want: dict) -> str:
     """Where an io table differs from the expected one, for the error message."""
     if not isinstance(got, dict):
-        return _short(got)
+        return abbreviated(got)
     for side in ("inputs", "outputs"):
         have = got.get(side)
         if not isinstance(have, dict):
-            return f"{side}: {_short(have)}"
+            return f"{side}: {abbreviated(have)}"
         for name in [*want[side], *have]:
             if have.get(name) != want[side].get(name):
-                return f"{side}.{name}: {_short(have.get(name))}, expected {want[side].get(name)}"
+                return f"{side}.{name}: {abbreviated(have.get(name))}, expected {want[side].get(name)}"
     return f"extra keys {sorted(set(got) - set(want))}"
 
 

@@ -10,7 +10,6 @@ machine FILE: what the results need to name (GPU, driver, onnxruntime), as JSON.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 import subprocess
@@ -21,25 +20,15 @@ INSTALL_HINT = (
 )
 
 
-def driver_gpu_count() -> int:
-    """GPUs the driver reports through libcuda; 0 when there is no driver."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
-
-
 def gate() -> int:
     try:
         import onnxruntime as ort
     except ImportError as e:
         print(f"refused: onnxruntime cannot be imported ({e}); {INSTALL_HINT}", file=sys.stderr)
         return 4
-    providers, gpus = ort.get_available_providers(), driver_gpu_count()
+    from gpt2onnx.engine.session import cuda_device_count  # the engine's own driver probe
+
+    providers, gpus = ort.get_available_providers(), cuda_device_count()
     found = f"onnxruntime {ort.__version__} from {ort.__file__}, providers {providers}, "
     found += f"GPUs seen by the driver: {gpus}"
     if "CUDAExecutionProvider" not in providers:

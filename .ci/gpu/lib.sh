@@ -80,11 +80,11 @@ finish() {
   exit "$failed"
 }
 
-start_phase() {  # start_phase N: the gate, then the log and the project's links
+start_phase() {  # start_phase N: the project's links (the gate uses the engine), the gate, the log
   PHASE=$1
+  link_project
   require_cuda
   LOG=$OUT/phase$PHASE.log
-  link_project
 }
 
 # The 124M shape in fp16 with the in-place cache, exported once per machine into $MODELS under the
