@@ -7,6 +7,13 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from gpt2onnx.engine.contract import DTYPES, KV_CACHES
+from gpt2onnx.engine.extras import check_installed
+from gpt2onnx.export.model_source import resolve_model
+
+from . import report
+from .bench import ALL_BASELINES, EXTRA_BASELINES, QUICK, BenchConfig, BenchError, failure_line, run_bench
+
 log = logging.getLogger("gpt2onnx")
 # What the transformers baselines import here (their reference weights) and in their worker process.
 BASELINE_MODULES = {"transformers-eager": ("torch", "transformers"), "optimum": ("torch",)}
@@ -23,10 +30,6 @@ def ints(text: str) -> tuple[int, ...]:
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
-    from gpt2onnx.engine.contract import DTYPES, KV_CACHES
-
-    from .bench import ALL_BASELINES
-
     p = sub.add_parser(
         "bench",
         parents=parents,
@@ -85,8 +88,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 
 def check_baseline_modules(baselines: tuple[str, ...], known: tuple[str, ...]) -> None:
     """Before the sweep, not in a worker's traceback minutes later. Raises MissingExtraError."""
-    from gpt2onnx.engine.extras import check_installed
-
     without = ",".join(b for b in known if b not in BASELINE_MODULES)
     for name in baselines:
         for module in BASELINE_MODULES.get(name, ()):
@@ -94,11 +95,6 @@ def check_baseline_modules(baselines: tuple[str, ...], known: tuple[str, ...]) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2onnx.engine.model_source import resolve_model
-
-    from . import report
-    from .bench import ALL_BASELINES, EXTRA_BASELINES, QUICK, BenchConfig, BenchError, failure_line, run_bench
-
     baselines = tuple(b for b in args.baselines.split(",") if b)
     unknown = set(baselines) - set(ALL_BASELINES) - set(EXTRA_BASELINES)
     if unknown:

@@ -119,10 +119,11 @@ def read_bandwidth_gbs(device: str = "cpu", repeats: int = 10, mib: int | None =
     timed and the model itself holds no weights (see probe_model)."""
     import onnxruntime as ort
 
-    from gpt2onnx.engine.session import create_session
+    from gpt2onnx.engine.runtime import create_session, device_of
 
     k, n = probe_shape(mib or BANDWIDTH_MIB[device])
-    session, device, _ = create_session(probe_model(k, n).SerializeToString(), device, None)
+    session, _ = create_session(probe_model(k, n).SerializeToString(), device, None)
+    device = device_of(session)
     host_weight = np.random.default_rng(0).standard_normal(
         (k, n), dtype=np.float32
     )  # random: nothing to compress

@@ -9,8 +9,9 @@ import numpy as np
 
 from gpt2onnx.engine.contract import past_names
 from gpt2onnx.engine.engine import Engine
+from gpt2onnx.engine.kv_cache import KV_DTYPES
 from gpt2onnx.engine.model_folder import read_manifest
-from gpt2onnx.engine.session import KV_DTYPES, create_session
+from gpt2onnx.engine.runtime import create_session, device_of, resolve_device
 
 from .measure import Run, StepClock
 
@@ -25,30 +26,28 @@ class EngineRunner:
     def __call__(self, prompts: np.ndarray, new_tokens: int) -> Run:
         rows = [row.tolist() for row in prompts]
         result = self.engine.generate(rows, max_new_tokens=new_tokens, ignore_eos=True)
-        t = result.details  # its clocks cover the decode loop; t.text_s (ids -> text after it) is left out, as no baseline makes text
+        t = result.timing  # its clocks cover the decode loop; t.text_s (ids -> text after it) is left out, as no baseline makes text
         return Run(
             t.first_token_s, list(t.step_s), [c.token_ids for c in result.completions], t.python_overhead_ms()
         )
 
     def graph_state(self) -> dict:
-        session = self.engine.session  # getattr: graph_fallback is newer than cuda_graph
-        return {name: getattr(session, name, None) for name in ("cuda_graph", "graph_fallback")}
+        graphs = self.engine.session.graphs
+        return {"cuda_graphs": graphs.on["decode"], "cuda_graphs_fallback": graphs.fallback}
 
 
 def ours(folder: Path, provider: str, max_batch: int, fast_gpu_path: bool | None = None):
     """The engine as users get it; fast_gpu_path=False turns off CUDA graphs and device sampling
     (the "gpt2-onnx-eager" baseline: what those two are worth on a GPU)."""
     engine = Engine.load(folder, provider=provider, max_batch=max_batch,
-                         static_decode=fast_gpu_path, device_sampling=fast_gpu_path)  # fmt: skip
+                         cuda_graphs=fast_gpu_path, device_sampling=fast_gpu_path)  # fmt: skip
     return EngineRunner(engine), engine.provider
 
 
 def _plain(folder: Path, provider: str):
     manifest = read_manifest(folder)
-    session, _, _ = create_session(folder / manifest.model_file, provider, None)
-    device = (
-        "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-    )  # where it really runs
+    session, _ = create_session(folder / manifest.model_file, resolve_device(provider), None)
+    device = device_of(session)  # where it really runs
     c = manifest.config
     kv_dtype = KV_DTYPES[manifest.dtype]
 

@@ -40,9 +40,9 @@ def markdown(results: dict) -> str:
         lines += [table_row(name, r, data["peak_rss_mb"]) for r in data.get("results", [])]
     lines.append("")
     for name, data in results["runners"].items():
-        if "cuda_graph" in data:
-            state = "on" if data["cuda_graph"] else "off" if data["cuda_graph"] is False else "unknown"
-            fallback = data.get("graph_fallback")
+        if "cuda_graphs" in data:
+            state = "on" if data["cuda_graphs"] else "off" if data["cuda_graphs"] is False else "unknown"
+            fallback = data.get("cuda_graphs_fallback")
             why = f" (fell back: {fallback})" if fallback else ""
             lines.append(f"{name}: CUDA graphs {state} after the timed runs{why}.  ")
     for r in results["runners"]["gpt2-onnx"].get("results", []):

@@ -60,6 +60,10 @@ class UserError(Exception):
     """Bad input from the user: the CLI prints the message as one line, without a traceback."""
 
 
+class UsageError(UserError):
+    """A bad command-line flag found after parsing; the message ends with the subcommand's --help."""
+
+
 class InputError(UserError, ValueError):
     """A bad argument to a public method of the engine; the message names the argument."""
 

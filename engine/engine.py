@@ -12,18 +12,18 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from . import atomic_folder, inputs
+from .clock import Clock
 from .contract import InputError, ModelFolderError, UserError
-from .generate import Row, Timing, decode_batch
-from .layouts import open_session
+from .generate import Row, decode_rows
 from .model_folder import check_tokenizer, read_manifest
 from .sampling import SamplingConfig, softmax
-from .session import SessionConfig
+from .session import Session, SessionConfig
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,7 @@ class Completion:
 @dataclass
 class Generation:
     completions: list[Completion]
-    timing: dict[str, float] = field(default_factory=dict)  # prefill_ms, decode_ms_per_token, tokens_per_s
-    details: Timing | None = None  # per-step times, for benchmarks
+    timing: Clock  # timing.as_dict(): prefill_ms, decode_ms_per_token, tokens_per_s; per-step times
 
 
 @dataclass
@@ -83,9 +82,7 @@ class Engine:
         tokenizer_path = self.folder / self.manifest.tokenizer_file
         self.tokenizer = Tokenizer(tokenizer_path, c.bos_token_id, c.eos_token_id)
         check_tokenizer(self.tokenizer, c, tokenizer_path)
-        self.session = open_session(
-            self.folder, self.manifest, config
-        )  # checks the graph against the manifest
+        self.session = Session(self.folder, self.manifest, config)  # checks the graph against the manifest
         self._probe()
         self._lock = threading.Lock()
         if self.manifest.source.random_init:
@@ -116,15 +113,15 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", max_batch: int = 8, max_seq: int | None = None,
              threads: int | None = None, device_sampling: bool | None = None,
-             static_decode: bool | None = None) -> Engine:  # fmt: skip
-        """Load a model folder. device_sampling: pick tokens with the sampling graph; static_decode:
-        decode steps of fixed shapes, captured as CUDA graphs (in-place cache only). Both default
+             cuda_graphs: bool | None = None) -> Engine:  # fmt: skip
+        """Load a model folder. device_sampling: pick tokens with the sampling graph; cuda_graphs:
+        decode steps of fixed shapes, captured as CUDA graphs (shared cache only). Both default
         to on with the CUDA provider, off on the CPU.
         Raises InputError (a bad argument, before the folder is read), ModelFolderError
         (missing/corrupt folder), ProviderError (cuda unavailable)."""
         folder = inputs.folder_path(path)
         config = SessionConfig(provider=provider, max_batch=max_batch, max_seq=max_seq, threads=threads,
-                               device_sampling=device_sampling, static_decode=static_decode)  # fmt: skip
+                               device_sampling=device_sampling, cuda_graphs=cuda_graphs)  # fmt: skip
         return cls(folder, config)
 
     @property
@@ -167,14 +164,25 @@ class Engine:
         request = self._request("generate", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
         prompts = inputs.prompts(prompts, self.vocab_size)
         prompt_ids = [self._prompt_tokens(p, request) for p in prompts]
-        rows, timing = [], Timing()
-        for _ in self._run(prompt_ids, request, rows, timing, streaming=False):
-            pass
+        rows = [self._row(ids, request, streaming=False) for ids in prompt_ids]
+        clock, rng = Clock(), np.random.default_rng(request.sampling.seed)
+        with self._exclusive():
+            for start in range(0, len(rows), self.session.max_batch):
+                batch = rows[start : start + self.session.max_batch]
+                for _ in decode_rows(self.session, batch, request.max_new_tokens, request.sampling, rng,
+                                     self._eos(request), clock):  # fmt: skip
+                    pass
+        t0 = time.perf_counter()
+        for row in rows:  # rows whose text was not made token by token (no stop strings)
+            if row.decoder is None:
+                ids = row.token_ids[:-1] if row.finish_reason == "eos" else row.token_ids
+                row.text = self.tokenizer.completion_text(ids)
+        clock.text_s += time.perf_counter() - t0
         completions = []
         for p, r in zip(prompts, rows):
             text = p if isinstance(p, str) else self.tokenizer.to_string(r.prompt_ids)
             completions.append(Completion(text, r.prompt_ids, r.token_ids, r.text, r.finish_reason))
-        return Generation(completions, timing.as_dict(), timing)
+        return Generation(completions, clock)
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 32, *, stop: str | Sequence[str] = (),
                prepend_bos: bool = True, truncate: str | None = None,
@@ -183,11 +191,23 @@ class Engine:
         The arguments are checked (InputError) here, before the first piece is asked for."""
         request = self._request("stream", max_new_tokens, stop, prepend_bos, truncate, False, sampling)
         ids = self._prompt_tokens(inputs.prompt("prompt", prompt, self.vocab_size), request)
-        return self._pieces(ids, request)
+        return self._stream(ids, request)
 
-    def _pieces(self, ids: list[int], request: Request) -> Iterator[str]:
-        for _, piece in self._run([ids], request, [], Timing()):
-            yield piece
+    def _stream(self, ids: list[int], request: Request) -> Iterator[str]:
+        row, rng = self._row(ids, request, streaming=True), np.random.default_rng(request.sampling.seed)
+        with self._exclusive():
+            for _, piece in decode_rows(self.session, [row], request.max_new_tokens, request.sampling, rng,
+                                        self._eos(request), Clock()):  # fmt: skip
+                yield piece
+
+    def _row(self, ids: list[int], request: Request, streaming: bool) -> Row:
+        """A prompt's row; its text is made token by token only when someone reads it (a stream)
+        or stop strings need it, and in one call after the loop otherwise."""
+        per_step = streaming or bool(request.stop)
+        return Row(ids, self.tokenizer.decode_stream() if per_step else None, request.stop)
+
+    def _eos(self, request: Request) -> int:
+        return -1 if request.ignore_eos else self.manifest.config.eos_token_id
 
     def _request(self, method: str, max_new_tokens, stop, prepend_bos, truncate, ignore_eos,
                  sampling: dict) -> Request:  # fmt: skip
@@ -204,28 +224,6 @@ class Engine:
         flags = dict(prepend_bos=prepend_bos, truncate=truncate, ignore_eos=ignore_eos)
         flags = {name: inputs.check(name, value) for name, value in flags.items()}
         return Request(n, inputs.stop_strings(stop), **flags, sampling=cfg)
-
-    def _run(self, prompt_ids: list[list[int]], request: Request, rows_out: list[Row], timing: Timing,
-             streaming: bool = True) -> Iterator[tuple[int, str]]:  # fmt: skip
-        cfg, stop, n = request.sampling, request.stop, request.max_new_tokens
-        rng = np.random.default_rng(cfg.seed)
-        eos = -1 if request.ignore_eos else self.manifest.config.eos_token_id
-        with self._exclusive():
-            for start in range(0, len(prompt_ids), self.session.max_batch):
-                # Text as tokens come only when someone reads it (a stream) or stop strings need it.
-                text_per_step = streaming or bool(stop)
-                batch = prompt_ids[start : start + self.session.max_batch]
-                rows = [Row(ids, self.tokenizer.decode_stream() if text_per_step else None, stop)
-                        for ids in batch]  # fmt: skip
-                rows_out.extend(rows)
-                for r, piece in decode_batch(self.session, rows, n, cfg, rng, eos, timing):
-                    yield start + r, piece
-                if not text_per_step:
-                    t0 = time.perf_counter()
-                    for row in rows:
-                        ids = row.token_ids[:-1] if row.finish_reason == "eos" else row.token_ids
-                        row.text = self.tokenizer.completion_text(ids)
-                    timing.text_s += time.perf_counter() - t0
 
     def _prompt_tokens(self, prompt: str | list[int], request: Request) -> list[int]:
         """A checked prompt's ids, within the room the context leaves it: text is tokenized (BOS

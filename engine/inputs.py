@@ -162,7 +162,7 @@ RULES: dict[str, Callable] = {
     "prepend_bos": Flag(),
     "ignore_eos": Flag(),
     "device_sampling": Flag(optional=True),
-    "static_decode": Flag(optional=True),
+    "cuda_graphs": Flag(optional=True),
     "truncate": Choice((None, "left")),
     "provider": Choice(("auto", "cuda", "cpu")),
 }

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from gpt2onnx.engine.contract import DTYPES, KV_CACHES
+from gpt2onnx.engine.extras import needs_extra
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -55,8 +56,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2onnx.engine.extras import needs_extra
-
     with needs_extra("export", "gpt2-onnx export"):  # torch: imported only when exporting
         from .exporter import ExportConfig, export
 
@@ -64,6 +63,6 @@ def run(args: argparse.Namespace) -> int:
         output=args.output, model=args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
         tokenizer=args.tokenizer, force=args.force, optimize=args.optimize, kv_cache=args.kv_cache,
     )  # fmt: skip
-    manifest = export(cfg)  # SIGTERM / SIGHUP clean up like Ctrl-C (engine/cli.py's main)
+    manifest = export(cfg)  # SIGTERM / SIGHUP clean up like Ctrl-C (gpt2onnx/cli.py's main)
     print(f"exported {manifest.source.checkpoint} ({manifest.dtype}) to {args.output}")
     return 0

@@ -26,8 +26,7 @@ from gpt2onnx.engine.contract import (
     UserError,
     io_spec,
 )
-from gpt2onnx.engine.layouts import open_session
-from gpt2onnx.engine.session import SessionConfig
+from gpt2onnx.engine.session import Session, SessionConfig
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, random_checkpoint
 from .graph import EXTERNAL_DATA_THRESHOLD, OPSET, build_module, export_graph
@@ -171,7 +170,7 @@ def _check(folder: Path, manifest: Manifest, reference) -> CheckReport:
     """The graph against PyTorch on the CPU: directly for the standard graph; through the
     engine's own session for the in-place cache, whose steps only make sense in sequence."""
     if manifest.kv_cache == "shared":
-        session = open_session(
+        session = Session(
             folder,
             manifest,
             SessionConfig(provider="cpu", max_batch=4, max_seq=min(64, manifest.config.n_positions)),

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gpt2onnx.engine.clock import Clock
 from gpt2onnx.engine.contract import GPT2Config, UserError, past_names
-from gpt2onnx.engine.session import KV_DTYPES
+from gpt2onnx.engine.kv_cache import KV_DTYPES, left_pad
+from gpt2onnx.engine.pickers import HostPicker
+from gpt2onnx.engine.sampling import SamplingConfig
 
 from .model import GPT2
 
@@ -135,18 +138,21 @@ SHARED_CHECKS = [([1], 3), ([7], 2), ([5, 2, 4], 3)]
 def check_shared_export(session, reference: GPT2, dtype: str, seed: int = 0) -> CheckReport:
     """The shared-cache graph through the engine's own session (prefill, then decode steps that
     update the cache in place), against the reference module run over the whole sequences."""
-    from gpt2onnx.engine.generate import left_pad
-
     config, gen = reference.config, np.random.default_rng(seed)
     report = CheckReport(0.0, None, 0.0, 0)
     for lengths, steps in SHARED_CHECKS:
         log.info("checking the in-place cache against PyTorch: prompts %s, %d decode steps", lengths, steps)
         prompts = [gen.integers(0, config.vocab_size, n).tolist() for n in lengths]
         new = gen.integers(0, config.vocab_size, (len(lengths), steps))
-        ids, mask, positions = left_pad(prompts)
-        session.start(len(lengths), ids.shape[1] + steps)
-        got = [session.prefill(ids, mask, positions).copy()]
-        got += [session.decode(new[:, i]).copy() for i in range(steps)]
+        B, rng = len(lengths), np.random.default_rng(0)
+        session.start(
+            B, max(lengths) + steps, HostPicker(SamplingConfig(), rng, prompts, config.vocab_size), Clock()
+        )
+        session.prefill(prompts)
+        got = [session.last_logits(B).copy()]
+        for i in range(steps):
+            session.decode(new[:, i])
+            got.append(session.last_logits(B).copy())
         full_ids, full_mask, full_pos = left_pad([p + n.tolist() for p, n in zip(prompts, new)])
         with torch.no_grad():
             want = reference(

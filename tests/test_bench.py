@@ -9,7 +9,7 @@ import pytest
 
 from gpt2onnx.benchmarks import report
 from gpt2onnx.benchmarks.bench import BenchConfig, run_bench
-from gpt2onnx.engine.cli import main
+from gpt2onnx.cli import main
 
 
 def test_bench_runs_side_by_side_on_the_same_weights(tiny_fp32, tmp_path):
@@ -29,7 +29,7 @@ def test_bench_runs_side_by_side_on_the_same_weights(tiny_fp32, tmp_path):
     runners = results["runners"]
     assert results["ok"] and results["failures"] == [], "a skipped baseline is not a failure"
     assert "skipped" in runners["optimum"] and "not installed" in runners["optimum"]["skipped"]
-    assert runners["gpt2-onnx"]["cuda_graph"] is False, (
+    assert runners["gpt2-onnx"]["cuda_graphs"] is False, (
         "ours records whether CUDA graphs ran (not on the CPU)"
     )
     for name in ("gpt2-onnx", "transformers-eager", "ort-plain-loop", "naive-no-cache"):

@@ -14,7 +14,8 @@ import pytest
 
 from gpt2onnx.benchmarks import bench, machine
 from gpt2onnx.benchmarks.ort_runners import EngineRunner
-from gpt2onnx.engine.cli import main
+from gpt2onnx.cli import main
+from gpt2onnx.engine.cuda_graphs import CudaGraphs
 
 PROTOBUF_LIMIT = 2**31  # bytes: protobuf cannot serialize a message this large
 CUDA_ERROR = "CUDA failure 700: an illegal memory access was encountered"
@@ -43,7 +44,7 @@ def test_gpu_probe_hands_onnxruntime_a_small_model_before_any_weight_is_made(mon
         seen["model"], seen["device"] = model, device
         raise Stop
 
-    monkeypatch.setattr("gpt2onnx.engine.session.create_session", create_session)
+    monkeypatch.setattr("gpt2onnx.engine.runtime.create_session", create_session)
     with pytest.raises(Stop):
         machine.read_bandwidth_gbs("cuda")
     assert seen["device"] == "cuda" and len(seen["model"]) < PROTOBUF_LIMIT // 1024
@@ -128,7 +129,7 @@ def test_a_failed_baseline_is_a_recorded_row_and_the_benchmark_passes(tiny_fp32,
     assert results["runners"]["naive-no-cache"]["results"], "the baselines after a failed one still run"
     ours = results["runners"]["gpt2-onnx"]
     assert (
-        ours["cuda_graph"] is False and ours["graph_fallback"] is None
+        ours["cuda_graphs"] is False and ours["cuda_graphs_fallback"] is None
     )  # on the CPU: no graphs, no fallback
     table = (tmp_path / "out" / "results.md").read_text()
     assert f"| ort-plain-loop | | | | | | | | | FAILED, left out: {reason} |" in table
@@ -158,9 +159,9 @@ def test_a_worker_killed_by_a_signal_says_so_with_its_last_line(tmp_path, monkey
 
 
 def test_engine_runner_reports_whether_cuda_graphs_really_ran():
-    fell_back = SimpleNamespace(cuda_graph=False, graph_fallback="capture failed at the first replay")
-    state = EngineRunner(SimpleNamespace(session=fell_back)).graph_state()
-    assert state == {"cuda_graph": False, "graph_fallback": "capture failed at the first replay"}
-    older = SimpleNamespace(cuda_graph=True)  # an engine from before graph_fallback existed
-    state = EngineRunner(SimpleNamespace(session=older)).graph_state()
-    assert state == {"cuda_graph": True, "graph_fallback": None}
+    graphs = CudaGraphs((1, 2), decode=True, sampling=True)
+    runner = EngineRunner(SimpleNamespace(session=SimpleNamespace(graphs=graphs)))
+    assert runner.graph_state() == {"cuda_graphs": True, "cuda_graphs_fallback": None}
+    graphs.turn_off("decode", "capture failed at the first replay")
+    state = runner.graph_state()
+    assert state == {"cuda_graphs": False, "cuda_graphs_fallback": "capture failed at the first replay"}

@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from gpt2onnx.engine.clock import Clock
 from gpt2onnx.engine.contract import ModelFolderError
+from gpt2onnx.engine.cuda_graphs import CudaGraphCache
 from gpt2onnx.engine.engine import Engine, EngineBusyError
-from gpt2onnx.engine.session import ProviderError, cuda_device_count
+from gpt2onnx.engine.pickers import ArgmaxPicker, DeviceSamplingPicker, HostPicker
+from gpt2onnx.engine.runtime import ProviderError, cuda_device_count
+from gpt2onnx.engine.sampling import SamplingConfig
 
 PROMPTS = [
     "Hello",
@@ -21,12 +25,12 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["standard", "shared", "static"])
+@pytest.fixture(scope="module", params=["concat", "shared", "cuda-graphs"])
 def engine(request):
-    """Every engine test runs on the standard graph, on the in-place (shared) cache, and on the
-    in-place cache with static decode steps (what CUDA graphs capture; no capture on the CPU)."""
-    folder = request.getfixturevalue("tiny_fp32" if request.param == "standard" else "tiny_shared")
-    return Engine.load(folder, provider="cpu", max_batch=4, static_decode=request.param == "static")
+    """Every engine test runs on the concat cache, on the shared cache, and on the shared cache
+    with fixed decode shapes (what CUDA graphs capture; no capture on the CPU)."""
+    folder = request.getfixturevalue("tiny_fp32" if request.param == "concat" else "tiny_shared")
+    return Engine.load(folder, provider="cpu", max_batch=4, cuda_graphs=request.param == "cuda-graphs")
 
 
 def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
@@ -137,18 +141,23 @@ def test_kv_cache_lives_in_the_preallocated_buffers(engine):
     engine.generate(PROMPTS, max_new_tokens=4)
     session, pointers = engine.session, engine.session.kv_pointers
     c = engine.manifest.config
-    session.start(2, 8)
-    session.prefill(np.array([[1, 2], [0, 4]]), np.array([[1, 1], [0, 1]]), np.array([[0, 1], [0, 0]]))
-    session._io = counting = CountingBinding(session._io)
+    prompts = [[1, 2], [4]]
+    session.start(
+        2, 8, HostPicker(SamplingConfig(), np.random.default_rng(0), prompts, c.vocab_size), Clock()
+    )
+    session.prefill(prompts)
+    session.binding.io = counting = CountingBinding(session.binding.io)
     for step in range(4):
         if step == 1:
             counting.calls.clear()  # the first decode step rebinds ids and positions: (B, 2) -> (B, 1)
         session.decode(np.array([5, 6]))
-        outputs = session._io.get_outputs()  # in binding order: logits (and next_token), then the presents
+        outputs = (
+            session.binding.io.get_outputs()
+        )  # in binding order: logits (and next_token), then the presents
         written = [v.data_ptr() for v in outputs[-2 * c.n_layer :]]
         if engine.manifest.kv_cache == "shared":
             assert written == pointers[0], f"step {step}: presents were not written in place"
-            assert outputs[-1].shape()[2] == session._cap_seq
+            assert outputs[-1].shape()[2] == session.cache.kv.cap_seq
         else:
             assert written == pointers[step % 2], (
                 f"step {step}: presents were not written into the preallocated set"
@@ -159,7 +168,7 @@ def test_kv_cache_lives_in_the_preallocated_buffers(engine):
         assert counting.calls == [], f"decode steps rebound {counting.calls[:4]}..."
     else:
         assert len(cache_binds) == 3 * 2 * 2 * c.n_layer  # pasts and presents, every step
-    session._io = counting.io
+    session.binding.io = counting.io
     engine.generate(PROMPTS, max_new_tokens=4)
     assert engine.session.kv_pointers == pointers, "buffers were reallocated for a call that fits"
 
@@ -257,14 +266,14 @@ def test_concurrent_use_is_refused(engine):
 
 def test_breaking_out_of_a_stream_stops_work(engine):
     runs = []
-    real = engine.session._run
-    engine.session._run = lambda *a: (runs.append(1), real(*a))[1]
+    real = engine.session.graphs.run
+    engine.session.graphs.run = lambda *a: (runs.append(1), real(*a))[1]
     try:
         for i, _ in enumerate(engine.stream("Hello", max_new_tokens=50)):
             if i == 2:
                 break
     finally:
-        engine.session._run = real
+        engine.session.graphs.run = real
     assert len(runs) <= 4, f"{len(runs)} graph runs: the loop ran on after the consumer stopped"
 
 
@@ -337,11 +346,11 @@ def test_greedy_argmax_on_the_device_equals_the_host(tiny_shared, hf_model):
     B x vocab logits, and give exactly the host's greedy tokens."""
     engine = Engine.load(tiny_shared, provider="cpu")
     on_device = engine.generate(PROMPTS, max_new_tokens=10)
-    assert engine.session.pick == "argmax" and "logits" not in engine.session._bound
+    assert isinstance(engine.session.picker, ArgmaxPicker) and "logits" not in engine.session.binding.outputs
     on_host = engine.generate(
         PROMPTS, max_new_tokens=10, logit_bias={0: 0.0}
     )  # a bias needs the logits on the host
-    assert engine.session.pick == "host"
+    assert isinstance(engine.session.picker, HostPicker)
     assert [c.token_ids for c in on_device.completions] == [c.token_ids for c in on_host.completions]
     for c in on_device.completions:
         assert c.token_ids == hf_greedy(hf_model, c.prompt_token_ids, 10)
@@ -369,15 +378,16 @@ DEVICE_SETTINGS = [
 def test_sampling_graph_picks_what_the_host_picks(engine, settings):
     """The sampling graph (the GPU default, forced on here) reads the logits where the model
     wrote them and returns ids only; with the same seed it draws the host's tokens."""
-    static = type(engine.session).__name__ == "StaticCacheSession"
-    device = Engine.load(
-        engine.folder, provider="cpu", max_batch=4, device_sampling=True, static_decode=static
-    )
+    static = isinstance(engine.session.cache, CudaGraphCache)
+    device = Engine.load(engine.folder, provider="cpu", max_batch=4, device_sampling=True, cuda_graphs=static)
     on_device = device.generate(PROMPTS, max_new_tokens=12, **settings)
-    assert device.session.picks_on_device and "logits" not in device.session._bound
-    assert device.session.pick == ("argmax" if not settings and device.session.has_argmax else "sampler")
+    session = device.session
+    want = ArgmaxPicker if not settings and session.has_argmax else DeviceSamplingPicker
+    assert isinstance(session.picker, want)
+    logits = session.binding.outputs.get("logits")  # none, or the device buffer the sampling graph reads
+    assert logits is None or logits[1] == session.cache.outputs.dev["logits"].data_ptr()
     on_host = engine.generate(PROMPTS, max_new_tokens=12, **settings)
-    assert engine.session.pick != "sampler"
+    assert not isinstance(engine.session.picker, DeviceSamplingPicker)
     assert [c.token_ids for c in on_device.completions] == [c.token_ids for c in on_host.completions]
 
 
@@ -390,7 +400,7 @@ def test_settings_the_sampling_graph_cannot_match_stay_on_the_host(tiny_fp32):
         {"logit_bias": {5: 2.0}, "top_k": 5},
     ):
         device.generate(PROMPTS[0], max_new_tokens=2, **settings)
-        assert device.session.pick == "host", settings
+        assert isinstance(device.session.picker, HostPicker), settings
 
 
 class RecordingSession:
@@ -412,20 +422,21 @@ def test_static_decode_steps_keep_their_shapes_and_addresses(tiny_shared):
     """What a CUDA graph needs, checked on the CPU: the cache is allocated once at load; a batch
     runs in its bucket with that bucket's graph id (prefill without a graph); every decode step
     of every call in that bucket uses the same buffers, and only the first one binds anything."""
-    engine = Engine.load(tiny_shared, provider="cpu", max_batch=6, max_seq=64, static_decode=True)
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=6, max_seq=64, cuda_graphs=True)
     session = engine.session
-    assert session.buckets == [1, 2, 4, 6] and (session._cap_batch, session._cap_seq) == (6, 64)
+    kv = session.cache.kv
+    assert session.cache.buckets == (1, 2, 4, 6) and (kv.cap_batch, kv.cap_seq) == (6, 64)
     pointers = session.kv_pointers
-    session._io = counting = CountingBinding(session._io)
-    session.session = recorder = RecordingSession(session.session, counting.calls)
+    session.binding.io = counting = CountingBinding(session.binding.io)
+    session.ort_session = recorder = RecordingSession(session.ort_session, counting.calls)
     addresses = {}
     for prompts in (PROMPTS[:3], PROMPTS[1:4], PROMPTS[:1], PROMPTS + PROMPTS[:2]):
         recorder.runs.clear()
         engine.generate(prompts, max_new_tokens=5, ignore_eos=True)
-        bucket = session.bucket
+        bucket = session.cache.rows
         assert bucket == {1: 1, 3: 4, 6: 6}[len(prompts)]
         graph_ids, outputs, binds = zip(*recorder.runs)
-        assert graph_ids == ("-1",) + (str(session.buckets.index(bucket) + 1),) * 4, graph_ids
+        assert graph_ids == ("-1",) + (str(session.cache.buckets.index(bucket) + 1),) * 4, graph_ids
         assert (
             all(out == outputs[1] for out in outputs[1:])
             and len(outputs[1]) == 2 + 2 * engine.manifest.config.n_layer
@@ -437,16 +448,16 @@ def test_static_decode_steps_keep_their_shapes_and_addresses(tiny_shared):
             "a decode step after the first bound something"
         )
     assert session.kv_pointers == pointers
-    session.session, session._io = recorder.session, counting.io
+    session.ort_session, session.binding.io = recorder.session, counting.io
 
 
 def test_static_decode_needs_the_in_place_cache(tiny_fp32):
     with pytest.raises(ValueError, match="--kv-cache shared"):
-        Engine.load(tiny_fp32, provider="cpu", static_decode=True)
+        Engine.load(tiny_fp32, provider="cpu", cuda_graphs=True)
 
 
 def test_a_cache_larger_than_free_memory_is_refused_before_allocating(tiny_fp32, monkeypatch):
-    from gpt2onnx.engine import session as session_module
+    from gpt2onnx.engine import kv_cache as session_module
     from gpt2onnx.engine.contract import InputError
 
     engine = Engine.load(tiny_fp32, provider="cpu", max_batch=4)

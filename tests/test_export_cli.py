@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import save_hf_folder
-from gpt2onnx.engine.cli import main
+from gpt2onnx.cli import main
 from gpt2onnx.engine.model_folder import parse_manifest, read_manifest
 from gpt2onnx.export import verify
 
@@ -151,7 +151,7 @@ def test_console_script_exit_code_and_stderr(tmp_path):
         [
             sys.executable,
             "-m",
-            "gpt2onnx.engine.cli",
+            "gpt2onnx",
             "export",
             "--model",
             str(tmp_path / "x"),

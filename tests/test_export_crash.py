@@ -19,11 +19,11 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
+from gpt2onnx.cli import main
 from gpt2onnx.engine import atomic_folder
 from gpt2onnx.engine.atomic_folder import MARKER, STEPS
-from gpt2onnx.engine.cli import main
 from gpt2onnx.engine.model_folder import read_manifest
-from gpt2onnx.engine.model_source import resolve_model
+from gpt2onnx.export.model_source import resolve_model
 
 # The child: replaces the hook, then runs the CLI. At its step it dies at once ("kill"), or says
 # "ready" and waits for the test's signal ("wait"); exit 98 means no signal came.
@@ -31,7 +31,7 @@ CHILD = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
     from gpt2onnx.engine import atomic_folder
-    from gpt2onnx.engine.cli import main
+    from gpt2onnx.cli import main
 
     step, mode, ready = sys.argv[1:4]
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from test_export_cli import assert_one_line_error, run_cli
 
-from gpt2onnx.engine.cli import main
+from gpt2onnx.cli import main
 
 
 def run_flags(capsys, *argv) -> tuple[int, str]:
@@ -25,7 +25,7 @@ def run_flags(capsys, *argv) -> tuple[int, str]:
 
 def test_json_contract(tiny_fp32):
     proc = subprocess.run(
-        [sys.executable, "-m", "gpt2onnx.engine.cli", "generate", "--model", str(tiny_fp32), "--prompt", "Hello there", "--prompt", "", "--max-new-tokens", "5", "--json"],
+        [sys.executable, "-m", "gpt2onnx", "generate", "--model", str(tiny_fp32), "--prompt", "Hello there", "--prompt", "", "--max-new-tokens", "5", "--json"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     out = json.loads(proc.stdout)

@@ -17,8 +17,8 @@ import torch
 from conftest import export_folder, make_hf_model, save_hf_folder
 from gpt2onnx.engine.device_sampling import build_sampler, row_params
 from gpt2onnx.engine.engine import Engine
+from gpt2onnx.engine.runtime import cuda_device_count
 from gpt2onnx.engine.sampling import SamplingConfig, next_tokens
-from gpt2onnx.engine.session import cuda_device_count
 from gpt2onnx.export.verify import TOLERANCES, top1_agreement
 
 HAVE_CUDA = cuda_device_count() > 0 and "CUDAExecutionProvider" in ort.get_available_providers()
@@ -39,7 +39,9 @@ PROMPTS = [
 
 
 def on_cuda(engine: Engine) -> Engine:
-    assert engine.provider == "cuda" and engine.session.session.get_providers()[0] == "CUDAExecutionProvider"
+    assert (
+        engine.provider == "cuda" and engine.session.ort_session.get_providers()[0] == "CUDAExecutionProvider"
+    )
     return engine
 
 
@@ -61,10 +63,10 @@ def tiny_fp16_shared(hf_model, tokenizer_dir, tmp_path_factory):
 def graphs(tiny_fp16_shared):
     """The GPU default: fp16, in-place cache, CUDA graphs, sampling on the device."""
     engine = on_cuda(Engine.load(tiny_fp16_shared, provider="cuda", max_batch=8))
-    assert engine.session.cuda_graph, (
+    assert engine.session.graphs.on["decode"], (
         "onnxruntime refused to capture the decode graph (a node fell back to the CPU?)"
     )
-    assert engine.session.sampler_graph, "onnxruntime refused to capture the sampling graph"
+    assert engine.session.graphs.on["sampling"], "onnxruntime refused to capture the sampling graph"
     return engine
 
 
@@ -72,9 +74,7 @@ def graphs(tiny_fp16_shared):
 def eager(tiny_fp16_shared):
     """The same model on CUDA without graphs or device sampling."""
     return on_cuda(
-        Engine.load(
-            tiny_fp16_shared, provider="cuda", max_batch=8, static_decode=False, device_sampling=False
-        )
+        Engine.load(tiny_fp16_shared, provider="cuda", max_batch=8, cuda_graphs=False, device_sampling=False)
     )
 
 
@@ -99,14 +99,14 @@ def test_cuda_graph_replays_give_the_eager_tokens(graphs, eager):
     round near-ties differently, so 95% of them)."""
     for prompts in (PROMPTS, PROMPTS[:1], PROMPTS[1:4], PROMPTS + PROMPTS):
         got = [c.token_ids for c in graphs.generate(prompts, max_new_tokens=16).completions]
-        assert graphs.session.pick == "argmax"
+        assert type(graphs.session.picker).__name__ == "ArgmaxPicker"
         assert [c.token_ids for c in graphs.generate(prompts, max_new_tokens=16).completions] == got, (
             f"batch {len(prompts)}: a replay differs"
         )
         want = [c.token_ids for c in eager.generate(prompts, max_new_tokens=16).completions]
         pairs = [(a, b) for g, w in zip(got, want) for a, b in zip(g, w)]
         assert np.mean([a == b for a, b in pairs]) >= 0.95, (
-            f"batch {len(prompts)} (bucket {graphs.session.bucket}): {got} vs {want}"
+            f"batch {len(prompts)} (bucket {graphs.session.cache.rows}): {got} vs {want}"
         )
 
 
@@ -121,7 +121,7 @@ def test_cuda_graph_replays_give_the_eager_tokens(graphs, eager):
 def test_sampling_graph_on_cuda_agrees_with_the_host(graphs, eager, settings):
     """Same seed, same draws; the logits differ only by kernel rounding, so nearly every token agrees."""
     got = graphs.generate(PROMPTS, max_new_tokens=16, **settings)
-    assert graphs.session.pick == "sampler"
+    assert type(graphs.session.picker).__name__ == "DeviceSamplingPicker"
     want = eager.generate(PROMPTS, max_new_tokens=16, **settings)
     pairs = [
         (a, b) for g, w in zip(got.completions, want.completions) for a, b in zip(g.token_ids, w.token_ids)
@@ -163,16 +163,17 @@ def test_sampling_graph_alone_on_cuda():
 def test_kv_cache_stays_on_the_gpu(graphs):
     graphs.generate(PROMPTS[:2], max_new_tokens=4)
     session = graphs.session
-    assert all(v.device_name().lower() == "cuda" for kv_set in session._kv for v in kv_set)
-    assert all(v.device_name().lower() == "cuda" for v in session._buf.dev.values())
+    assert all(v.device_name().lower() == "cuda" for kv_set in session.cache.kv.values for v in kv_set)
+    assert all(v.device_name().lower() == "cuda" for v in session.cache.outputs.dev.values())
 
 
 def test_graphs_were_captured_without_a_fallback(graphs):
-    """A capture that failed at its first run falls back to eager steps (static_session.py): on
+    """A capture that failed at its first run falls back to eager steps (cuda_graphs.py): on
     the GPU it must not have happened, or the figures measured are not the graphs' figures."""
     graphs.generate(PROMPTS, max_new_tokens=4)
-    assert graphs.session.cuda_graph and graphs.session.sampler_graph, graphs.session.graph_fallback
-    assert graphs.session.graph_fallback is None
+    on = graphs.session.graphs.on
+    assert on["decode"] and on["sampling"], graphs.session.graphs.fallback
+    assert graphs.session.graphs.fallback is None
 
 
 def test_a_process_that_never_imports_torch_starts_the_cuda_provider(tiny_fp16_shared):
@@ -185,8 +186,8 @@ def test_a_process_that_never_imports_torch_starts_the_cuda_provider(tiny_fp16_s
         "import sys; from gpt2onnx.engine.engine import Engine; "
         f"e = Engine.load({str(tiny_fp16_shared)!r}, provider='cuda'); "
         "assert 'torch' not in sys.modules, 'torch was imported'; "
-        "assert e.session.session.get_providers()[0] == 'CUDAExecutionProvider'; "
-        "print(e.generate(['Hello', 'a'], max_new_tokens=4).completions[0].token_ids, e.session.graph_fallback)"
+        "assert e.session.ort_session.get_providers()[0] == 'CUDAExecutionProvider'; "
+        "print(e.generate(['Hello', 'a'], max_new_tokens=4).completions[0].token_ids, e.session.graphs.fallback)"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -12,13 +12,13 @@ import onnxruntime as ort
 import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
-from gpt2onnx.engine import (
-    cuda_libs,
-    static_session,  # noqa: F401  (imported before sys.path is replaced)
-)
+from gpt2onnx.engine import cuda_libs
+from gpt2onnx.engine import runtime as runtime_module
 from gpt2onnx.engine import session as session_module
 from gpt2onnx.engine.engine import Engine
-from gpt2onnx.engine.session import ProviderError
+from gpt2onnx.engine.kv_cache import SharedCache
+from gpt2onnx.engine.pickers import DeviceSamplingPicker
+from gpt2onnx.engine.runtime import ProviderError
 
 PROMPTS = [
     "Hello",
@@ -78,7 +78,7 @@ def only_on_path(monkeypatch, *sites: Path) -> None:
 @pytest.fixture
 def gpu(monkeypatch):
     """The driver reports one GPU."""
-    monkeypatch.setattr(session_module, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(runtime_module, "cuda_device_count", lambda: 1)
 
 
 # -- 2. CUDA library discovery -------------------------------------------------------------------
@@ -152,7 +152,7 @@ def test_the_cuda_version_comes_from_the_onnxruntime_build():
 def test_explicit_cuda_with_a_missing_library_names_it(tiny_fp32, tmp_path, monkeypatch, loader, gpu):
     only_on_path(monkeypatch, nvidia_site(tmp_path, {"cu13": CU13}))
     attempt = lambda *a, **k: pytest.fail("a CUDA session was attempted")  # noqa: E731
-    monkeypatch.setattr(session_module.ort, "InferenceSession", attempt)
+    monkeypatch.setattr(runtime_module.ort, "InferenceSession", attempt)
     with pytest.raises(ProviderError, match=r"libcudnn\.so\.9 not found .*--provider cpu") as info:
         Engine.load(tiny_fp32, provider="cuda")
     assert "\n" not in str(info.value)
@@ -166,7 +166,7 @@ def test_auto_with_a_missing_library_runs_on_the_cpu(tiny_fp32, tmp_path, monkey
         created.append(providers)
         return real(source, options, providers=providers)
 
-    monkeypatch.setattr(session_module.ort, "InferenceSession", recording)
+    monkeypatch.setattr(runtime_module.ort, "InferenceSession", recording)
     with caplog.at_level(logging.WARNING, logger="gpt2onnx"):
         engine = Engine.load(tiny_fp32, provider="auto")
     assert engine.provider == "cpu" and created and all(p == ["CPUExecutionProvider"] for p in created)
@@ -178,7 +178,7 @@ def test_auto_with_a_missing_library_runs_on_the_cpu(tiny_fp32, tmp_path, monkey
 @pytest.mark.parametrize("provider, gpus", [("cpu", 1), ("auto", 0)])
 def test_nothing_is_loaded_on_the_cpu_path(tiny_fp32, tmp_path, monkeypatch, loader, provider, gpus):
     only_on_path(monkeypatch, nvidia_site(tmp_path, {"cu13": CU13, "cudnn": ["libcudnn.so.9"]}))
-    monkeypatch.setattr(session_module, "cuda_device_count", lambda: gpus)
+    monkeypatch.setattr(runtime_module, "cuda_device_count", lambda: gpus)
     assert Engine.load(tiny_fp32, provider=provider).provider == "cpu"
     assert loader.calls == []
 
@@ -211,7 +211,7 @@ def test_auto_runs_a_non_fp16_in_place_cache_on_the_cpu(tiny_shared, monkeypatch
     assert (
         engine.provider == "cpu" and providers == ["cpu"] and loader.calls == []
     )  # no CUDA session attempted
-    assert type(engine.session).__name__ == "SharedCacheSession"  # no static decode without capture
+    assert type(engine.session.cache) is SharedCache  # no fixed decode shapes without capture
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "fp32" in warning and "--dtype fp16 --kv-cache shared" in warning and "\n" not in warning
     assert len(engine.generate("Hello", max_new_tokens=3).completions[0].token_ids) == 3
@@ -227,6 +227,7 @@ def test_models_the_gpu_can_run_go_to_the_cuda_provider(request, folder, monkeyp
         asked.append(provider)
         raise ProviderError("stop here")
 
+    monkeypatch.setattr(runtime_module, "load_cuda_libraries", lambda provider: True)  # found (tested above)
     monkeypatch.setattr(session_module, "create_session", stop)
     with pytest.raises(ProviderError, match="stop here"):
         Engine.load(path, provider="cuda")
@@ -263,17 +264,17 @@ def tokens(result) -> list[list[int]]:
 
 def graphs_on(folder, **kw) -> Engine:
     """A static-decode engine on the CPU that believes its graphs are captured, as on the GPU."""
-    engine = Engine.load(folder, provider="cpu", max_batch=4, static_decode=True, **kw)
-    engine.session.cuda_graph = engine.session.sampler_graph = True
+    engine = Engine.load(folder, provider="cpu", max_batch=4, cuda_graphs=True, **kw)
+    engine.session.graphs.on.update(decode=True, sampling=True)
     return engine
 
 
 @pytest.mark.parametrize("ran", [False, True], ids=["before-the-step", "after-the-step"])
 def test_a_failed_first_capture_falls_back_without_graphs_and_keeps_the_tokens(tiny_shared, caplog, ran):
-    want = Engine.load(tiny_shared, provider="cpu", max_batch=4, static_decode=True)
+    want = Engine.load(tiny_shared, provider="cpu", max_batch=4, cuda_graphs=True)
     engine = graphs_on(tiny_shared)
     session = engine.session
-    session.session = failing = FailingCapture(session.session, ran=ran)
+    session.ort_session = failing = FailingCapture(session.ort_session, ran=ran)
     with caplog.at_level(logging.WARNING, logger="gpt2onnx"):
         got = engine.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)
         one = engine.generate(PROMPTS[:1], max_new_tokens=4, ignore_eos=True)  # another bucket, afterwards
@@ -281,9 +282,9 @@ def test_a_failed_first_capture_falls_back_without_graphs_and_keeps_the_tokens(t
     assert tokens(one) == tokens(want.generate(PROMPTS[:1], max_new_tokens=4, ignore_eos=True))
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "CUDA graphs are off" in warning and "\n" not in warning
-    assert session.cuda_graph is False and session.sampler_graph is True
-    assert "decode graph of batch bucket 4" in session.graph_fallback
-    assert "stream is capturing" in session.graph_fallback
+    assert session.graphs.on == {"decode": False, "sampling": True}
+    assert "decode graph of batch bucket 4" in session.graphs.fallback
+    assert "stream is capturing" in session.graphs.fallback
     assert failing.graph_ids[:3] == ["-1", "3", "-1"]  # prefill, the failed capture, the same step again
     assert set(failing.graph_ids[2:]) == {"-1"}  # no graph is tried again, in any bucket
 
@@ -291,29 +292,29 @@ def test_a_failed_first_capture_falls_back_without_graphs_and_keeps_the_tokens(t
 def test_a_failed_replay_is_raised_not_hidden(tiny_shared):
     """Only a bucket's first graph run is a capture: a later failure is a real error."""
     engine = graphs_on(tiny_shared)
-    engine.session.session = FailingCapture(engine.session.session, fail_at=3)
+    engine.session.ort_session = FailingCapture(engine.session.ort_session, fail_at=3)
     with pytest.raises(Fail, match="stream is capturing"):
         engine.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)
-    assert engine.session.cuda_graph is True and engine.session.graph_fallback is None
+    assert engine.session.cuda_graphs is True and engine.session.graphs.fallback is None
 
 
 def test_a_failed_first_capture_of_the_sampling_graph_falls_back_too(tiny_shared, caplog):
     settings = {"max_new_tokens": 8, "ignore_eos": True, "top_k": 20, "seed": 1}
-    want = Engine.load(tiny_shared, provider="cpu", max_batch=4, static_decode=True, device_sampling=True)
+    want = Engine.load(tiny_shared, provider="cpu", max_batch=4, cuda_graphs=True, device_sampling=True)
     engine = graphs_on(tiny_shared, device_sampling=True)
     session = engine.session
-    session._sampler = FailingCapture(session._sampler, ran=True)
+    session.sampler = FailingCapture(session.sampler, ran=True)
     with caplog.at_level(logging.WARNING, logger="gpt2onnx"):
         got = engine.generate(PROMPTS, **settings)
-    assert session.pick == "sampler"
+    assert isinstance(session.picker, DeviceSamplingPicker)
     assert tokens(got) == tokens(want.generate(PROMPTS, **settings))
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
-    assert session.sampler_graph is False and session.cuda_graph is True
-    assert "sampling graph of batch bucket 4" in session.graph_fallback
+    assert session.graphs.on == {"decode": True, "sampling": False}
+    assert "sampling graph of batch bucket 4" in session.graphs.fallback
 
 
 def test_sessions_that_never_failed_say_so(tiny_shared, tiny_fp32):
     for folder, static in ((tiny_shared, True), (tiny_fp32, None)):
-        engine = Engine.load(folder, provider="cpu", static_decode=static)
+        engine = Engine.load(folder, provider="cpu", cuda_graphs=static)
         engine.generate(PROMPTS[:2], max_new_tokens=3)
-        assert engine.session.graph_fallback is None
+        assert engine.session.graphs.fallback is None

@@ -260,7 +260,7 @@ def test_steps_are_recorded_as_they_end_and_finish_fails_if_one_did(tmp_path):
 
 
 def test_the_phases_export_the_folder_bench_and_generate_look_for(tmp_path):
-    from gpt2onnx.engine.model_source import resolve_model
+    from gpt2onnx.export.model_source import resolve_model
 
     name = re.search(r"^FP16_124M=\$MODELS/(\S+)$", (CI / "gpu" / "lib.sh").read_text(), re.M).group(1)
     folder = tmp_path / name

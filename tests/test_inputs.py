@@ -196,7 +196,7 @@ def test_other_methods_refuse_bad_arguments(engine, call, argument):
         (dict(provider="gpu"), "provider"),
         (dict(provider=None), "provider"),
         (dict(device_sampling="yes"), "device_sampling"),
-        (dict(static_decode=1), "static_decode"),
+        (dict(cuda_graphs=1), "cuda_graphs"),
         (dict(path=None), "path"),
         (dict(path=123), "path"),
         (dict(path=""), "path"),

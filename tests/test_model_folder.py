@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from gpt2onnx.engine.cli import main
+from gpt2onnx.cli import main
 from gpt2onnx.engine.contract import ModelFolderError, io_spec
 from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.model_folder import MAX_DEPTH, read_manifest

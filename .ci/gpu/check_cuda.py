@@ -26,7 +26,7 @@ def gate() -> int:
     except ImportError as e:
         print(f"refused: onnxruntime cannot be imported ({e}); {INSTALL_HINT}", file=sys.stderr)
         return 4
-    from gpt2onnx.engine.session import cuda_device_count  # the engine's own driver probe
+    from gpt2onnx.engine.runtime import cuda_device_count  # the engine's own driver probe
 
     providers, gpus = ort.get_available_providers(), cuda_device_count()
     found = f"onnxruntime {ort.__version__} from {ort.__file__}, providers {providers}, "
@@ -63,9 +63,9 @@ def matmul_model() -> bytes:
 def session() -> int:
     import numpy as np
 
-    from gpt2onnx.engine.session import create_session
+    from gpt2onnx.engine.runtime import create_session, resolve_device
 
-    sess = create_session(model=matmul_model(), provider="cuda", threads=None)[0]
+    sess = create_session(matmul_model(), resolve_device("cuda"), None, strict=True)[0]
     first = sess.get_providers()[0]
     y = sess.run(None, {"x": np.ones((4, 64), dtype=np.float16)})[0]
     torch_loaded = "torch" in sys.modules

@@ -25,8 +25,9 @@ require_cuda() {
 # gpt2onnx from this checkout by links: no pip run, nothing written into the machine's Python,
 # the same on every call (an editable install would point at wherever the first call's tree was).
 link_project() {
-  mkdir -p "$LINKS/gpt2onnx" && touch "$LINKS/gpt2onnx/__init__.py"
+  mkdir -p "$LINKS/gpt2onnx"
   local part
+  for part in "$PWD"/gpt2onnx/*.py; do ln -sfn "$part" "$LINKS/gpt2onnx/"; done
   for part in export engine benchmarks; do ln -sfn "$PWD/$part" "$LINKS/gpt2onnx/$part"; done
 }
 
@@ -89,7 +90,7 @@ start_phase() {  # start_phase N: the project's links (the gate uses the engine)
 
 # The 124M shape in fp16 with the in-place cache, exported once per machine into $MODELS under the
 # name `gpt2-onnx bench/generate --random-init gpt2 --seed 0 --dtype fp16 --kv-cache shared
-# --models-dir $MODELS` look for (engine/model_source.py resolve_model; tests/test_gpu_sequence.py pins it),
+# --models-dir $MODELS` look for (export/model_source.py resolve_model; tests/test_gpu_sequence.py pins it),
 # so that the benchmarks and the CLI reuse it. It cannot travel (about 250 MB): a fresh machine
 # exports it again, inside the same command as the work that needs it.
 FP16_124M=$MODELS/random-gpt2-seed0-fp16-shared
@@ -99,6 +100,6 @@ export_124m() {
     record export-124m 0 0 "exported earlier on this machine"
     return 0
   fi
-  step export-124m 300 "$PYTHON" -m gpt2onnx.engine.cli export --random-init gpt2 --seed 0 --dtype fp16 \
+  step export-124m 300 "$PYTHON" -m gpt2onnx export --random-init gpt2 --seed 0 --dtype fp16 \
     --kv-cache shared --output "$FP16_124M"
 }

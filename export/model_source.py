@@ -1,6 +1,6 @@
 """Where a command's model folder comes from: a folder as given, or the export of a checkpoint
 (a hub id, a Hugging Face folder, `--random-init SIZE`) into a models folder, made on first use
-and reused after. Shared by `generate` and `bench`, below both CLIs."""
+and reused after. Shared by `generate` and `bench`; in the exporter's package, as it exports."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import logging
 import os
 from pathlib import Path
 
-from . import atomic_folder
-from .contract import MANIFEST_FILE
-from .extras import needs_extra
+from gpt2onnx.engine import atomic_folder
+from gpt2onnx.engine.contract import MANIFEST_FILE
+from gpt2onnx.engine.extras import needs_extra
 
 log = logging.getLogger("gpt2onnx")
 
@@ -42,8 +42,8 @@ def resolve_model(
     if (folder / MANIFEST_FILE).is_file():
         log.info("using %s (exported earlier)", folder)
         return folder
-    with needs_extra("export", "exporting a model on first use"):
-        from gpt2onnx.export.exporter import ExportConfig, export
+    with needs_extra("export", "exporting a model on first use"):  # torch: imported only to export
+        from .exporter import ExportConfig, export
 
     log.info("exporting %s into %s (once)", model or f"random-init {random_init}", folder)
     export(

@@ -1,0 +1,65 @@
+"""`Clock`: the wall-clock figures of one call, marked by the decode loop and the session.
+
+The loop marks each step's tokens (`tokens`); the session times its runs inside onnxruntime
+(`running`), which makes the Python-overhead figure. A decode step spans token to token:
+picking, bookkeeping and the graph.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Clock:
+    prefill_s: float = 0.0  # inside onnxruntime during prefill (the graph, and the sampling graph)
+    first_token_s: float = 0.0  # prefill + the first token's pick: time to first token
+    step_s: list[float] = field(default_factory=list)
+    decode_run_s: float = 0.0  # inside onnxruntime during decode steps
+    text_s: float = 0.0  # rows' text made after the loop (generate without stop strings)
+    new_tokens: int = 0
+    _start: float = field(default=0.0, init=False, repr=False)
+    _last: float | None = field(default=None, init=False, repr=False)  # the last tokens; None: none yet
+    _run_s: float = field(default=0.0, init=False, repr=False)  # inside onnxruntime since the last tokens
+
+    def begin(self) -> None:
+        """A batch starts: the next `tokens` is its first."""
+        self._start, self._last, self._run_s = time.perf_counter(), None, 0.0
+
+    @contextmanager
+    def running(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._run_s += time.perf_counter() - t0
+
+    def tokens(self) -> None:
+        """A step's tokens are in."""
+        now = time.perf_counter()
+        if self._last is None:
+            self.prefill_s += self._run_s
+            self.first_token_s += now - self._start
+        else:
+            self.step_s.append(now - self._last)
+            self.decode_run_s += self._run_s
+        self._last, self._run_s = now, 0.0
+
+    @property
+    def decode_s(self) -> float:
+        return sum(self.step_s)
+
+    def as_dict(self) -> dict[str, float]:
+        total = self.first_token_s + self.decode_s + self.text_s
+        steps = len(self.step_s)
+        return {
+            "prefill_ms": 1e3 * self.prefill_s,
+            "decode_ms_per_token": 1e3 * self.decode_s / steps if steps else 0.0,
+            "tokens_per_s": self.new_tokens / total if total else 0.0,
+        }
+
+    def python_overhead_ms(self) -> float:
+        """Per decode step, everything outside onnxruntime's run."""
+        return 1e3 * (self.decode_s - self.decode_run_s) / len(self.step_s) if self.step_s else 0.0

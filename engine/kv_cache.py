@@ -1,0 +1,312 @@
+"""The KV cache: where each row's keys and values live between steps, and how a step binds them.
+
+The cache lives on the session's device, preallocated and bound by pointer, so the graph writes
+the new keys and values straight into our memory: no cache byte crosses to the host and nothing
+is allocated per step. Buffers are sized for (batch, seq) on first use and only ever grow, up to
+max_batch x max_seq. The manifest's `kv_cache` picks the layout:
+
+- `ConcatCache` (the "concat" graph: present = past + new): two sets of buffers per layer. A step
+  binds the pasts to one set and the presents to the other; the next step swaps them. Shapes grow
+  by one position per step, so the cache is rebound every step. Prompts are left-padded.
+- `SharedCache` (the "shared" graph): one buffer per layer, bound as past and present at once;
+  GroupQueryAttention writes each new token's K/V in place. Rows are left-aligned, each with its
+  own length, so there is no padding inside the cache. Each row is a slot: a prompt can be
+  prefilled into one slot (its own view of the buffer) while the other rows keep their state,
+  and a freed slot is reused. Nothing is rebound during decode.
+- `cuda_graphs.CudaGraphCache`: the shared cache with decode steps of fixed shapes and addresses.
+
+Each cache binds a step's inputs and its own buffers (`bind_prefill`, `bind_decode`) and holds
+where the step's outputs land (`outputs`); the session runs the step and its picker reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+
+from .binding import Binding, HostOutputs
+from .contract import ONNX_ELEM_TYPE, STEP_INPUTS, InputError, Manifest, past_names, present_names
+
+log = logging.getLogger(__name__)
+
+KV_DTYPES = {dtype: np.dtype(elem).type for dtype, elem in ONNX_ELEM_TYPE.items()}  # numpy type of the cache
+ONE = np.ones((), dtype=np.int64)  # logits_to_keep for generation: the last position only
+SEQ_GRANULE = 256  # the cache grows in steps of this many positions, so short calls do not each reallocate
+
+
+def host_dtypes(kv_cache: str) -> dict[str, type]:
+    """numpy type of each step input of a cache layout, from the contract's table."""
+    return {name: np.dtype(t).type for name, (t, _) in STEP_INPUTS[kv_cache].items()}
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, mask, positions), each (batch, longest); padding is on the left, positions count real tokens."""
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :], mask[r, width - len(p) :] = p, 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return ids, mask, positions
+
+
+def positions_from(first: int, batch: int, seq: int) -> np.ndarray:
+    """(batch, seq) int64 positions first, first + 1, ... on every row."""
+    return np.broadcast_to(np.arange(first, first + seq, dtype=np.int64), (batch, seq)).copy()
+
+
+def available_host_bytes() -> int | None:
+    """Memory the system can give without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class KVBuffers:
+    """`sets` buffers of (cap_batch, n_head, cap_seq, head_dim) per layer input, key then value."""
+
+    def __init__(self, manifest: Manifest, device: str, sets: int, max_batch: int, max_seq: int):
+        c = manifest.config
+        self.n_head, self.head_dim, self.dtype = c.n_head, c.head_dim, KV_DTYPES[manifest.dtype]
+        self.past, self.present = past_names(c.n_layer), present_names(c.n_layer)
+        self.device, self.sets, self.max_batch, self.max_seq = device, sets, max_batch, max_seq
+        self.cap_batch = self.cap_seq = 0
+        self.ptrs: list[list[int]] = []  # [set][key_0, value_0, key_1, ...]: device addresses
+
+    def reserve(self, batch: int, seq: int) -> None:
+        """Room for `batch` rows of `seq` positions; does nothing when already big enough."""
+        if batch > self.max_batch or seq > self.max_seq:
+            raise ValueError(f"batch {batch} x sequence {seq} exceeds the engine's max_batch "
+                             f"{self.max_batch} x max_seq {self.max_seq}")  # fmt: skip
+        if batch <= self.cap_batch and seq <= self.cap_seq:
+            return
+        cap_batch = max(batch, self.cap_batch)
+        cap_seq = min(self.max_seq, max(self.cap_seq, -(-seq // SEQ_GRANULE) * SEQ_GRANULE))
+        shape = (cap_batch, self.n_head, cap_seq, self.head_dim)
+        self._check_room(
+            self.sets * len(self.past) * int(np.prod(shape)) * np.dtype(self.dtype).itemsize, shape
+        )
+        log.debug("allocating KV cache for batch %d x seq %d on %s", cap_batch, cap_seq, self.device)
+        self.values = [
+            [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0) for _ in self.past]
+            for _ in range(self.sets)
+        ]
+        self.ptrs = [[v.data_ptr() for v in kv_set] for kv_set in self.values]
+        self.cap_batch, self.cap_seq = cap_batch, cap_seq
+
+    def bind(self, binding: Binding, kv_set: int, output: bool, rows: int, seq: int, first: int = 0) -> None:
+        """Bind one set as the pasts (or the presents) of `rows` rows of `seq` positions; `first`
+        is the first row (a slot) of a view that spans the whole sequence axis."""
+        assert first == 0 or seq == self.cap_seq, "a view of a slot spans the whole sequence axis"
+        offset = first * self.n_head * self.cap_seq * self.head_dim * np.dtype(self.dtype).itemsize
+        shape = (rows, self.n_head, seq, self.head_dim)
+        for name, ptr in zip(self.present if output else self.past, self.ptrs[kv_set]):
+            (binding.output if output else binding.input)(name, self.device, self.dtype, shape, ptr + offset)
+
+    def _check_room(self, nbytes: int, shape: tuple) -> None:
+        """Refuse a host cache that cannot fit in the memory the system has free, before allocating
+        it (a large max_batch x max_seq would otherwise be found out by the OOM killer)."""
+        free = available_host_bytes() if self.device == "cpu" else None
+        if free is not None and nbytes > free:
+            raise InputError(
+                f"a KV cache of {shape[0]} rows x {shape[2]} positions needs {nbytes / 2**30:.1f} GiB but only "
+                f"{free / 2**30:.1f} GiB of memory is free; run fewer prompts at once (max_batch, --max-batch) "
+                f"or shorter ones (max_seq, max_new_tokens)"
+            )
+
+
+class HostInputs:
+    """A layout's step inputs in host buffers, bound by pointer."""
+
+    def __init__(self, kv_cache: str):
+        self.dtypes, self.size = host_dtypes(kv_cache), 0
+
+    def reserve(self, size: int) -> None:
+        if size > self.size:
+            self.size, self.bufs = size, {name: np.zeros(size, dtype) for name, dtype in self.dtypes.items()}
+
+    def feed(self, binding: Binding, **arrays: np.ndarray) -> None:
+        for name, arr in arrays.items():
+            buf = self.bufs[name]
+            np.copyto(buf[: arr.size].reshape(arr.shape), arr)
+            binding.input(name, "cpu", buf.dtype.type, arr.shape, buf.ctypes.data)
+
+
+class ConcatCache:
+    """The concat graph's cache: present = past + new, ping-pong between two sets of buffers."""
+
+    kv_cache = "concat"
+
+    def __init__(self, manifest: Manifest, device: str, max_batch: int, max_seq: int, sampling: bool):
+        self.kv = KVBuffers(manifest, device, 2, max_batch, max_seq)
+        self.inputs = HostInputs("concat")
+        self.outputs = HostOutputs(manifest.config.vocab_size, device, sampling)
+        self.batch = 0
+
+    def start(self, batch: int, seq: int) -> None:
+        """Begin a batch whose rows need `seq` positions each."""
+        self.kv.reserve(batch, seq)
+        self.inputs.reserve(self.kv.cap_batch * self.kv.cap_seq)
+        self.outputs.reserve(self.kv.cap_batch)
+        self.batch = batch
+
+    @property
+    def rows(self) -> int:
+        """Rows a decode step binds."""
+        return self.batch
+
+    def bind_prefill(self, binding: Binding, prompts: list[list[int]]) -> None:
+        """Bind a left-padded batch of prompts."""
+        ids, mask, positions = left_pad(prompts)
+        assert len(prompts) == self.batch, f"prefill of {len(prompts)} rows after start({self.batch})"
+        self.mask = np.ones((self.batch, self.kv.cap_seq), dtype=np.int64)  # decode steps add real tokens
+        self.mask[:, : ids.shape[1]] = mask
+        self.next_position = positions[:, -1:] + 1  # (B, 1)
+        self.past_len, self.cur = 0, 0
+        self._bind(binding, ids, positions)
+
+    def bind_decode(self, binding: Binding, tokens: np.ndarray) -> None:
+        """Bind one new token per row (returns the batch bucket: None, no CUDA graph)."""
+        self._bind(binding, tokens[:, None], self.next_position)
+        self.next_position += 1
+
+    def _bind(self, binding: Binding, ids: np.ndarray, positions: np.ndarray) -> None:
+        total = self.past_len + ids.shape[1]
+        assert total <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, step needs {total}"
+        mask = self.mask[:, :total]
+        self.inputs.feed(
+            binding, input_ids=ids, position_ids=positions, attention_mask=mask, logits_to_keep=ONE
+        )
+        self.kv.bind(binding, self.cur, False, self.batch, self.past_len)  # pasts from one set,
+        self.kv.bind(binding, 1 - self.cur, True, self.batch, total)  # presents into the other
+        self.cur, self.past_len = 1 - self.cur, total
+
+    def bind_prefill_slot(self, binding: Binding, slot: int, prompt: list[int]) -> None:
+        raise ValueError("slots need the shared cache: export the model with --kv-cache shared")
+
+    def free(self, slot: int) -> None:
+        raise ValueError("slots need the shared cache: export the model with --kv-cache shared")
+
+    def full_feeds(self, ids: np.ndarray, first_position: int = 0) -> dict[str, np.ndarray]:
+        """Inputs of one pass over ids (batch, seq) with an empty past, logits at every position."""
+        B, T = ids.shape
+        empty = (B, self.kv.n_head, 0, self.kv.head_dim)
+        return {
+            "input_ids": ids,
+            "position_ids": positions_from(first_position, B, T),
+            "attention_mask": np.ones((B, T), dtype=np.int64),
+            "logits_to_keep": np.array(T, dtype=np.int64),
+            **{name: np.zeros(empty, dtype=self.kv.dtype) for name in self.kv.past},
+        }
+
+
+class Slots:
+    """The shared cache's per-row state, in one place: how many tokens each row (slot) holds.
+    A free slot holds none; in a decode step it writes a dummy token at its position 0."""
+
+    def __init__(self, batch: int):
+        self.lengths = np.zeros(batch, dtype=np.int64)
+        self.used = np.zeros(batch, dtype=np.int64)  # 1 for a slot in use, 0 for a free one
+
+    def fill(self, rows: slice | int, lengths) -> None:
+        self.lengths[rows], self.used[rows] = lengths, 1
+
+    def free(self, slot: int) -> None:
+        self.lengths[slot], self.used[slot] = 0, 0
+
+    def step(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """A decode step's (positions (B, 1), seqlens_k (B,), longest row after it); each used
+        row grows by one."""
+        positions = self.lengths[:, None].copy()  # the next token's position is the row's length
+        self.lengths += self.used
+        written = np.maximum(self.lengths, 1)
+        return positions, (written - 1).astype(np.int32), int(written.max())
+
+
+class SharedCache:
+    """The shared graph's cache: one buffer per layer, updated in place, one slot per row."""
+
+    kv_cache = "shared"
+
+    def __init__(self, manifest: Manifest, device: str, max_batch: int, max_seq: int, sampling: bool):
+        self.kv = KVBuffers(manifest, device, 1, max_batch, max_seq)
+        self.inputs = HostInputs("shared")
+        self.outputs = HostOutputs(manifest.config.vocab_size, device, sampling)
+        self.slots, self.batch = Slots(0), 0
+
+    def start(self, batch: int, seq: int) -> None:
+        """Begin a batch of `batch` free slots whose rows need `seq` positions each."""
+        self.kv.reserve(batch, seq)
+        self.inputs.reserve(self.kv.cap_batch * self.kv.cap_seq)
+        self.outputs.reserve(self.kv.cap_batch)
+        self.slots, self.batch = Slots(batch), batch
+
+    @property
+    def rows(self) -> int:
+        """Rows a decode step binds."""
+        return self.batch
+
+    def bind_prefill(self, binding: Binding, prompts: list[list[int]]) -> None:
+        """Bind a batch of prompts into slots 0..B-1, right-padded: the K/V a padding token writes
+        past a row's length is overwritten by that row's next token."""
+        assert len(prompts) == self.batch, f"prefill of {len(prompts)} rows after start({self.batch})"
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        width = int(lengths.max())
+        ids, positions = np.zeros((self.batch, width), np.int64), np.zeros((self.batch, width), np.int64)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)], positions[r, : len(p)] = p, np.arange(len(p))
+        self._bind(binding, ids, positions, lengths, width, 0)
+        self.slots.fill(slice(0, self.batch), lengths)
+
+    def bind_prefill_slot(self, binding: Binding, slot: int, prompt: list[int]) -> None:
+        """Bind one prompt into `slot` alone (a view of the buffer at that row); the other rows keep
+        their state. The slot's previous contents, if any, are overwritten."""
+        assert 0 <= slot < self.batch, f"slot {slot} of a batch of {self.batch}"
+        n = len(prompt)
+        assert n <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, the prompt has {n}"
+        ids, positions = np.array([prompt], np.int64), np.arange(n, dtype=np.int64)[None]
+        self._bind(binding, ids, positions, np.array([n]), n, slot)
+        self.slots.fill(slot, n)
+
+    def _bind(self, binding, ids, positions, lengths, total: int, first: int) -> None:
+        """A prompt pass over rows first.. of the cache, each of `lengths` real tokens."""
+        rows = len(ids)
+        self.inputs.feed(binding, input_ids=ids, position_ids=positions, seqlens_k=(lengths - 1).astype(np.int32),
+                         total_sequence_length=np.array(total, np.int32),
+                         logits_index=(lengths - 1)[:, None])  # fmt: skip
+        self.kv.bind(binding, 0, False, rows, self.kv.cap_seq, first)
+        self.kv.bind(binding, 0, True, rows, self.kv.cap_seq, first)
+
+    def bind_decode(self, binding: Binding, tokens: np.ndarray) -> None:
+        """Bind one new token per row (returns the batch bucket: None, no CUDA graph)."""
+        positions, seqlens, total = self.slots.step()
+        assert total <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, step needs {total}"
+        self.inputs.feed(binding, input_ids=tokens[:, None], position_ids=positions, seqlens_k=seqlens,
+                         total_sequence_length=np.array(total, np.int32),
+                         logits_index=np.zeros((self.batch, 1), np.int64))  # fmt: skip
+        self.kv.bind(binding, 0, False, self.batch, self.kv.cap_seq)
+        self.kv.bind(binding, 0, True, self.batch, self.kv.cap_seq)
+
+    def free(self, slot: int) -> None:
+        """Give up a slot: its row decodes a dummy token from now on, until a prompt fills it."""
+        self.slots.free(slot)
+
+    def full_feeds(self, ids: np.ndarray, first_position: int = 0) -> dict[str, np.ndarray]:
+        """Inputs of one pass over ids (batch, seq) with a cache of its own, logits at every position."""
+        B, T = ids.shape
+        cache = (B, self.kv.n_head, T, self.kv.head_dim)
+        return {
+            "input_ids": ids,
+            "position_ids": positions_from(first_position, B, T),
+            "seqlens_k": np.full(B, T - 1, dtype=np.int32),
+            "total_sequence_length": np.array(T, dtype=np.int32),
+            "logits_index": np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),
+            **{name: np.zeros(cache, dtype=self.kv.dtype) for name in self.kv.past},
+        }

@@ -1,0 +1,130 @@
+"""Which device runs the model, decided once, and the one place onnxruntime sessions are created.
+
+onnxruntime-gpu lists the CUDA provider even on a machine without a GPU and falls back to the
+CPU on its own when the provider cannot start, so the device is resolved here, before any session:
+the NVIDIA driver is asked whether a GPU is there, the CUDA libraries are loaded (cuda_libs.py),
+and a session that came back on the CPU anyway is either refused (the GPU was asked for by name)
+or reported once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import onnxruntime as ort
+
+from . import cuda_libs
+from .contract import ModelFolderError, UserError
+
+log = logging.getLogger(__name__)
+
+
+class ProviderError(UserError, RuntimeError):
+    pass
+
+
+def cuda_device_count() -> int:
+    """GPUs the NVIDIA driver sees (0 without a driver)."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def wants_gpu(provider: str) -> bool:
+    """Whether `provider` asks for the GPU here: by name, or "auto" with a GPU the driver sees."""
+    return provider == "cuda" or (provider == "auto" and cuda_device_count() > 0)
+
+
+def resolve_device(provider: str) -> str:
+    """ "cuda" or "cpu" for a requested provider ("auto" | "cuda" | "cpu"): auto is the GPU when the
+    driver sees one and the CUDA libraries load. Raises ProviderError when "cuda" cannot be had."""
+    if provider == "cpu":
+        return "cpu"
+    if cuda_device_count() == 0:
+        if provider == "cuda":
+            raise ProviderError(
+                "--provider cuda was requested but no NVIDIA GPU is visible to the driver; "
+                "use --provider cpu (or auto)"
+            )
+        return "cpu"
+    return "cuda" if load_cuda_libraries(provider) else "cpu"
+
+
+def load_cuda_libraries(provider: str) -> bool:
+    """Load the CUDA and cuDNN libraries from wherever the nvidia packages are (cuda_libs.py), before
+    the CUDA provider looks for them. False, with a warning, when one is missing and provider is
+    "auto" (the caller then runs on the CPU); ProviderError naming it when provider is "cuda"."""
+    missing = cuda_libs.preload(cuda_libs.cuda_major(getattr(ort, "cuda_version", None)))
+    if not missing:
+        return True
+    what = cuda_libs.describe(missing)
+    fix = (
+        "install torch's CUDA packages (nvidia-cublas, nvidia-cuda-runtime, nvidia-curand, nvidia-cudnn-cu13)"
+    )
+    if provider == "cuda":
+        raise ProviderError(f"the CUDA execution provider cannot start: {what}; {fix} or use --provider cpu")
+    log.warning("a GPU is present but the CUDA execution provider cannot start (%s); running on the CPU: %s",
+                what, fix)  # fmt: skip
+    return False
+
+
+def create_session(
+    model: Path | bytes, device: str, threads: int | None, cuda_graphs: bool = False, strict: bool = False
+) -> tuple[ort.InferenceSession, bool]:
+    """An onnxruntime session of `model` (a model file, or a serialized model such as the sampling
+    graph) on a resolved `device`. cuda_graphs asks the CUDA provider to capture runs as CUDA graphs.
+    Returns (session, whether graphs are on); `device_of(session)` says where it really runs. A CUDA
+    session that fell back to the CPU raises ProviderError when `strict` (the GPU was asked for by
+    name) and is logged otherwise."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # onnxruntime's own log lines (warnings about shape ops placed on the CPU, a failed kernel's
+    # error, which also comes back as the exception we report) only with --debug.
+    options.log_severity_level = 2 if log.isEnabledFor(logging.DEBUG) else 4
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if cuda_graphs else {})
+        providers = [cuda, "CPUExecutionProvider"]
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        session = ort.InferenceSession(source, options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
+        if device == "cuda" and cuda_graphs:
+            # Capture needs every compute node on the CUDA provider; run without graphs rather than fail.
+            log.warning("CUDA graphs are off: onnxruntime cannot capture this graph (%s)", first_line(e))
+            return create_session(model, device, threads, strict=strict)[0], False
+        what = model if isinstance(model, Path) else "an in-memory graph"
+        raise ModelFolderError(
+            f"{what} could not be loaded by onnxruntime ({first_line(e)}); re-export the model folder"
+        ) from e
+    got = device_of(session)
+    if device == "cuda" and got != "cuda":
+        why = "the CUDA libraries were found; --debug shows onnxruntime's own error"
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            why = f"onnxruntime {ort.__version__} here has no CUDA provider: install onnxruntime-gpu"
+        if strict:
+            raise ProviderError(f"the CUDA execution provider failed to start ({why}); use --provider cpu")
+        log.warning("a GPU is present but the CUDA execution provider failed to start (%s); "
+                    "running on the CPU", why)  # fmt: skip
+    graphs = cuda_graphs and got == "cuda"
+    log.info("running on %s (%s)%s", got.upper(), session.get_providers()[0], " with CUDA graphs" * graphs)
+    return session, graphs
+
+
+def device_of(session: ort.InferenceSession) -> str:
+    return "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line, short enough for a one-line message."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
