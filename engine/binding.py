@@ -58,6 +58,8 @@ class HostOutputs:
     def __init__(self, vocab_size: int, device: str, sampling: bool):
         self.vocab_size, self.device, self.sampling = vocab_size, device, sampling
         self.cap = 0
+        self.host: dict[str, np.ndarray] = {}
+        self.dev: dict[str, ort.OrtValue] = {}  # only with the sampling graph
 
     def reserve(self, cap: int) -> None:
         if cap <= self.cap:

@@ -154,6 +154,10 @@ class CudaGraphCache:
     def batch(self) -> int:
         return self.shared.batch
 
+    @property
+    def slots(self):
+        return self.shared.slots
+
     def start(self, batch: int, seq: int) -> None:
         self.shared.start(batch, seq)  # allocates nothing: only checks the limits
         self.outputs = self._buckets[next(b for b in self.buckets if b >= batch)]

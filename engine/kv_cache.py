@@ -78,7 +78,8 @@ class KVBuffers:
         self.past, self.present = past_names(c.n_layer), present_names(c.n_layer)
         self.device, self.sets, self.max_batch, self.max_seq = device, sets, max_batch, max_seq
         self.cap_batch = self.cap_seq = 0
-        self.ptrs: list[list[int]] = []  # [set][key_0, value_0, key_1, ...]: device addresses
+        self.values: list[list[ort.OrtValue]] = []  # [set][key_0, value_0, key_1, ...]
+        self.ptrs: list[list[int]] = []  # their device addresses
 
     def reserve(self, batch: int, seq: int) -> None:
         """Room for `batch` rows of `seq` positions; does nothing when already big enough."""
@@ -127,6 +128,7 @@ class HostInputs:
 
     def __init__(self, kv_cache: str):
         self.dtypes, self.size = host_dtypes(kv_cache), 0
+        self.bufs: dict[str, np.ndarray] = {}
 
     def reserve(self, size: int) -> None:
         if size > self.size:
@@ -148,7 +150,10 @@ class ConcatCache:
         self.kv = KVBuffers(manifest, device, 2, max_batch, max_seq)
         self.inputs = HostInputs("concat")
         self.outputs = HostOutputs(manifest.config.vocab_size, device, sampling)
-        self.batch = 0
+        self.batch = self.past_len = 0  # rows; positions in the cache so far
+        self.cur = 0  # the set that holds the pasts
+        self.mask = np.ones((0, 0), dtype=np.int64)  # (batch, cap_seq): 0 for left padding
+        self.next_position = np.zeros((0, 1), dtype=np.int64)  # (batch, 1): the next token's, per row
 
     def start(self, batch: int, seq: int) -> None:
         """Begin a batch whose rows need `seq` positions each."""

@@ -82,7 +82,7 @@ class Session:
         outputs = self.ort_session.get_outputs()
         check_graph(self.ort_session.get_inputs(), outputs, manifest, model)
         self.has_argmax = any(o.name == "next_token" for o in outputs)  # the graph's own greedy argmax
-        self.sampler, sampling_graph = None, False
+        self.sampler, self.sampler_binding, sampling_graph = None, None, False
         if self.device == "cuda" if config.device_sampling is None else config.device_sampling:
             # on the model's device, so it reads the logits where the model wrote them
             graph = build_sampler(c.vocab_size).SerializeToString()
