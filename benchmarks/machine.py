@@ -119,6 +119,7 @@ def read_bandwidth_gbs(device: str = "cpu", repeats: int = 10, mib: int | None =
     timed and the model itself holds no weights (see probe_model)."""
     import onnxruntime as ort
 
+    # here, not above: the transformers workers import this module in a venv without gpt2onnx
     from gpt2onnx.engine.runtime import create_session, device_of
 
     k, n = probe_shape(mib or BANDWIDTH_MIB[device])

@@ -19,7 +19,9 @@ from gpt2onnx.engine.contract import (
     present_names,
 )
 
+from .fusion import fuse
 from .model import GPT2, SharedCacheGraph
+from .quantize import quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +119,8 @@ def export_graph(
     model.wte = None  # tied again: the module is left as it came
     proto = onnx.load(str(scratch / "model.onnx"))  # also pulls in any external data the tracer wrote
     if optimize:
-        from .fusion import fuse
-
         proto = fuse(proto, model.config, kv_cache)
     if dtype == "int8":
-        from .quantize import quantize_int8
-
         proto = quantize_int8(proto, n_layer)
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     external = f"{path.name}.data" if weight_bytes > external_data_threshold else None

@@ -16,6 +16,8 @@ from collections import Counter
 
 import onnx
 
+from gpt2onnx.engine.extras import check_installed, require
+
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = (
@@ -31,15 +33,11 @@ class QuantizationError(RuntimeError):
 def check_int8_available() -> None:
     """For the start of an int8 export: a missing onnx_ir then fails at once, not after tracing.
     Raises MissingExtraError."""
-    from gpt2onnx.engine.extras import check_installed
-
     check_installed("onnx_ir", "export", "--dtype int8")
 
 
 def quantize_int8(proto: onnx.ModelProto, n_layer: int) -> onnx.ModelProto:
     """Replace every MatMul with a constant weight by MatMulNBits (8 bits); check that all were."""
-    from gpt2onnx.engine.extras import require
-
     # onnxruntime's quantizer imports onnx_ir, which the [export] extra installs
     nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "export", "--dtype int8")
     log.info("quantizing weights to int8 (MatMulNBits, block %d)", BLOCK_SIZE)
