@@ -116,15 +116,15 @@ def write_hf_reference(manifest: Manifest, folder: Path) -> None:
     save_file({k: v.contiguous() for k, v in hf_state.items()}, str(folder / "model.safetensors"))
 
 
-def standard_twin(manifest: Manifest, model_folder: Path, workdir: Path) -> Path:
-    """The standard (concat-cache) graph of the same weights and dtype, for the ONNX baselines
-    when the model under test is the shared-cache graph: they drive the standard contract."""
+def concat_twin(manifest: Manifest, model_folder: Path, workdir: Path) -> Path:
+    """The concat-cache graph of the same weights and dtype, for the ONNX baselines
+    when the model under test is the shared-cache graph: they drive the concat contract."""
     from gpt2onnx.export.exporter import ExportConfig, export
 
     src = manifest.source
     random_size = src.checkpoint.removeprefix("random-init:") if src.random_init else None
-    out = workdir / "standard-graph"
-    log.info("exporting the standard graph of the same weights for the ONNX baselines")
+    out = workdir / "concat-graph"
+    log.info("exporting the concat cache graph of the same weights for the ONNX baselines")
     export(
         ExportConfig(
             output=out,
@@ -214,7 +214,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         if manifest.kv_cache == "shared" and any(
             b in ("ort-plain-loop", "naive-no-cache") for b in cfg.baselines
         ):
-            onnx_baseline_folder = standard_twin(manifest, cfg.model_folder, workdir)
+            onnx_baseline_folder = concat_twin(manifest, cfg.model_folder, workdir)
         for runner in ("gpt2-onnx", *cfg.baselines):
             configs = [x for x in cfg.configs if runner != "naive-no-cache" or x[0] <= cfg.naive_max_batch]
             python = sys.executable

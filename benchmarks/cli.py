@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "--kv-cache",
         choices=KV_CACHES,
         default="concat",
-        help="graph when exporting (shared: the fast path, cache updated in place)",
+        help="KV cache layout when exporting (shared: updated in place, fastest; see export --help)",
     )
     p.add_argument("--models-dir", default="models", help="where exported models are kept")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")

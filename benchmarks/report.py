@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def markdown(results: dict) -> str:
     m, model = results["machine"], results["model"]
-    graph = ("in-place KV cache" if model.get("kv_cache") == "shared" else "standard graph") + (
+    graph = ("shared KV cache" if model.get("kv_cache") == "shared" else "concat KV cache") + (
         ", fused" if model.get("optimized") else ""
     )
     label = f"{model['checkpoint']} ({model['dtype']}, {graph}, {model['n_params'] / 1e6:.0f}M params{', RANDOM weights, seed ' + str(model['seed']) if model['random_init'] else ''})"

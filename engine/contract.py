@@ -20,7 +20,7 @@ Graph inputs and outputs (one graph serves prefill and decode; past_seq may be 0
 "float" is float16 for fp16 models and float32 otherwise (int8 models quantize weights only);
 logits are always float32.
 
-The fast path (manifest kv_cache = "shared") has a fixed-size cache that the graph updates in
+The shared cache (manifest kv_cache = "shared") is a fixed-size cache that the graph updates in
 place (onnxruntime's GroupQueryAttention with past and present bound to one buffer). Rows are
 left-aligned in the cache, each with its own length, so no padding is needed:
 

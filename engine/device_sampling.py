@@ -9,7 +9,7 @@ the vocabulary in token order. A row with temperature 0 is greedy (argmax).
 The cut-offs become one threshold per row on the scaled logits, so the graph needs only a TopK
 of TOP_K_MAX: top-k is the k-th best value, top-p the last of the best values whose preceding
 mass is below p, min-p the best value plus log(min_p). Settings the graph cannot reproduce
-exactly stay on the host (see `runs_on_device`): penalties and logit bias (they need the token
+exactly stay on the host (see `matches_host`): penalties and logit bias (they need the token
 history), top_k > TOP_K_MAX, and top-p without a top-k (its cut-off may lie past TOP_K_MAX).
 
     logits   float32 (batch, vocab)
@@ -32,7 +32,7 @@ OPSET = 17
 IR_VERSION = 8  # opset 17's IR version: readable by every onnxruntime we support
 
 
-def runs_on_device(cfg: SamplingConfig) -> bool:
+def matches_host(cfg: SamplingConfig) -> bool:
     """Whether the sampling graph picks exactly what `next_tokens` would for these settings."""
     if cfg.uses_history or cfg.logit_bias or cfg.top_k > TOP_K_MAX:
         return False
@@ -74,7 +74,7 @@ def blocked_cumsum(op, const, x: str, n: int) -> str:
     )
 
 
-def build_sampler(vocab_size: int) -> onnx.ModelProto:
+def build_sampling_graph(vocab_size: int) -> onnx.ModelProto:
     """The sampling graph for a vocabulary of `vocab_size` (see the module docstring)."""
     k = min(TOP_K_MAX, vocab_size)
     nodes, inits = [], []
@@ -167,7 +167,7 @@ def build_sampler(vocab_size: int) -> onnx.ModelProto:
     op("Where", [op("Squeeze", [sampling, axis1], "sampling_row"), drawn, greedy], "token")
 
     graph = helper.make_graph(
-        nodes, "sampler",
+        nodes, "sampling",
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", vocab_size]),
          helper.make_tensor_value_info("params", TensorProto.FLOAT, ["batch", 4]),
          helper.make_tensor_value_info("uniform", TensorProto.DOUBLE, ["batch"])],

@@ -142,7 +142,7 @@ class HostInputs:
 
 
 class ConcatCache:
-    """The concat graph's cache: present = past + new, ping-pong between two sets of buffers."""
+    """The concat graph's cache: present = past + new, alternating between two sets of buffers."""
 
     kv_cache = "concat"
 

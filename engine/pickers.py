@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from .binding import Binding
 from .cuda_graphs import CudaGraphs
-from .device_sampling import row_params, runs_on_device
+from .device_sampling import matches_host, row_params
 from .sampling import SamplingConfig, next_tokens
 
 
@@ -104,11 +104,11 @@ class DeviceSamplingPicker:
 
 def choose_picker(session, sampling: SamplingConfig, rng: np.random.Generator, prompts: list[list[int]]):
     """The graph's argmax for greedy rows when it has one; the sampling graph when the session has
-    it and it picks exactly what the host would (device_sampling.runs_on_device); numpy otherwise."""
-    if runs_on_device(sampling):
+    it and it picks exactly what the host would (device_sampling.matches_host); numpy otherwise."""
+    if matches_host(sampling):
         if sampling.greedy and session.has_argmax:
             return ArgmaxPicker()
-        if session.sampler is not None:
-            return DeviceSamplingPicker(session.sampler, session.sampler_binding, session.graphs,
+        if session.sampling_graph is not None:
+            return DeviceSamplingPicker(session.sampling_graph, session.sampling_binding, session.graphs,
                                         sampling, rng, len(prompts))  # fmt: skip
     return HostPicker(sampling, rng, prompts, session.vocab_size)

@@ -32,7 +32,7 @@ from .binding import Binding
 from .clock import Clock
 from .contract import Manifest
 from .cuda_graphs import CudaGraphCache, CudaGraphs
-from .device_sampling import build_sampler
+from .device_sampling import build_sampling_graph
 from .kv_cache import ConcatCache, SharedCache
 from .model_folder import check_graph
 from .pickers import choose_picker
@@ -82,20 +82,24 @@ class Session:
         outputs = self.ort_session.get_outputs()
         check_graph(self.ort_session.get_inputs(), outputs, manifest, model)
         self.has_argmax = any(o.name == "next_token" for o in outputs)  # the graph's own greedy argmax
-        self.sampler, self.sampler_binding, sampling_graph = None, None, False
+        self.sampling_graph, self.sampling_binding, sampling_graph = None, None, False
         if self.device == "cuda" if config.device_sampling is None else config.device_sampling:
             # on the model's device, so it reads the logits where the model wrote them
-            graph = build_sampler(c.vocab_size).SerializeToString()
-            self.sampler, sampling_graph = create_session(graph, self.device, config.threads, fixed, strict)
-            self.sampler_binding = Binding(self.sampler)
+            graph = build_sampling_graph(c.vocab_size).SerializeToString()
+            self.sampling_graph, sampling_graph = create_session(
+                graph, self.device, config.threads, fixed, strict
+            )
+            self.sampling_binding = Binding(self.sampling_graph)
         cache = CudaGraphCache if fixed else SharedCache if shared else ConcatCache
-        self.cache = cache(manifest, self.device, self.max_batch, self.max_seq, self.sampler is not None)
+        self.cache = cache(
+            manifest, self.device, self.max_batch, self.max_seq, self.sampling_graph is not None
+        )
         self.graphs = CudaGraphs(self.cache.buckets, decode_graph, sampling_graph) if fixed else CudaGraphs()
         if fixed and self.device == "cuda":  # asked for graphs on both sessions; which did it get?
             refused = [
                 name for name, on in (("decode", decode_graph), ("sampling", sampling_graph)) if not on
             ]
-            if self.sampler is None:
+            if self.sampling_graph is None:
                 refused = [name for name in refused if name != "sampling"]
             if refused:
                 self.graphs.fallback = (

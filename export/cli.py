@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "--kv-cache",
         choices=KV_CACHES,
         default="concat",
-        help="concat: the standard graph (past + new -> present, attention_mask input); shared: the fast graph, a fixed-size cache updated in place by GroupQueryAttention",
+        help="concat: past + new -> present, with an attention_mask input; shared: a fixed-size cache updated in place by GroupQueryAttention (faster; CUDA graphs need it)",
     )
     p.add_argument(
         "--no-optimize",

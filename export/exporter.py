@@ -51,7 +51,7 @@ class ExportConfig:
     tokenizer: Path | None = None
     force: bool = False
     optimize: bool = True  # fused attention, SkipLayerNormalization and FastGelu (export/fusion.py)
-    kv_cache: str = "concat"  # "shared": the fast graph with a fixed-size cache updated in place
+    kv_cache: str = "concat"  # "shared": a fixed-size cache updated in place
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # lowered by tests to exercise external data
 
     def __post_init__(self) -> None:
@@ -167,8 +167,8 @@ def export(cfg: ExportConfig) -> Manifest:
 
 
 def _check(folder: Path, manifest: Manifest, reference) -> CheckReport:
-    """The graph against PyTorch on the CPU: directly for the standard graph; through the
-    engine's own session for the in-place cache, whose steps only make sense in sequence."""
+    """The graph against PyTorch on the CPU: directly for the concat cache; through the
+    engine's own session for the shared cache, whose steps only make sense in sequence."""
     if manifest.kv_cache == "shared":
         session = Session(
             folder,

@@ -3,7 +3,7 @@
 Why our own module and not transformers' GPT2LMHeadModel: tracing transformers bakes
 shape-dependent branches of its mask code into the graph. This module has no branches on
 shapes: the causal + padding mask is built from tensor shapes once per call, the KV cache is
-a plain concat (or, traced for the fast graph, onnxruntime's in-place GroupQueryAttention), and
+a plain concat (or, traced for the shared cache, onnxruntime's in-place GroupQueryAttention), and
 every dim the graph needs stays symbolic.
 
 Weights follow the checkpoint's layout (GPT-2's Conv1D stores (in, out)), so they load

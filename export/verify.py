@@ -1,7 +1,7 @@
 """The export-time check: run the ONNX model under onnxruntime (CPU) against the PyTorch module.
 
-Standard graph: shapes cover an empty past, a past > 0, batch > 1 with left padding,
-full-sequence and last-position logits; logits and presents are compared. In-place (shared)
+Concat cache: shapes cover an empty past, a past > 0, batch > 1 with left padding,
+full-sequence and last-position logits; logits and presents are compared. Shared
 cache: ragged batches run prefill and decode steps through the engine's session, and every
 step's logits are compared (a wrong cache write shows in the next step's logits). The export
 fails when a figure leaves the dtype's tolerance, or when the top-1 token disagrees where the
@@ -53,7 +53,7 @@ class ExportCheckError(UserError, RuntimeError):
 @dataclass
 class CheckReport:
     max_abs_logits: float
-    max_abs_present: float | None  # None: presents not compared one by one (the in-place cache)
+    max_abs_present: float | None  # None: presents not compared one by one (the shared cache)
     top1_agreement: float  # fraction of positions whose argmax matches
     positions: int
 
@@ -141,7 +141,7 @@ def check_shared_export(session, reference: GPT2, dtype: str, seed: int = 0) -> 
     config, gen = reference.config, np.random.default_rng(seed)
     report = CheckReport(0.0, None, 0.0, 0)
     for lengths, steps in SHARED_CHECKS:
-        log.info("checking the in-place cache against PyTorch: prompts %s, %d decode steps", lengths, steps)
+        log.info("checking the shared cache against PyTorch: prompts %s, %d decode steps", lengths, steps)
         prompts = [gen.integers(0, config.vocab_size, n).tolist() for n in lengths]
         new = gen.integers(0, config.vocab_size, (len(lengths), steps))
         B, rng = len(lengths), np.random.default_rng(0)

@@ -119,7 +119,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "--kv-cache",
         choices=KV_CACHES,
         default="concat",
-        help="graph when exporting on first use (shared: the fast path, cache updated in place)",
+        help="KV cache layout when exporting on first use (shared: updated in place, fastest; see export --help)",
     )
     p.add_argument("--tokenizer", help="tokenizer folder when exporting on first use")
     p.add_argument("--models-dir", default="models", help="where models exported on first use are kept")

@@ -112,7 +112,7 @@ def tiny_fp32_plain(hf_folder, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_shared(hf_folder, tmp_path_factory) -> Path:
-    """The fast graph: fixed-size cache updated in place (GroupQueryAttention)."""
+    """The shared cache: fixed-size, updated in place (GroupQueryAttention)."""
     return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-shared", kv_cache="shared")
 
 
@@ -160,7 +160,7 @@ def left_padded(lengths: list[int], gen: np.random.Generator, vocab_size: int):
 
 @pytest.fixture(scope="session")
 def tiny_fp16_shared(hf_folder, tmp_path_factory) -> Path:
-    """The GPU's fast path: fp16 with the in-place cache (GroupQueryAttention runs fp16 only on CUDA)."""
+    """The GPU's default: fp16 with the shared cache (GroupQueryAttention runs fp16 only on CUDA)."""
     return export_folder(
         hf_folder, tmp_path_factory.mktemp("export") / "tiny-fp16-shared", dtype="fp16", kv_cache="shared"
     )

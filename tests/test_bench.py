@@ -79,7 +79,7 @@ def test_bench_rejects_a_zero_batch(tiny_fp32, capsys):
     assert exc.value.code == 2 and "every value must be >= 1" in capsys.readouterr().err
 
 
-def test_bench_of_the_in_place_cache_runs_onnx_baselines_on_the_standard_twin(tiny_shared, tmp_path):
+def test_bench_of_the_shared_cache_runs_onnx_baselines_on_the_concat_twin(tiny_shared, tmp_path):
     cfg = BenchConfig(
         model_folder=tiny_shared,
         out=tmp_path,

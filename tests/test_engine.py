@@ -136,7 +136,7 @@ class CountingBinding:
 
 def test_kv_cache_lives_in_the_preallocated_buffers(engine):
     """No cache copies: every step's presents are written into the buffers allocated once
-    (two alternating sets for the standard graph; the one set, in place, for the shared cache),
+    (two alternating sets for the concat cache; the one set, in place, for the shared cache),
     and a second call of the same size allocates nothing."""
     engine.generate(PROMPTS, max_new_tokens=4)
     session, pointers = engine.session, engine.session.kv_pointers
@@ -342,7 +342,7 @@ def test_onnxruntime_warnings_only_in_debug(tiny_fp32, tmp_path, capfd):
 
 
 def test_greedy_argmax_on_the_device_equals_the_host(tiny_shared, hf_model):
-    """The fast graph returns next_token (its own argmax): greedy steps bring back B ids, not
+    """The shared graph returns next_token (its own argmax): greedy steps bring back B ids, not
     B x vocab logits, and give exactly the host's greedy tokens."""
     engine = Engine.load(tiny_shared, provider="cpu")
     on_device = engine.generate(PROMPTS, max_new_tokens=10)
@@ -418,7 +418,7 @@ class RecordingSession:
         self.runs.append((graph, [v.data_ptr() for v in io.get_outputs()], len(self.binds)))
 
 
-def test_static_decode_steps_keep_their_shapes_and_addresses(tiny_shared):
+def test_cuda_graph_decode_steps_keep_their_shapes_and_addresses(tiny_shared):
     """What a CUDA graph needs, checked on the CPU: the cache is allocated once at load; a batch
     runs in its bucket with that bucket's graph id (prefill without a graph); every decode step
     of every call in that bucket uses the same buffers, and only the first one binds anything."""
@@ -451,7 +451,7 @@ def test_static_decode_steps_keep_their_shapes_and_addresses(tiny_shared):
     session.ort_session, session.binding.io = recorder.session, counting.io
 
 
-def test_static_decode_needs_the_in_place_cache(tiny_fp32):
+def test_cuda_graphs_need_the_shared_cache(tiny_fp32):
     with pytest.raises(ValueError, match="--kv-cache shared"):
         Engine.load(tiny_fp32, provider="cpu", cuda_graphs=True)
 

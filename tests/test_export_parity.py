@@ -235,7 +235,7 @@ def test_export_124m_shape_random_init(tokenizer_dir, vocab, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8"])
 def test_shared_cache_exports_in_every_dtype(hf_folder, tmp_path, dtype):
-    """The export check itself runs the in-place cache (ragged batch, decode steps) against PyTorch."""
+    """The export check itself runs the shared cache (ragged batch, decode steps) against PyTorch."""
     out = export_folder(hf_folder, tmp_path / f"shared-{dtype}", dtype=dtype, kv_cache="shared")
     manifest = read_manifest(out)
     assert manifest.kv_cache == "shared" and manifest.dtype == dtype and manifest.check["positions"] > 0

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import export_folder, make_hf_model, save_hf_folder
-from gpt2onnx.engine.device_sampling import build_sampler, row_params
+from gpt2onnx.engine.device_sampling import build_sampling_graph, row_params
 from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.runtime import cuda_device_count
 from gpt2onnx.engine.sampling import SamplingConfig, next_tokens
@@ -61,7 +61,7 @@ def tiny_fp16_shared(hf_model, tokenizer_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def graphs(tiny_fp16_shared):
-    """The GPU default: fp16, in-place cache, CUDA graphs, sampling on the device."""
+    """The GPU default: fp16, shared cache, CUDA graphs, device sampling."""
     engine = on_cuda(Engine.load(tiny_fp16_shared, provider="cuda", max_batch=8))
     assert engine.session.graphs.on["decode"], (
         "onnxruntime refused to capture the decode graph (a node fell back to the CPU?)"
@@ -134,7 +134,7 @@ def test_sampling_graph_alone_on_cuda():
     cumulative sum may move a draw that sits on a boundary: allow 1 in 200)."""
     vocab = 50257
     session = ort.InferenceSession(
-        build_sampler(vocab).SerializeToString(), providers=["CUDAExecutionProvider"]
+        build_sampling_graph(vocab).SerializeToString(), providers=["CUDAExecutionProvider"]
     )
     assert session.get_providers()[0] == "CUDAExecutionProvider"
     gen, same, total = np.random.default_rng(0), 0, 0

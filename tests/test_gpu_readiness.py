@@ -1,5 +1,5 @@
 """What would break on the first CUDA run, checked on the CPU (issue 11): finding the CUDA
-libraries without torch, an in-place-cache model the GPU cannot run, and a CUDA graph whose
+libraries without torch, a shared-cache model the GPU cannot run, and a CUDA graph whose
 capture fails at its first run. The GPU is faked (cuda_device_count), so is the library loader."""
 
 from __future__ import annotations
@@ -183,11 +183,11 @@ def test_nothing_is_loaded_on_the_cpu_path(tiny_fp32, tmp_path, monkeypatch, loa
     assert loader.calls == []
 
 
-# -- 3. an in-place cache the GPU cannot run -----------------------------------------------------
+# -- 3. a shared cache the GPU cannot run --------------------------------------------------------
 
 
 @pytest.mark.parametrize("folder", ["tiny_shared", "tiny_int8_shared"])
-def test_explicit_cuda_refuses_a_non_fp16_in_place_cache(request, folder, monkeypatch, gpu):
+def test_explicit_cuda_refuses_a_non_fp16_shared_cache(request, folder, monkeypatch, gpu):
     path = request.getfixturevalue(folder)
     monkeypatch.setattr(
         session_module, "create_session", lambda *a, **k: pytest.fail("a session was created")
@@ -198,7 +198,7 @@ def test_explicit_cuda_refuses_a_non_fp16_in_place_cache(request, folder, monkey
     assert "\n" not in str(info.value)
 
 
-def test_auto_runs_a_non_fp16_in_place_cache_on_the_cpu(tiny_shared, monkeypatch, loader, gpu, caplog):
+def test_auto_runs_a_non_fp16_shared_cache_on_the_cpu(tiny_shared, monkeypatch, loader, gpu, caplog):
     providers, real = [], session_module.create_session
 
     def recording(model, provider, *args):
@@ -219,7 +219,7 @@ def test_auto_runs_a_non_fp16_in_place_cache_on_the_cpu(tiny_shared, monkeypatch
 
 @pytest.mark.parametrize("folder", ["tiny_fp16_shared", "tiny_fp32"])
 def test_models_the_gpu_can_run_go_to_the_cuda_provider(request, folder, monkeypatch, gpu):
-    """fp16 in-place cache (the fast path) and any standard-graph model: no refusal, no detour."""
+    """fp16 with the shared cache and any concat-cache model: no refusal, no detour."""
     path = request.getfixturevalue(folder)
     asked = []
 
@@ -303,7 +303,7 @@ def test_a_failed_first_capture_of_the_sampling_graph_falls_back_too(tiny_shared
     want = Engine.load(tiny_shared, provider="cpu", max_batch=4, cuda_graphs=True, device_sampling=True)
     engine = graphs_on(tiny_shared, device_sampling=True)
     session = engine.session
-    session.sampler = FailingCapture(session.sampler, ran=True)
+    session.sampling_graph = FailingCapture(session.sampling_graph, ran=True)
     with caplog.at_level(logging.WARNING, logger="gpt2onnx"):
         got = engine.generate(PROMPTS, **settings)
     assert isinstance(session.picker, DeviceSamplingPicker)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpt2onnx.engine import sampling as S
-from gpt2onnx.engine.device_sampling import TOP_K_MAX, build_sampler, row_params, runs_on_device
+from gpt2onnx.engine.device_sampling import TOP_K_MAX, build_sampling_graph, matches_host, row_params
 from gpt2onnx.engine.sampling import SamplingConfig, next_tokens
 
 
@@ -138,36 +138,34 @@ DEVICE_CONFIGS = [
 
 
 @pytest.fixture(scope="module", params=[50257, 100])
-def sampler(request):
+def sampling_graph(request):
     """The sampling graph for GPT-2's vocabulary, and for one smaller than TOP_K_MAX."""
     import onnxruntime as ort
 
     return request.param, ort.InferenceSession(
-        build_sampler(request.param).SerializeToString(), providers=["CPUExecutionProvider"]
+        build_sampling_graph(request.param).SerializeToString(), providers=["CPUExecutionProvider"]
     )
 
 
 @pytest.mark.parametrize("cfg", DEVICE_CONFIGS, ids=str)
-def test_the_sampling_graph_draws_what_next_tokens_draws(sampler, cfg):
+def test_the_sampling_graph_draws_what_next_tokens_draws(sampling_graph, cfg):
     """Same logits, same uniform draws: the ONNX sampling graph and the numpy functions pick the
     same token for every row (peaked and flat logits)."""
-    vocab, sampler = sampler
+    vocab, session = sampling_graph
     gen = np.random.default_rng(7)
-    assert runs_on_device(cfg)
+    assert matches_host(cfg)
     for trial in range(30):
         logits = (gen.standard_normal((5, vocab)) * (0.3 if trial % 2 else 4.0)).astype(np.float32)
         seed = int(gen.integers(1 << 30))
         host = next_tokens(logits, cfg, np.random.default_rng(seed))
         uniform = np.random.default_rng(seed).random(5)
-        (device,) = sampler.run(None, {"logits": logits, "params": row_params(cfg, 5), "uniform": uniform})
+        (device,) = session.run(None, {"logits": logits, "params": row_params(cfg, 5), "uniform": uniform})
         np.testing.assert_array_equal(device, host, err_msg=f"trial {trial}")
 
 
 def test_settings_outside_the_sampling_graph_stay_on_the_host():
-    assert not runs_on_device(SamplingConfig(top_p=0.9))  # its cut-off may lie past TOP_K_MAX
-    assert not runs_on_device(SamplingConfig(top_k=TOP_K_MAX + 1))
-    assert not runs_on_device(SamplingConfig(repetition_penalty=1.2))
-    assert not runs_on_device(SamplingConfig(logit_bias={1: 1.0}))
-    assert runs_on_device(SamplingConfig(top_k=10, top_p=0.9)) and runs_on_device(
-        SamplingConfig(temperature=0.5)
-    )
+    assert not matches_host(SamplingConfig(top_p=0.9))  # its cut-off may lie past TOP_K_MAX
+    assert not matches_host(SamplingConfig(top_k=TOP_K_MAX + 1))
+    assert not matches_host(SamplingConfig(repetition_penalty=1.2))
+    assert not matches_host(SamplingConfig(logit_bias={1: 1.0}))
+    assert matches_host(SamplingConfig(top_k=10, top_p=0.9)) and matches_host(SamplingConfig(temperature=0.5))
