@@ -3,7 +3,7 @@
 `Binding` is the one owner of what is bound to a session: it skips a bind identical to the one in
 place (same device, type, shape and address), so a step rebinds only what changed and nobody
 has to remember to invalidate anything. `HostOutputs` holds the logits and ids of a step on the
-host, bound by pointer, and the sampling graph's device-side buffers; the static cache has its own
+host, bound by pointer, and the sampling graph's device-side buffers; the CUDA-graph cache has its own
 per batch bucket (cuda_graphs.Bucket), with the same attributes.
 """
 

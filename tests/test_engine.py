@@ -378,8 +378,8 @@ DEVICE_SETTINGS = [
 def test_sampling_graph_picks_what_the_host_picks(engine, settings):
     """The sampling graph (the GPU default, forced on here) reads the logits where the model
     wrote them and returns ids only; with the same seed it draws the host's tokens."""
-    static = isinstance(engine.session.cache, CudaGraphCache)
-    device = Engine.load(engine.folder, provider="cpu", max_batch=4, device_sampling=True, cuda_graphs=static)
+    graphs = isinstance(engine.session.cache, CudaGraphCache)
+    device = Engine.load(engine.folder, provider="cpu", max_batch=4, device_sampling=True, cuda_graphs=graphs)
     on_device = device.generate(PROMPTS, max_new_tokens=12, **settings)
     session = device.session
     want = ArgmaxPicker if not settings and session.has_argmax else DeviceSamplingPicker

@@ -263,7 +263,7 @@ def tokens(result) -> list[list[int]]:
 
 
 def graphs_on(folder, **kw) -> Engine:
-    """A static-decode engine on the CPU that believes its graphs are captured, as on the GPU."""
+    """A CUDA-graph-cache engine on the CPU that believes its graphs are captured, as on the GPU."""
     engine = Engine.load(folder, provider="cpu", max_batch=4, cuda_graphs=True, **kw)
     engine.session.graphs.on.update(decode=True, sampling=True)
     return engine
@@ -314,7 +314,7 @@ def test_a_failed_first_capture_of_the_sampling_graph_falls_back_too(tiny_shared
 
 
 def test_sessions_that_never_failed_say_so(tiny_shared, tiny_fp32):
-    for folder, static in ((tiny_shared, True), (tiny_fp32, None)):
-        engine = Engine.load(folder, provider="cpu", cuda_graphs=static)
+    for folder, graphs in ((tiny_shared, True), (tiny_fp32, None)):
+        engine = Engine.load(folder, provider="cpu", cuda_graphs=graphs)
         engine.generate(PROMPTS[:2], max_new_tokens=3)
         assert engine.session.graphs.fallback is None
