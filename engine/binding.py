@@ -17,6 +17,7 @@ class Binding:
     def __init__(self, session: ort.InferenceSession):
         self.io = session.io_binding()
         self._bound: dict[tuple[str, bool], tuple] = {}  # (name, is output) -> (device, type, shape, address)
+        self._groups: dict[str, tuple] = {}  # a group of names bound together -> how
 
     def input(self, name: str, device: str, dtype, shape: tuple, ptr: int) -> None:
         self._bind(name, False, device, dtype, shape, ptr)
@@ -36,9 +37,22 @@ class Binding:
         """The outputs bound now: name -> (device, address)."""
         return {name: (key[0], key[3]) for (name, output), key in self._bound.items() if output}
 
+    def group(self, group: str, output: bool, names: list[str], device: str, dtype, shape: tuple,
+              ptrs: list[int]) -> None:  # fmt: skip
+        """Bind many names of one shape at once (a cache's 2 x n_layer pasts or presents): skipped
+        with one comparison when bound so already. Names bound through a group are bound only so."""
+        key = (output, device, dtype, shape, ptrs[0])
+        if self._groups.get(group) == key:
+            return
+        bind = self.io.bind_output if output else self.io.bind_input
+        for name, ptr in zip(names, ptrs):
+            bind(name, device, 0, dtype, shape, ptr)
+        self._groups[group] = key
+
     def clear_outputs(self) -> None:
         self.io.clear_binding_outputs()
         self._bound = {key: v for key, v in self._bound.items() if not key[1]}
+        self._groups.clear()
 
     def _bind(self, name: str, output: bool, device: str, dtype, shape: tuple, ptr: int) -> None:
         key = (device, dtype, shape, ptr)
@@ -59,6 +73,7 @@ class HostOutputs:
         self.vocab_size, self.device, self.sampling = vocab_size, device, sampling
         self.cap = 0
         self.host: dict[str, np.ndarray] = {}
+        self.host_ptrs: dict[str, int] = {}  # their addresses (numpy's .ctypes is slow to ask every step)
         self.dev: dict[str, ort.OrtValue] = {}  # only with the sampling graph
 
     def reserve(self, cap: int) -> None:
@@ -72,6 +87,7 @@ class HostOutputs:
             "params": np.zeros((cap, 4), np.float32),
             "uniform": np.zeros(cap, np.float64),
         }
+        self.host_ptrs = {name: buf.ctypes.data for name, buf in self.host.items()}
         if self.sampling:
             shapes = {"logits": ((cap, 1, V), np.float32), "params": ((cap, 4), np.float32),
                       "uniform": ((cap,), np.float64)}  # fmt: skip
@@ -83,8 +99,7 @@ class HostOutputs:
     def bind(self, binding: Binding, name: str, rows: int, on_device: bool = False) -> None:
         """Bind the model's output `name` for `rows` rows: to the host, or (logits for the sampling
         graph) to the device buffer."""
-        buf = self.dev[name] if on_device else self.host[name]
-        ptr = buf.data_ptr() if on_device else buf.ctypes.data
+        ptr = self.dev[name].data_ptr() if on_device else self.host_ptrs[name]
         dtype = np.float32 if name == "logits" else np.int64
         shape = (rows, 1, self.vocab_size) if name == "logits" else (rows, 1)
         binding.output(name, self.device if on_device else "cpu", dtype, shape, ptr)

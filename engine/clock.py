@@ -1,14 +1,13 @@
 """`Clock`: the wall-clock figures of one call, marked by the decode loop and the session.
 
 The loop marks each step's tokens (`tokens`); the session times its runs inside onnxruntime
-(`running`), which makes the Python-overhead figure. A decode step spans token to token:
+(`ran`), which makes the Python-overhead figure. A decode step spans token to token:
 picking, bookkeeping and the graph.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -28,13 +27,9 @@ class Clock:
         """A batch starts: the next `tokens` is its first."""
         self._start, self._last, self._run_s = time.perf_counter(), None, 0.0
 
-    @contextmanager
-    def running(self):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._run_s += time.perf_counter() - t0
+    def ran(self, seconds: float) -> None:
+        """Time spent inside onnxruntime (the session's runs)."""
+        self._run_s += seconds
 
     def tokens(self) -> None:
         """A step's tokens are in."""

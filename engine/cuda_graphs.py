@@ -183,10 +183,11 @@ class CudaGraphCache:
         """Write the step's inputs into the bucket's buffers and bind the bucket's shapes (the
         same every step of a call). Returns the bucket, whose graph runs the step."""
         B, bucket = self.batch, self.outputs
-        positions, seqlens, _ = self.shared.slots.step()
-        assert positions.max() < self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions"
-        host = bucket.host
-        host["input_ids"][:B, 0], host["position_ids"][:B], host["seqlens_k"][:B] = tokens, positions, seqlens
+        host, slots = bucket.host, self.shared.slots
+        host["input_ids"][:B, 0], host["position_ids"][:B, 0] = tokens, slots.lengths  # before the step
+        seqlens, total = slots.step()
+        assert total <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, step needs {total}"
+        host["seqlens_k"][:B] = seqlens
         bucket.upload("input_ids", "position_ids", "seqlens_k")
         for name, (dtype, _) in STEP_INPUTS.items():
             binding.value(name, bucket.dev[name], self.device, dtype)

@@ -77,7 +77,7 @@ class KVBuffers:
         self.n_head, self.head_dim, self.dtype = c.n_head, c.head_dim, KV_DTYPES[manifest.dtype]
         self.past, self.present = past_names(c.n_layer), present_names(c.n_layer)
         self.device, self.sets, self.max_batch, self.max_seq = device, sets, max_batch, max_seq
-        self.cap_batch = self.cap_seq = 0
+        self.cap_batch = self.cap_seq = self.row_bytes = 0
         self.values: list[list[ort.OrtValue]] = []  # [set][key_0, value_0, key_1, ...]
         self.ptrs: list[list[int]] = []  # their device addresses
 
@@ -101,15 +101,20 @@ class KVBuffers:
         ]
         self.ptrs = [[v.data_ptr() for v in kv_set] for kv_set in self.values]
         self.cap_batch, self.cap_seq = cap_batch, cap_seq
+        self.row_bytes = self.n_head * cap_seq * self.head_dim * np.dtype(self.dtype).itemsize
 
     def bind(self, binding: Binding, kv_set: int, output: bool, rows: int, seq: int, first: int = 0) -> None:
         """Bind one set as the pasts (or the presents) of `rows` rows of `seq` positions; `first`
         is the first row (a slot) of a view that spans the whole sequence axis."""
         assert first == 0 or seq == self.cap_seq, "a view of a slot spans the whole sequence axis"
-        offset = first * self.n_head * self.cap_seq * self.head_dim * np.dtype(self.dtype).itemsize
+        ptrs = self.ptrs[kv_set]
+        if first:  # the row's view: its own addresses
+            ptrs = [ptr + first * self.row_bytes for ptr in ptrs]
+        group = "presents" if output else "pasts"
         shape = (rows, self.n_head, seq, self.head_dim)
-        for name, ptr in zip(self.present if output else self.past, self.ptrs[kv_set]):
-            (binding.output if output else binding.input)(name, self.device, self.dtype, shape, ptr + offset)
+        binding.group(
+            group, output, self.present if output else self.past, self.device, self.dtype, shape, ptrs
+        )
 
     def _check_room(self, nbytes: int, shape: tuple) -> None:
         """Refuse a host cache that cannot fit in the memory the system has free, before allocating
@@ -129,16 +134,18 @@ class HostInputs:
     def __init__(self, kv_cache: str):
         self.dtypes, self.size = host_dtypes(kv_cache), 0
         self.bufs: dict[str, np.ndarray] = {}
+        self.ptrs: dict[str, int] = {}  # their addresses (numpy's .ctypes is slow to ask every step)
 
     def reserve(self, size: int) -> None:
         if size > self.size:
             self.size, self.bufs = size, {name: np.zeros(size, dtype) for name, dtype in self.dtypes.items()}
+            self.ptrs = {name: buf.ctypes.data for name, buf in self.bufs.items()}
 
     def feed(self, binding: Binding, **arrays: np.ndarray) -> None:
         for name, arr in arrays.items():
             buf = self.bufs[name]
             np.copyto(buf[: arr.size].reshape(arr.shape), arr)
-            binding.input(name, "cpu", buf.dtype.type, arr.shape, buf.ctypes.data)
+            binding.input(name, "cpu", buf.dtype.type, arr.shape, self.ptrs[name])
 
 
 class ConcatCache:
@@ -217,22 +224,32 @@ class Slots:
     A free slot holds none; in a decode step it writes a dummy token at its position 0."""
 
     def __init__(self, batch: int):
-        self.lengths = np.zeros(batch, dtype=np.int64)
+        self.lengths = np.zeros(batch, dtype=np.int64)  # also each row's next position
         self.used = np.zeros(batch, dtype=np.int64)  # 1 for a slot in use, 0 for a free one
+        self.seqlens = np.zeros(batch, dtype=np.int32)  # GroupQueryAttention's seqlens_k after a step
+        self.n_used = 0
+        self.longest = 1  # no row is longer: total_sequence_length
 
     def fill(self, rows: slice | int, lengths) -> None:
         self.lengths[rows], self.used[rows] = lengths, 1
+        self._count()
 
     def free(self, slot: int) -> None:
         self.lengths[slot], self.used[slot] = 0, 0
+        self._count()
 
-    def step(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """A decode step's (positions (B, 1), seqlens_k (B,), longest row after it); each used
-        row grows by one."""
-        positions = self.lengths[:, None].copy()  # the next token's position is the row's length
+    def _count(self) -> None:
+        self.n_used, self.longest = int(self.used.sum()), max(int(self.lengths.max(initial=0)), 1)
+
+    def step(self) -> tuple[np.ndarray, int]:
+        """A decode step: each used row grows by one. Returns (seqlens_k (B,), the longest row
+        after it); read `lengths` first for the step's positions."""
         self.lengths += self.used
-        written = np.maximum(self.lengths, 1)
-        return positions, (written - 1).astype(np.int32), int(written.max())
+        np.subtract(self.lengths, 1, out=self.seqlens, casting="unsafe")
+        if self.n_used < len(self.used):
+            np.maximum(self.seqlens, 0, out=self.seqlens)  # a free row's dummy token is its only one
+        self.longest += self.n_used > 0
+        return self.seqlens, self.longest
 
 
 class SharedCache:
@@ -245,6 +262,7 @@ class SharedCache:
         self.inputs = HostInputs("shared")
         self.outputs = HostOutputs(manifest.config.vocab_size, device, sampling)
         self.slots, self.batch = Slots(0), 0
+        self.decode_index = np.zeros((0, 1), np.int64)
 
     def start(self, batch: int, seq: int) -> None:
         """Begin a batch of `batch` free slots whose rows need `seq` positions each."""
@@ -252,6 +270,7 @@ class SharedCache:
         self.inputs.reserve(self.kv.cap_batch * self.kv.cap_seq)
         self.outputs.reserve(self.kv.cap_batch)
         self.slots, self.batch = Slots(batch), batch
+        self.decode_index = np.zeros((batch, 1), np.int64)  # a decode step's only position
 
     @property
     def rows(self) -> int:
@@ -291,11 +310,12 @@ class SharedCache:
 
     def bind_decode(self, binding: Binding, tokens: np.ndarray) -> None:
         """Bind one new token per row (returns the batch bucket: None, no CUDA graph)."""
-        positions, seqlens, total = self.slots.step()
+        positions = self.slots.lengths[:, None]  # before the step
+        self.inputs.feed(binding, input_ids=tokens[:, None], position_ids=positions)
+        seqlens, total = self.slots.step()
         assert total <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, step needs {total}"
-        self.inputs.feed(binding, input_ids=tokens[:, None], position_ids=positions, seqlens_k=seqlens,
-                         total_sequence_length=np.array(total, np.int32),
-                         logits_index=np.zeros((self.batch, 1), np.int64))  # fmt: skip
+        self.inputs.feed(binding, seqlens_k=seqlens, total_sequence_length=np.array(total, np.int32),
+                         logits_index=self.decode_index)  # fmt: skip
         self.kv.bind(binding, 0, False, self.batch, self.kv.cap_seq)
         self.kv.bind(binding, 0, True, self.batch, self.kv.cap_seq)
 
