@@ -63,10 +63,17 @@ class CudaGraphs:
     """Runs of the decode and sampling graphs: per batch bucket a captured graph while `on` says
     so, without one otherwise (prefill, a session without graphs). Empty `buckets`: plain runs."""
 
-    def __init__(self, buckets: tuple[int, ...] = (), decode: bool = False, sampling: bool = False):
+    def __init__(self, buckets: tuple[int, ...] = (), captured: dict[str, bool] | None = None,
+                 asked: tuple[str, ...] = ()):  # fmt: skip
+        """captured: whether onnxruntime agreed to capture the decode and sampling graphs;
+        asked: those the session asked it for (on the GPU), a refusal of which is recorded."""
         self.buckets = buckets
-        self.on = {"decode": decode, "sampling": sampling}  # whether each graph is captured
+        self.on = {"decode": False, "sampling": False} | (captured or {})  # whether each is captured
         self.fallback: str | None = None  # why graphs were turned off after they were asked for
+        if refused := [name for name in asked if not self.on[name]]:
+            self.fallback = (
+                f"onnxruntime refused to capture the {' and '.join(refused)} graph at session creation"
+            )
         self.eager = run_options(-1) if buckets else None
         graph_ids = {b: run_options(i + 1) for i, b in enumerate(buckets)}
         self._options = {"decode": graph_ids, "sampling": dict(graph_ids)}  # per graph and bucket

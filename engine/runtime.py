@@ -16,9 +16,11 @@ from pathlib import Path
 import onnxruntime as ort
 
 from . import cuda_libs
-from .contract import ModelFolderError, UserError
+from .contract import Manifest, ModelFolderError, UserError
 
 log = logging.getLogger(__name__)
+
+GQA_CUDA_DTYPES = ("fp16",)  # onnxruntime's GroupQueryAttention has CUDA kernels for fp16 (and bf16) only
 
 
 class ProviderError(UserError, RuntimeError):
@@ -37,16 +39,14 @@ def cuda_device_count() -> int:
     return count.value
 
 
-def wants_gpu(provider: str) -> bool:
-    """Whether `provider` asks for the GPU here: by name, or "auto" with a GPU the driver sees."""
-    return provider == "cuda" or (provider == "auto" and cuda_device_count() > 0)
-
-
-def resolve_device(provider: str) -> str:
-    """ "cuda" or "cpu" for a requested provider ("auto" | "cuda" | "cpu"): auto is the GPU when the
-    driver sees one and the CUDA libraries load. Raises ProviderError when "cuda" cannot be had."""
+def resolve_device(provider: str, manifest: Manifest | None = None) -> str:
+    """ "cuda" or "cpu" for a requested provider ("auto" | "cuda" | "cpu") and, when given, the
+    model folder's manifest: auto is the GPU when the driver sees one and the CUDA libraries load.
+    Raises ProviderError when "cuda" cannot be had."""
     if provider == "cpu":
         return "cpu"
+    if manifest is not None and manifest.kv_cache == "shared" and manifest.dtype not in GQA_CUDA_DTYPES:
+        return cpu_for_gqa(manifest.dtype, provider)  # before any CUDA library is loaded
     if cuda_device_count() == 0:
         if provider == "cuda":
             raise ProviderError(
@@ -55,6 +55,20 @@ def resolve_device(provider: str) -> str:
             )
         return "cpu"
     return "cuda" if load_cuda_libraries(provider) else "cpu"
+
+
+def cpu_for_gqa(dtype: str, provider: str) -> str:
+    """A shared-cache model in another dtype would run its attention on the CPU with the cache
+    copied between devices at every step, and could never be captured as a CUDA graph: refused when
+    the GPU was asked for by name, run on the CPU provider otherwise (warned when there is a GPU)."""
+    why = (f"onnxruntime's GroupQueryAttention runs on CUDA in fp16 only, so this {dtype} model's shared cache "
+           "cannot use the GPU")  # fmt: skip
+    fix = "export it with --dtype fp16 --kv-cache shared for the GPU"
+    if provider == "cuda":
+        raise ProviderError(f"{why}: {fix}, or use --provider cpu")
+    if cuda_device_count() > 0:
+        log.warning("running on the CPU: %s (%s)", why, fix)
+    return "cpu"
 
 
 def load_cuda_libraries(provider: str) -> bool:

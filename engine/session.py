@@ -37,12 +37,10 @@ from .device_sampling import build_sampling_graph
 from .kv_cache import ConcatCache, SharedCache
 from .model_folder import check_graph
 from .pickers import choose_picker
-from .runtime import ProviderError, create_session, device_of, resolve_device, wants_gpu
+from .runtime import create_session, device_of, resolve_device
 from .sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
-
-GQA_CUDA_DTYPES = ("fp16",)  # onnxruntime's GroupQueryAttention has CUDA kernels for fp16 (and bf16) only
 
 
 @dataclass(frozen=True)
@@ -51,9 +49,7 @@ class SessionConfig:
     max_batch: int = 8
     max_seq: int | None = None  # None: the model's n_positions
     threads: int | None = None  # CPU intra-op threads; None lets onnxruntime choose
-    device_sampling: bool | None = (
-        None  # the sampling graph picks; None: on the GPU (numpy is faster on the CPU)
-    )
+    device_sampling: bool | None = None  # the sampling graph picks; None: on the GPU only
     cuda_graphs: bool | None = None  # fixed decode shapes, captured (shared cache only); None: on the GPU
 
     def __post_init__(self) -> None:
@@ -67,10 +63,8 @@ class Session:
         c = manifest.config
         self.vocab_size, self.max_batch = c.vocab_size, config.max_batch
         self.max_seq = min(config.max_seq or c.n_positions, c.n_positions)
-        shared, provider = manifest.kv_cache == "shared", config.provider
-        if shared and manifest.dtype not in GQA_CUDA_DTYPES and wants_gpu(provider):
-            provider = cpu_for_gqa(manifest.dtype, provider)  # before any CUDA library is loaded
-        device = resolve_device(provider)
+        shared = manifest.kv_cache == "shared"
+        device = resolve_device(config.provider, manifest)
         if config.cuda_graphs and not shared:
             raise ValueError(
                 "CUDA graphs (fixed decode shapes) need the shared cache: export with --kv-cache shared"
@@ -78,16 +72,16 @@ class Session:
         fixed = shared and (device == "cuda" if config.cuda_graphs is None else config.cuda_graphs)
         strict = config.provider == "cuda"
         model = folder / manifest.model_file
-        self.ort_session, decode_graph = create_session(model, device, config.threads, fixed, strict)
+        self.ort_session, decode_captured = create_session(model, device, config.threads, fixed, strict)
         self.device = device_of(self.ort_session)
         outputs = self.ort_session.get_outputs()
         check_graph(self.ort_session.get_inputs(), outputs, manifest, model)
         self.has_argmax = any(o.name == "next_token" for o in outputs)  # the graph's own greedy argmax
-        self.sampling_graph, self.sampling_binding, sampling_graph = None, None, False
+        self.sampling_graph, self.sampling_binding, sampling_captured = None, None, False
         if self.device == "cuda" if config.device_sampling is None else config.device_sampling:
             # on the model's device, so it reads the logits where the model wrote them
             graph = build_sampling_graph(c.vocab_size).SerializeToString()
-            self.sampling_graph, sampling_graph = create_session(
+            self.sampling_graph, sampling_captured = create_session(
                 graph, self.device, config.threads, fixed, strict
             )
             self.sampling_binding = Binding(self.sampling_graph)
@@ -95,17 +89,11 @@ class Session:
         self.cache = cache(
             manifest, self.device, self.max_batch, self.max_seq, self.sampling_graph is not None
         )
-        self.graphs = CudaGraphs(self.cache.buckets, decode_graph, sampling_graph) if fixed else CudaGraphs()
-        if fixed and self.device == "cuda":  # asked for graphs on both sessions; which did it get?
-            refused = [
-                name for name, on in (("decode", decode_graph), ("sampling", sampling_graph)) if not on
-            ]
-            if self.sampling_graph is None:
-                refused = [name for name in refused if name != "sampling"]
-            if refused:
-                self.graphs.fallback = (
-                    f"onnxruntime refused to capture the {' and '.join(refused)} graph at session creation"
-                )
+        self.graphs = CudaGraphs()
+        if fixed:
+            asked = ("decode", "sampling") if self.sampling_graph else ("decode",)
+            captured = {"decode": decode_captured, "sampling": sampling_captured}
+            self.graphs = CudaGraphs(self.cache.buckets, captured, asked if self.device == "cuda" else ())
         self.binding = Binding(self.ort_session)
         self.picker, self.clock = None, Clock()
 
@@ -174,16 +162,3 @@ class Session:
     def kv_pointers(self) -> list[list[int]]:
         """Device addresses of the cache buffers (tests check that steps write into these)."""
         return [list(p) for p in self.cache.kv.ptrs]
-
-
-def cpu_for_gqa(dtype: str, provider: str) -> str:
-    """A shared-cache model in another dtype would run its attention on the CPU with the cache
-    copied between devices at every step, and could never be captured as a CUDA graph: refused when
-    the GPU was asked for by name, run on the CPU provider otherwise."""
-    why = (f"onnxruntime's GroupQueryAttention runs on CUDA in fp16 only, so this {dtype} model's shared cache "
-           "cannot use the GPU")  # fmt: skip
-    fix = "export it with --dtype fp16 --kv-cache shared for the GPU"
-    if provider == "cuda":
-        raise ProviderError(f"{why}: {fix}, or use --provider cpu")
-    log.warning("running on the CPU: %s (%s)", why, fix)
-    return "cpu"
