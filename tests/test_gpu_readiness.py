@@ -15,6 +15,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 from gpt2onnx.engine import cuda_libs
 from gpt2onnx.engine import runtime as runtime_module
 from gpt2onnx.engine import session as session_module
+from gpt2onnx.engine.cuda_graphs import CudaGraphs
 from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.kv_cache import SharedCache
 from gpt2onnx.engine.pickers import DeviceSamplingPicker
@@ -318,3 +319,11 @@ def test_sessions_that_never_failed_say_so(tiny_shared, tiny_fp32):
         engine = Engine.load(folder, provider="cpu", cuda_graphs=graphs)
         engine.generate(PROMPTS[:2], max_new_tokens=3)
         assert engine.session.graphs.fallback is None
+
+
+def test_a_capture_refused_at_session_creation_is_recorded():
+    graphs = CudaGraphs((1, 2), {"decode": True, "sampling": False}, asked=("decode", "sampling"))
+    assert graphs.fallback == "onnxruntime refused to capture the sampling graph at session creation"
+    assert graphs.on == {"decode": True, "sampling": False}
+    assert CudaGraphs((1, 2), {"decode": True}, asked=("decode",)).fallback is None
+    assert CudaGraphs((1, 2), {}, asked=()).fallback is None  # the CPU: nothing asked, nothing refused
