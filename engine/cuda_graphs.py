@@ -175,26 +175,30 @@ class CudaGraphCache:
     def bind_prefill(self, binding: Binding, prompts: list[list[int]]) -> None:
         self.shared.bind_prefill(binding, prompts)
 
-    def bind_prefill_slot(self, binding: Binding, slot: int, prompt: list[int]) -> None:
-        self.shared.bind_prefill_slot(binding, slot, prompt)
+    def bind_prefill_slot(self, binding: Binding, slot: int, tokens: list[int], past: int = 0) -> None:
+        self.shared.bind_prefill_slot(binding, slot, tokens, past)
 
     def free(self, slot: int) -> None:
         self.shared.free(slot)
 
     @property
     def rows(self) -> int:
-        """Rows a decode step binds: the batch's bucket."""
+        """Rows the last decode step bound: its bucket."""
         return self.outputs.batch
 
     def bind_decode(self, binding: Binding, tokens: np.ndarray) -> int:
         """Write the step's inputs into the bucket's buffers and bind the bucket's shapes (the
-        same every step of a call). Returns the bucket, whose graph runs the step."""
-        B, bucket = self.batch, self.outputs
+        same every step in that bucket). Returns the bucket, whose graph runs the step."""
+        B = len(tokens)
+        bucket = self.outputs = self._buckets[next(b for b in self.buckets if b >= B)]
         host, slots = bucket.host, self.shared.slots
-        host["input_ids"][:B, 0], host["position_ids"][:B, 0] = tokens, slots.lengths  # before the step
-        seqlens, total = slots.step()
+        host["input_ids"][:B, 0], host["position_ids"][:B, 0] = tokens, slots.lengths[:B]  # before the step
+        seqlens, total = slots.step(B)
         assert total <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, step needs {total}"
         host["seqlens_k"][:B] = seqlens
+        if B < bucket.batch:  # padding rows (free slots): token 0 at position 0, alone in its row
+            for name in ("input_ids", "position_ids", "seqlens_k"):
+                host[name][B:] = 0
         bucket.upload("input_ids", "position_ids", "seqlens_k")
         for name, (dtype, _) in STEP_INPUTS.items():
             binding.value(name, bucket.dev[name], self.device, dtype)

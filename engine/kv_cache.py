@@ -186,6 +186,7 @@ class ConcatCache:
 
     def bind_decode(self, binding: Binding, tokens: np.ndarray) -> None:
         """Bind one new token per row (returns the batch bucket: None, no CUDA graph)."""
+        assert len(tokens) == self.batch, "the concat cache decodes its whole batch (no slots)"
         self._bind(binding, tokens[:, None], self.next_position)
         self.next_position += 1
 
@@ -200,7 +201,7 @@ class ConcatCache:
         self.kv.bind(binding, 1 - self.cur, True, self.batch, total)  # presents into the other
         self.cur, self.past_len = 1 - self.cur, total
 
-    def bind_prefill_slot(self, binding: Binding, slot: int, prompt: list[int]) -> None:
+    def bind_prefill_slot(self, binding: Binding, slot: int, tokens: list[int], past: int = 0) -> None:
         raise ValueError("slots need the shared cache: export the model with --kv-cache shared")
 
     def free(self, slot: int) -> None:
@@ -241,15 +242,17 @@ class Slots:
     def _count(self) -> None:
         self.n_used, self.longest = int(self.used.sum()), max(int(self.lengths.max(initial=0)), 1)
 
-    def step(self) -> tuple[np.ndarray, int]:
-        """A decode step: each used row grows by one. Returns (seqlens_k (B,), the longest row
-        after it); read `lengths` first for the step's positions."""
-        self.lengths += self.used
-        np.subtract(self.lengths, 1, out=self.seqlens, casting="unsafe")
-        if self.n_used < len(self.used):
-            np.maximum(self.seqlens, 0, out=self.seqlens)  # a free row's dummy token is its only one
+    def step(self, rows: int) -> tuple[np.ndarray, int]:
+        """A decode step of the first `rows` rows (those after are free): each used row grows by
+        one. Returns (seqlens_k (rows,), the longest row after it); read `lengths` first for the
+        step's positions."""
+        lengths, seqlens = self.lengths[:rows], self.seqlens[:rows]
+        lengths += self.used[:rows]
+        np.subtract(lengths, 1, out=seqlens, casting="unsafe")
+        if self.n_used < rows:
+            np.maximum(seqlens, 0, out=seqlens)  # a free row's dummy token is its only one
         self.longest += self.n_used > 0
-        return self.seqlens, self.longest
+        return seqlens, self.longest
 
 
 class SharedCache:
@@ -261,7 +264,7 @@ class SharedCache:
         self.kv = KVBuffers(manifest, device, 1, max_batch, max_seq)
         self.inputs = HostInputs("shared")
         self.outputs = HostOutputs(manifest.config.vocab_size, device, sampling)
-        self.slots, self.batch = Slots(0), 0
+        self.slots, self.batch, self.rows = Slots(0), 0, 0
         self.decode_index = np.zeros((0, 1), np.int64)
 
     def start(self, batch: int, seq: int) -> None:
@@ -269,13 +272,8 @@ class SharedCache:
         self.kv.reserve(batch, seq)
         self.inputs.reserve(self.kv.cap_batch * self.kv.cap_seq)
         self.outputs.reserve(self.kv.cap_batch)
-        self.slots, self.batch = Slots(batch), batch
+        self.slots, self.batch, self.rows = Slots(batch), batch, batch  # rows: of the last decode step
         self.decode_index = np.zeros((batch, 1), np.int64)  # a decode step's only position
-
-    @property
-    def rows(self) -> int:
-        """Rows a decode step binds."""
-        return self.batch
 
     def bind_prefill(self, binding: Binding, prompts: list[list[int]]) -> None:
         """Bind a batch of prompts into slots 0..B-1, right-padded: the K/V a padding token writes
@@ -289,35 +287,38 @@ class SharedCache:
         self._bind(binding, ids, positions, lengths, width, 0)
         self.slots.fill(slice(0, self.batch), lengths)
 
-    def bind_prefill_slot(self, binding: Binding, slot: int, prompt: list[int]) -> None:
-        """Bind one prompt into `slot` alone (a view of the buffer at that row); the other rows keep
-        their state. The slot's previous contents, if any, are overwritten."""
+    def bind_prefill_slot(self, binding: Binding, slot: int, tokens: list[int], past: int = 0) -> None:
+        """Bind prompt tokens into `slot` alone (a view of the buffer at that row), after the `past`
+        tokens the slot already holds (0: a new prompt, the slot's old contents are overwritten;
+        more: the next chunk of a long prompt). The other rows keep their state."""
         assert 0 <= slot < self.batch, f"slot {slot} of a batch of {self.batch}"
-        n = len(prompt)
-        assert n <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, the prompt has {n}"
-        ids, positions = np.array([prompt], np.int64), np.arange(n, dtype=np.int64)[None]
-        self._bind(binding, ids, positions, np.array([n]), n, slot)
+        n = past + len(tokens)
+        assert n <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, the prompt needs {n}"
+        ids, positions = np.array([tokens], np.int64), np.arange(past, n, dtype=np.int64)[None]
+        self._bind(binding, ids, positions, np.array([n]), n, slot, logits_at=np.array([[len(tokens) - 1]]))
         self.slots.fill(slot, n)
 
-    def _bind(self, binding, ids, positions, lengths, total: int, first: int) -> None:
-        """A prompt pass over rows first.. of the cache, each of `lengths` real tokens."""
+    def _bind(self, binding, ids, positions, lengths, total: int, first: int, logits_at=None) -> None:
+        """A prompt pass over rows first.. of the cache, each holding `lengths` tokens after it;
+        logits at each row's last token (`logits_at`: its index in this pass, when not lengths - 1)."""
         rows = len(ids)
+        logits_at = (lengths - 1)[:, None] if logits_at is None else logits_at
         self.inputs.feed(binding, input_ids=ids, position_ids=positions, seqlens_k=(lengths - 1).astype(np.int32),
-                         total_sequence_length=np.array(total, np.int32),
-                         logits_index=(lengths - 1)[:, None])  # fmt: skip
+                         total_sequence_length=np.array(total, np.int32), logits_index=logits_at)  # fmt: skip
         self.kv.bind(binding, 0, False, rows, self.kv.cap_seq, first)
         self.kv.bind(binding, 0, True, rows, self.kv.cap_seq, first)
 
     def bind_decode(self, binding: Binding, tokens: np.ndarray) -> None:
         """Bind one new token per row (returns the batch bucket: None, no CUDA graph)."""
-        positions = self.slots.lengths[:, None]  # before the step
+        B = self.rows = len(tokens)
+        positions = self.slots.lengths[:B, None]  # before the step
         self.inputs.feed(binding, input_ids=tokens[:, None], position_ids=positions)
-        seqlens, total = self.slots.step()
+        seqlens, total = self.slots.step(B)
         assert total <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, step needs {total}"
         self.inputs.feed(binding, seqlens_k=seqlens, total_sequence_length=np.array(total, np.int32),
-                         logits_index=self.decode_index)  # fmt: skip
-        self.kv.bind(binding, 0, False, self.batch, self.kv.cap_seq)
-        self.kv.bind(binding, 0, True, self.batch, self.kv.cap_seq)
+                         logits_index=self.decode_index[:B])  # fmt: skip
+        self.kv.bind(binding, 0, False, B, self.kv.cap_seq)
+        self.kv.bind(binding, 0, True, B, self.kv.cap_seq)
 
     def free(self, slot: int) -> None:
         """Give up a slot: its row decodes a dummy token from now on, until a prompt fills it."""

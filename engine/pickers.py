@@ -18,46 +18,73 @@ import onnxruntime as ort
 from .binding import Binding
 from .cuda_graphs import CudaGraphs
 from .device_sampling import matches_host, row_params
-from .sampling import SamplingConfig, next_tokens
+from .sampling import SamplingConfig, sample_rows
+
+
+class SlotSampling:
+    """Each slot's sampling settings and random generator, the sampling graph's row of `params`,
+    and the token history that penalties need: filled when a prompt enters a slot (`admit`)."""
+
+    def __init__(self, batch: int, vocab: int):
+        self.vocab = vocab
+        self.configs = [GREEDY] * batch
+        self.rngs: list[np.random.Generator | None] = [None] * batch
+        self.params = np.zeros((batch, 4), dtype=np.float32)  # device_sampling.row_params per slot
+        self.seen: np.ndarray | None = None  # (batch, vocab): tokens in the prompt or made so far
+        self.counts: np.ndarray | None = None  # (batch, vocab): tokens made so far
+        self.version = 0  # changes with every admit: the sampling graph's params are uploaded again
+
+    @classmethod
+    def for_batch(cls, prompts: list[list[int]], cfg: SamplingConfig, rng: np.random.Generator,
+                  vocab: int) -> SlotSampling:  # fmt: skip
+        """One call's rows: the same settings, and one generator drawn from row after row."""
+        slots = cls(len(prompts), vocab)
+        for r, prompt in enumerate(prompts):
+            slots.admit(r, prompt, cfg, rng)
+        return slots
+
+    def admit(self, slot: int, prompt: list[int], cfg: SamplingConfig, rng: np.random.Generator) -> None:
+        self.configs[slot], self.rngs[slot] = cfg, rng
+        self.params[slot] = row_params(cfg, 1)[0]
+        if cfg.uses_history and self.seen is None:
+            self.seen = np.zeros((len(self.configs), self.vocab), dtype=bool)
+            self.counts = np.zeros((len(self.configs), self.vocab), dtype=np.int32)
+        if self.seen is not None:
+            self.seen[slot], self.counts[slot] = False, 0
+            self.seen[slot, prompt] = True
+        self.version += 1
+
+    def free(self, slot: int) -> None:
+        self.admit(slot, [], GREEDY, None)
+
+    def record(self, rows: slice, tokens: np.ndarray) -> None:
+        """The tokens just picked for `rows`, into their history."""
+        if self.seen is not None:
+            r = np.arange(rows.start, rows.stop)
+            self.seen[r, tokens], self.counts[r, tokens] = True, self.counts[r, tokens] + 1
+
+
+GREEDY = SamplingConfig()
 
 
 class HostPicker:
-    def __init__(
-        self, sampling: SamplingConfig, rng: np.random.Generator, prompts: list[list[int]], vocab: int
-    ):
-        self.sampling, self.rng = sampling, rng
-        self.seen = self.counts = None  # (batch, vocab): tokens in the prompt or made; tokens made
-        if sampling.uses_history:
-            self.seen = np.zeros((len(prompts), vocab), dtype=bool)
-            self.counts = np.zeros((len(prompts), vocab), dtype=np.int32)
-            for r, prompt in enumerate(prompts):
-                self.admit(r, prompt)
+    def __init__(self, slots: SlotSampling):
+        self.slots = slots
 
-    def admit(self, row: int, prompt: list[int]) -> None:
-        """A new prompt in `row`: its history starts from the prompt."""
-        if self.seen is not None:
-            self.seen[row], self.counts[row] = False, 0
-            self.seen[row, prompt] = True
-
-    def bind(self, binding: Binding, outputs, rows: int) -> None:
+    def bind(self, binding: Binding, outputs, rows: int, first: int = 0) -> None:
         outputs.bind(binding, "logits", rows)
 
     def pick(self, outputs, n: int, first: int = 0, bucket: int | None = None) -> np.ndarray:
         logits = outputs.read("logits", n)[:, 0]  # (n, vocab)
-        rows = slice(first, first + n)
-        seen, counts = (None, None) if self.seen is None else (self.seen[rows], self.counts[rows])
-        tokens = next_tokens(logits, self.sampling, self.rng, seen, counts)
-        if seen is not None:
-            r = np.arange(n)
-            seen[r, tokens], counts[r, tokens] = True, counts[r, tokens] + 1
+        rows, slots = slice(first, first + n), self.slots
+        seen, counts = (None, None) if slots.seen is None else (slots.seen[rows], slots.counts[rows])
+        tokens = sample_rows(logits, slots.configs[rows], slots.rngs[rows], seen, counts)
+        slots.record(rows, tokens)
         return tokens
 
 
 class ArgmaxPicker:
-    def admit(self, row: int, prompt: list[int]) -> None:
-        pass
-
-    def bind(self, binding: Binding, outputs, rows: int) -> None:
+    def bind(self, binding: Binding, outputs, rows: int, first: int = 0) -> None:
         outputs.bind(binding, "next_token", rows)
 
     def pick(self, outputs, n: int, first: int = 0, bucket: int | None = None) -> np.ndarray:
@@ -66,27 +93,24 @@ class ArgmaxPicker:
 
 class DeviceSamplingPicker:
     """Runs the sampling graph (its own onnxruntime session, on the model's device) after each
-    step, with one row of `params` per batch row and a uniform draw per row from `rng`."""
+    step, with each slot's row of `params` and a uniform draw per sampled row from its generator."""
 
-    def __init__(self, session: ort.InferenceSession, binding: Binding, graphs: CudaGraphs,
-                 sampling: SamplingConfig, rng: np.random.Generator, batch: int):  # fmt: skip
-        self.session, self.binding, self.graphs, self.rng = session, binding, graphs, rng
-        self.params = row_params(sampling, batch)  # (batch, 4)
-        self.draws = not sampling.greedy
-        self._uploaded: tuple | None = None  # (outputs, rows) whose params are on the device
+    def __init__(
+        self, session: ort.InferenceSession, binding: Binding, graphs: CudaGraphs, slots: SlotSampling
+    ):
+        self.session, self.binding, self.graphs, self.slots = session, binding, graphs, slots
+        self._uploaded: tuple | None = None  # (outputs, rows, first, settings version) on the device
 
-    def admit(self, row: int, prompt: list[int]) -> None:
-        pass
-
-    def bind(self, binding: Binding, outputs, rows: int) -> None:
+    def bind(self, binding: Binding, outputs, rows: int, first: int = 0) -> None:
         """The model's logits stay on the device, where the sampling graph reads them."""
         outputs.bind(binding, "logits", rows, on_device=True)
         dev, host, device = outputs.dev, outputs.host, outputs.device
-        if self._uploaded != (outputs, rows):  # one batch's settings: every row alike
+        if self._uploaded != (outputs, rows, first, self.slots.version):
+            params = self.slots.params[first : first + rows]
             host["params"][:rows] = 0  # padding rows of a bucket: greedy
-            host["params"][: min(rows, len(self.params))] = self.params[:rows]
+            host["params"][: len(params)] = params
             dev["params"].update_inplace(host["params"])
-            self._uploaded = (outputs, rows)
+            self._uploaded = (outputs, rows, first, self.slots.version)
         s = self.binding
         s.input("logits", device, np.float32, (rows, outputs.vocab_size), dev["logits"].data_ptr())
         s.input("params", device, np.float32, (rows, 4), dev["params"].data_ptr())
@@ -96,19 +120,25 @@ class DeviceSamplingPicker:
         s.output("token", device if outputs.token_on_device else "cpu", np.int64, (rows,), ptr)
 
     def pick(self, outputs, n: int, first: int = 0, bucket: int | None = None) -> np.ndarray:
-        outputs.host["uniform"][:n] = self.rng.random(n) if self.draws else 0.0
-        outputs.dev["uniform"].update_inplace(outputs.host["uniform"])
+        configs, rngs = self.slots.configs, self.slots.rngs
+        uniform = outputs.host["uniform"]
+        for i, r in enumerate(range(first, first + n)):
+            uniform[i] = 0.0 if configs[r].greedy else rngs[r].random()
+        outputs.dev["uniform"].update_inplace(uniform)
         self.graphs.run("sampling", self.session, self.binding, bucket)
         return outputs.read("token", n)
 
 
-def choose_picker(session, sampling: SamplingConfig, rng: np.random.Generator, prompts: list[list[int]]):
-    """The graph's argmax for greedy rows when it has one; the sampling graph when the session has
-    it and it picks exactly what the host would (device_sampling.matches_host); numpy otherwise."""
-    if matches_host(sampling):
-        if sampling.greedy and session.has_argmax:
+def choose_picker(session, slots: SlotSampling, rows: int):
+    """Who picks for the first `rows` slots: the graph's argmax when every one is plain greedy and
+    the graph has one; the sampling graph when the session has it and it picks exactly what the
+    host would for every row (device_sampling.matches_host); numpy otherwise."""
+    configs = slots.configs[:rows]
+    if all(matches_host(cfg) for cfg in configs):
+        if all(cfg.greedy for cfg in configs) and session.has_argmax:
             return ArgmaxPicker()
         if session.sampling_graph is not None:
-            return DeviceSamplingPicker(session.sampling_graph, session.sampling_binding, session.graphs,
-                                        sampling, rng, len(prompts))  # fmt: skip
-    return HostPicker(sampling, rng, prompts, session.vocab_size)
+            return DeviceSamplingPicker(
+                session.sampling_graph, session.sampling_binding, session.graphs, slots
+            )
+    return HostPicker(slots)

@@ -46,62 +46,75 @@ class SamplingConfig:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
-def apply_logit_bias(logits: np.ndarray, bias: dict[int, float]) -> np.ndarray:
-    if bias:
-        logits = logits.copy()
-        ids = np.fromiter(bias.keys(), dtype=np.int64)
-        logits[:, ids] += np.fromiter(bias.values(), dtype=np.float32)
+def apply_logit_bias(logits: np.ndarray, biases: list[dict[int, float]]) -> np.ndarray:
+    """Each row's logit bias (a copy, when any row has one)."""
+    if not any(biases):
+        return logits
+    logits = logits.copy()
+    for r, bias in enumerate(biases):
+        if bias:
+            ids = np.fromiter(bias.keys(), dtype=np.int64)
+            logits[r, ids] += np.fromiter(bias.values(), dtype=np.float32)
     return logits
 
 
-def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
-    """seen: (batch, vocab) bool of tokens in the prompt or generated so far."""
-    if penalty == 1.0:
-        return logits
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty) -> np.ndarray:
+    """seen: (batch, vocab) bool of tokens in the prompt or generated so far; penalty: a number,
+    or (batch, 1) for one per row."""
     penalised = np.where(logits > 0, logits / penalty, logits * penalty)
-    return np.where(seen, penalised, logits)
+    return np.where(seen & (np.asarray(penalty) != 1.0), penalised, logits)
 
 
-def apply_presence_frequency(
-    logits: np.ndarray, counts: np.ndarray, presence: float, frequency: float
-) -> np.ndarray:
-    """counts: (batch, vocab) of generated tokens."""
-    if presence == 0.0 and frequency == 0.0:
-        return logits
+def apply_presence_frequency(logits: np.ndarray, counts: np.ndarray, presence, frequency) -> np.ndarray:
+    """counts: (batch, vocab) of generated tokens; presence, frequency: numbers or (batch, 1)."""
     return logits - presence * (counts > 0) - frequency * counts
 
 
-def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+def apply_temperature(logits: np.ndarray, temperature) -> np.ndarray:
     return logits / temperature
 
 
-def mask_top_k(logits: np.ndarray, k: int) -> np.ndarray:
-    if k <= 0 or k >= logits.shape[-1]:
+def mask_top_k(logits: np.ndarray, k) -> np.ndarray:
+    """Keep the k most likely tokens of each row (ties included); k: a number or one per row
+    (batch,); k <= 0 or >= vocab keeps all."""
+    k = np.broadcast_to(np.asarray(k), (len(logits),))
+    on = (k > 0) & (k < logits.shape[-1])
+    if not on.any():
         return logits
-    kth = np.partition(logits, -k, axis=-1)[:, -k, None]  # (batch, 1): the k-th largest
-    return np.where(logits >= kth, logits, -np.inf)
+    k_max = int(k[on].max())
+    best = np.sort(np.partition(logits, -k_max, axis=-1)[:, -k_max:], axis=-1)  # ascending
+    kth = best[np.arange(len(k)), np.clip(k_max - k, 0, k_max - 1)][:, None]  # the k-th largest
+    return np.where(~on[:, None] | (logits >= kth), logits, -np.inf)
 
 
-def mask_top_p(logits: np.ndarray, p: float) -> np.ndarray:
-    """Keep the smallest set of top tokens whose probability reaches p (always at least one)."""
-    if p >= 1.0:
+def mask_top_p(logits: np.ndarray, p) -> np.ndarray:
+    """Keep the smallest set of top tokens whose probability reaches p (always at least one);
+    p: a number or one per row (batch, 1); 1.0 keeps all."""
+    p = np.broadcast_to(np.asarray(p, dtype=np.float64).reshape(-1, 1), (len(logits), 1))
+    on = p[:, 0] < 1.0
+    if not on.any():
         return logits
-    order = np.argsort(-logits, axis=-1)
-    sorted_probs = softmax(np.take_along_axis(logits, order, axis=-1))
+    x = logits[on]
+    order = np.argsort(-x, axis=-1)
+    sorted_probs = softmax(np.take_along_axis(x, order, axis=-1))
     before = np.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of strictly higher-ranked tokens
-    keep_sorted = before < p
+    keep_sorted = before < p[on]
     keep_sorted[:, 0] = True
     keep = np.empty_like(keep_sorted)
     np.put_along_axis(keep, order, keep_sorted, axis=-1)
-    return np.where(keep, logits, -np.inf)
+    out = logits.copy()
+    out[on] = np.where(keep, x, -np.inf)
+    return out
 
 
-def mask_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
-    """Drop tokens whose probability is below min_p times the top token's."""
-    if min_p <= 0.0:
+def mask_min_p(logits: np.ndarray, min_p) -> np.ndarray:
+    """Drop tokens whose probability is below min_p times the top token's; min_p: a number or
+    one per row (batch, 1); 0 keeps all."""
+    min_p = np.asarray(min_p, dtype=np.float64).reshape(-1, 1)
+    if not (min_p > 0).any():
         return logits
     probs = softmax(logits)
-    return np.where(probs >= min_p * probs.max(axis=-1, keepdims=True), logits, -np.inf)
+    return np.where((min_p <= 0) | (probs >= min_p * probs.max(axis=-1, keepdims=True)), logits, -np.inf)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -109,11 +122,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def sample_from(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One draw per row by inverting the CDF (summed in float64: a float32 running sum over 50257
-    tokens drifts by about 1e-4, enough to move draws)."""
+def sample_from(probs: np.ndarray, rngs: list[np.random.Generator]) -> np.ndarray:
+    """One draw per row, row r's from rngs[r], by inverting the CDF (summed in float64: a float32
+    running sum over 50257 tokens drifts by about 1e-4, enough to move draws)."""
     cdf = np.cumsum(probs, axis=-1, dtype=np.float64)
-    u = rng.random((probs.shape[0], 1)) * cdf[:, -1:]
+    u = np.array([[rng.random()] for rng in rngs]) * cdf[:, -1:]
     return np.minimum((cdf < u).sum(axis=-1), probs.shape[-1] - 1)
 
 
@@ -124,13 +137,42 @@ def next_tokens(
     seen: np.ndarray | None = None,
     counts: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(batch, vocab) float32 logits -> (batch,) int64 token ids."""
-    logits = apply_logit_bias(logits, cfg.logit_bias)
-    if cfg.uses_history:
-        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-        logits = apply_presence_frequency(logits, counts, cfg.presence_penalty, cfg.frequency_penalty)
-    if cfg.greedy:
+    """(batch, vocab) float32 logits -> (batch,) int64 token ids, every row with `cfg`, drawing
+    from `rng` row after row."""
+    return sample_rows(logits, [cfg] * len(logits), [rng] * len(logits), seen, counts)
+
+
+def sample_rows(
+    logits: np.ndarray,
+    cfgs: list[SamplingConfig],
+    rngs: list[np.random.Generator | None],
+    seen: np.ndarray | None = None,
+    counts: np.ndarray | None = None,
+) -> np.ndarray:
+    """(batch, vocab) float32 logits -> (batch,) int64 token ids, row r with its own settings
+    cfgs[r] and one draw from rngs[r] (unused for a greedy row). Vectorized over rows: the same
+    tokens as picking each row alone. seen/counts: (batch, vocab) token history, needed when a
+    row has penalties."""
+    logits = apply_logit_bias(logits, [cfg.logit_bias for cfg in cfgs])
+    if any(cfg.uses_history for cfg in cfgs):
+
+        def column(name: str) -> np.ndarray:
+            return np.array([[getattr(c, name)] for c in cfgs], np.float32)  # (batch, 1)
+
+        logits = apply_repetition_penalty(logits, seen, column("repetition_penalty"))
+        logits = apply_presence_frequency(
+            logits, counts, column("presence_penalty"), column("frequency_penalty")
+        )
+    greedy = np.array([cfg.greedy for cfg in cfgs])
+    if greedy.all():
         return logits.argmax(axis=-1)
-    logits = apply_temperature(logits, 1.0 if cfg.temperature is None else cfg.temperature)
-    logits = mask_min_p(mask_top_p(mask_top_k(logits, cfg.top_k), cfg.top_p), cfg.min_p)
-    return sample_from(softmax(logits), rng)
+    out = np.zeros(len(logits), dtype=np.int64)
+    if greedy.any():
+        out[greedy] = logits[greedy].argmax(axis=-1)
+    rows = np.flatnonzero(~greedy)
+    picked = [cfgs[r] for r in rows]
+    temperature = np.array([[1.0 if c.temperature is None else c.temperature] for c in picked], np.float32)
+    x = mask_top_k(apply_temperature(logits[rows], temperature), np.array([c.top_k for c in picked]))
+    x = mask_min_p(mask_top_p(x, np.array([c.top_p for c in picked])), np.array([c.min_p for c in picked]))
+    out[rows] = sample_from(softmax(x), [rngs[r] for r in rows])
+    return out

@@ -36,7 +36,7 @@ from .cuda_graphs import CudaGraphCache, CudaGraphs
 from .device_sampling import build_sampling_graph
 from .kv_cache import ConcatCache, SharedCache
 from .model_folder import check_graph
-from .pickers import choose_picker
+from .pickers import SlotSampling, choose_picker
 from .runtime import create_session, device_of, resolve_device
 from .sampling import SamplingConfig
 
@@ -103,13 +103,22 @@ class Session:
         return self.graphs.on["decode"]
 
     def picker_for(self, sampling: SamplingConfig, rng: np.random.Generator, prompts: list[list[int]]):
-        return choose_picker(self, sampling, rng, prompts)
+        """The picker of one batch of prompts with the same settings (one generator for all rows)."""
+        slots = SlotSampling.for_batch(prompts, sampling, rng, self.vocab_size)
+        return choose_picker(self, slots, len(prompts))
 
     def start(self, batch: int, seq: int, picker, clock: Clock) -> None:
-        """Begin a batch of `batch` rows of up to `seq` positions each, its tokens picked by `picker`."""
+        """Begin a batch of `batch` rows (slots) of up to `seq` positions each, its tokens picked
+        by `picker`."""
         self.cache.start(batch, seq)
-        self.binding.clear_outputs()  # what comes back is the picker's choice
-        self.picker, self.clock = picker, clock
+        self.use(picker)
+        self.clock = clock
+
+    def use(self, picker) -> None:
+        """Pick with `picker` from the next step on (another kind binds other outputs)."""
+        if type(picker) is not type(self.picker):
+            self.binding.clear_outputs()
+        self.picker = picker
 
     def prefill(self, prompts: list[list[int]]) -> np.ndarray:
         """Every row's prompt -> each row's first new token (batch,)."""
@@ -122,21 +131,23 @@ class Session:
         return ids
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """One new token per row (batch,) -> the next one per row (batch,)."""
-        self.picker.bind(self.binding, self.cache.outputs, self.cache.rows)
+        """One new token for each of the first len(tokens) rows -> the next one for each. Rows past
+        them must be free (the shared cache: a running batch shrinks to its last slot in use)."""
         bucket = self.cache.bind_decode(self.binding, tokens)
+        self.picker.bind(self.binding, self.cache.outputs, self.cache.rows)
         t0 = time.perf_counter()
         self.graphs.run("decode", self.ort_session, self.binding, bucket)
-        ids = self.picker.pick(self.cache.outputs, self.cache.batch, bucket=bucket)
+        ids = self.picker.pick(self.cache.outputs, len(tokens), bucket=bucket)
         self.clock.ran(time.perf_counter() - t0)
         return ids
 
-    def prefill_slot(self, slot: int, prompt: list[int]) -> int:
-        """A new prompt into one row (slot) of the running batch -> its first new token. The other
-        rows keep their cache; the next `decode` continues them all. Shared cache only."""
-        self.picker.admit(slot, prompt)
-        self.picker.bind(self.binding, self.cache.outputs, 1)
-        self.cache.bind_prefill_slot(self.binding, slot, prompt)
+    def prefill_slot(self, slot: int, tokens: list[int], past: int = 0) -> int:
+        """Prompt tokens into one row (slot) of the running batch -> the token after them. The other
+        rows keep their cache; the next `decode` continues them all. `past`: tokens of this prompt
+        already in the slot (a long prompt goes in chunks: 0, then the length so far). The slot's
+        sampling settings are admitted first (pickers.SlotSampling). Shared cache only."""
+        self.picker.bind(self.binding, self.cache.outputs, 1, first=slot)
+        self.cache.bind_prefill_slot(self.binding, slot, tokens, past)
         t0 = time.perf_counter()
         self.graphs.run("decode", self.ort_session, self.binding, None)
         token = int(self.picker.pick(self.cache.outputs, 1, first=slot)[0])

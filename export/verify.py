@@ -19,7 +19,7 @@ import torch
 from gpt2onnx.engine.clock import Clock
 from gpt2onnx.engine.contract import GPT2Config, UserError, past_names
 from gpt2onnx.engine.kv_cache import KV_DTYPES, left_pad
-from gpt2onnx.engine.pickers import HostPicker
+from gpt2onnx.engine.pickers import HostPicker, SlotSampling
 from gpt2onnx.engine.sampling import SamplingConfig
 
 from .model import GPT2
@@ -146,7 +146,10 @@ def check_shared_export(session, reference: GPT2, dtype: str, seed: int = 0) -> 
         new = gen.integers(0, config.vocab_size, (len(lengths), steps))
         B, rng = len(lengths), np.random.default_rng(0)
         session.start(
-            B, max(lengths) + steps, HostPicker(SamplingConfig(), rng, prompts, config.vocab_size), Clock()
+            B,
+            max(lengths) + steps,
+            HostPicker(SlotSampling.for_batch(prompts, SamplingConfig(), rng, config.vocab_size)),
+            Clock(),
         )
         session.prefill(prompts)
         got = [session.last_logits(B).copy()]

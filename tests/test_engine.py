@@ -13,7 +13,7 @@ from gpt2onnx.engine.clock import Clock
 from gpt2onnx.engine.contract import ModelFolderError
 from gpt2onnx.engine.cuda_graphs import CudaGraphCache
 from gpt2onnx.engine.engine import Engine, EngineBusyError
-from gpt2onnx.engine.pickers import ArgmaxPicker, DeviceSamplingPicker, HostPicker
+from gpt2onnx.engine.pickers import ArgmaxPicker, DeviceSamplingPicker, HostPicker, SlotSampling
 from gpt2onnx.engine.runtime import ProviderError, cuda_device_count
 from gpt2onnx.engine.sampling import SamplingConfig
 
@@ -143,7 +143,10 @@ def test_kv_cache_lives_in_the_preallocated_buffers(engine):
     c = engine.manifest.config
     prompts = [[1, 2], [4]]
     session.start(
-        2, 8, HostPicker(SamplingConfig(), np.random.default_rng(0), prompts, c.vocab_size), Clock()
+        2,
+        8,
+        HostPicker(SlotSampling.for_batch(prompts, SamplingConfig(), np.random.default_rng(0), c.vocab_size)),
+        Clock(),
     )
     session.prefill(prompts)
     session.binding.io = counting = CountingBinding(session.binding.io)

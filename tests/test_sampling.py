@@ -169,3 +169,32 @@ def test_settings_outside_the_sampling_graph_stay_on_the_host():
     assert not matches_host(SamplingConfig(repetition_penalty=1.2))
     assert not matches_host(SamplingConfig(logit_bias={1: 1.0}))
     assert matches_host(SamplingConfig(top_k=10, top_p=0.9)) and matches_host(SamplingConfig(temperature=0.5))
+
+
+ROW_SETTINGS = [
+    S.SamplingConfig(),
+    S.SamplingConfig(temperature=0.7, seed=1),
+    S.SamplingConfig(top_k=5, seed=2),
+    S.SamplingConfig(top_p=0.8, temperature=1.3, seed=3),
+    S.SamplingConfig(min_p=0.3, seed=4),
+    S.SamplingConfig(repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.3, top_k=40, seed=5),
+    S.SamplingConfig(logit_bias={3: 5.0, 7: -100.0}, seed=6),
+    S.SamplingConfig(top_k=1),
+]
+
+
+def test_rows_with_their_own_settings_pick_what_each_picks_alone():
+    """One vectorized call over rows of mixed settings, each with its own generator, gives every
+    row the tokens it gets alone (what continuous batching needs)."""
+    gen = np.random.default_rng(0)
+    B, V = len(ROW_SETTINGS), 300
+    seen, counts = gen.random((B, V)) < 0.1, gen.integers(0, 3, (B, V)).astype(np.int32)
+    rngs = [np.random.default_rng(c.seed) for c in ROW_SETTINGS]
+    alone_rngs = [np.random.default_rng(c.seed) for c in ROW_SETTINGS]
+    for step in range(20):
+        logits = (3 * gen.standard_normal((B, V))).astype(np.float32)
+        together = S.sample_rows(logits, ROW_SETTINGS, rngs, seen, counts)
+        alone = [S.next_tokens(logits[r : r + 1], c, alone_rngs[r], seen[r : r + 1], counts[r : r + 1])[0]
+                 for r, c in enumerate(ROW_SETTINGS)]  # fmt: skip
+        assert together.tolist() == alone, f"step {step}"
+    assert len({int(t) for t in together}) > 1

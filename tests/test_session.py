@@ -8,7 +8,7 @@ import pytest
 
 from gpt2onnx.engine.clock import Clock
 from gpt2onnx.engine.engine import Engine
-from gpt2onnx.engine.pickers import ArgmaxPicker, HostPicker
+from gpt2onnx.engine.pickers import ArgmaxPicker, HostPicker, SlotSampling
 from gpt2onnx.engine.sampling import SamplingConfig
 
 TEXTS = ["Hello there", "The quick brown fox jumps over the lazy", "a"]
@@ -21,7 +21,9 @@ def engine(request, tiny_shared):
 
 
 def start(engine: Engine, prompts: list[list[int]], seq: int = 64) -> None:
-    picker = HostPicker(SamplingConfig(), np.random.default_rng(0), prompts, engine.vocab_size)
+    picker = HostPicker(
+        SlotSampling.for_batch(prompts, SamplingConfig(), np.random.default_rng(0), engine.vocab_size)
+    )
     engine.session.start(len(prompts), seq, picker, Clock())
 
 
