@@ -20,9 +20,11 @@ import numpy as np
 from . import atomic_folder, inputs
 from .clock import Clock
 from .contract import InputError, ModelFolderError, UserError
-from .generate import Row, decode_rows
+from .generate import Completion, Row, decode_rows
 from .model_folder import check_tokenizer, read_manifest
 from .sampling import SamplingConfig, softmax
+from .scheduler import Request as SchedulerRequest
+from .scheduler import RequestHandle, Scheduler
 from .session import Session, SessionConfig
 from .tokenizer import Tokenizer
 
@@ -31,15 +33,6 @@ log = logging.getLogger(__name__)
 
 class EngineBusyError(UserError, RuntimeError):
     pass
-
-
-@dataclass
-class Completion:
-    prompt: str
-    prompt_token_ids: list[int]  # with the BOS when one was prepended
-    token_ids: list[int]  # new tokens only (an EOS that ended the row included)
-    text: str  # new text only, cut before a stop string
-    finish_reason: str  # "length" | "stop" | "eos"
 
 
 @dataclass
@@ -85,6 +78,7 @@ class Engine:
         self.session = Session(self.folder, self.manifest, config)  # checks the graph against the manifest
         self._probe()
         self._lock = threading.Lock()
+        self.scheduler = Scheduler(self.session, self.tokenizer, self._lock, config.max_queue)
         if self.manifest.source.random_init:
             log.info(
                 "%s holds RANDOM weights (%s, seed %s): its text is meaningless",
@@ -113,7 +107,7 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", max_batch: int = 8, max_seq: int | None = None,
              threads: int | None = None, device_sampling: bool | None = None,
-             cuda_graphs: bool | None = None) -> Engine:  # fmt: skip
+             cuda_graphs: bool | None = None, max_queue: int = 64) -> Engine:  # fmt: skip
         """Load a model folder. device_sampling: pick tokens with the sampling graph; cuda_graphs:
         decode steps of fixed shapes, captured as CUDA graphs (shared cache only). Both default
         to on with the CUDA provider, off on the CPU.
@@ -121,7 +115,8 @@ class Engine:
         (missing/corrupt folder), ProviderError (cuda unavailable)."""
         folder = inputs.folder_path(path)
         config = SessionConfig(provider=provider, max_batch=max_batch, max_seq=max_seq, threads=threads,
-                               device_sampling=device_sampling, cuda_graphs=cuda_graphs)  # fmt: skip
+                               device_sampling=device_sampling, cuda_graphs=cuda_graphs,
+                               max_queue=max_queue)  # fmt: skip
         return cls(folder, config)
 
     @property
@@ -192,6 +187,42 @@ class Engine:
         request = self._request("stream", max_new_tokens, stop, prepend_bos, truncate, False, sampling)
         ids = self._prompt_tokens(inputs.prompt("prompt", prompt, self.vocab_size), request)
         return self._stream(ids, request)
+
+    def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 16, *, stop: str | Sequence[str] = (),
+               prepend_bos: bool = True, truncate: str | None = None, ignore_eos: bool = False,
+               logprobs: int | None = None, **sampling) -> RequestHandle:  # fmt: skip
+        """Queue one prompt for the running batch (continuous batching, scheduler.py) and return
+        at once with its handle: iterate it for pieces (or `async for`), `result()` or await it
+        for the Completion, `cancel()` it. Thread-safe. Settings as `generate`'s, each request its
+        own (a seed makes its tokens those of the seed run alone); logprobs: 0 to 5 to get the
+        chosen token's log-probability and that many top ones per token.
+        Raises InputError (bad arguments, a prompt that does not fit, a concat-cache model),
+        QueueFullError (max_queue requests already wait), EngineClosedError (after close)."""
+        request = self._request("submit", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
+        logprobs = inputs.check("logprobs", logprobs)
+        if self.manifest.kv_cache != "shared":
+            raise InputError(
+                f"{self.folder} has the concat cache, and requests join a running batch only in slots of "
+                "the shared cache: export the model with --kv-cache shared (generate() serves this one)"
+            )  # fmt: skip
+        prompt = inputs.prompt("prompt", prompt, self.vocab_size)
+        ids = self._prompt_tokens(prompt, request)
+        text = prompt if isinstance(prompt, str) else self.tokenizer.to_string(ids)
+        eos = self._eos(request)
+        return self.scheduler.submit(
+            SchedulerRequest(text, ids, request.max_new_tokens, request.stop, request.sampling, eos, logprobs)
+        )
+
+    def stats(self) -> dict[str, int]:
+        """The scheduler's figures now: queue_depth, active_slots, max_batch, max_queue."""
+        s = self.scheduler
+        return {"queue_depth": s.queue_depth(), "active_slots": s.active(), "max_batch": self.session.max_batch,
+                "max_queue": s.max_queue}  # fmt: skip
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Take no more requests; let the submitted ones finish within `timeout` seconds, cancel
+        the rest, and return when the scheduler has stopped."""
+        self.scheduler.close(timeout)
 
     def _stream(self, ids: list[int], request: Request) -> Iterator[str]:
         row, rng = self._row(ids, request, streaming=True), np.random.default_rng(request.sampling.seed)
@@ -272,7 +303,8 @@ class Engine:
     def _exclusive(self):
         if not self._lock.acquire(blocking=False):
             raise EngineBusyError(
-                "this Engine is already running a call (another thread, or an open stream); Engine is not thread-safe, use one per thread"
+                "this Engine is already running a call (another thread, an open stream, or submitted requests); "
+                "generate/stream/logits are not thread-safe: use one Engine per thread, or submit() from any thread"
             )
         try:
             yield

@@ -18,6 +18,15 @@ from .tokenizer import StreamDecoder
 
 
 @dataclass
+class Completion:
+    prompt: str
+    prompt_token_ids: list[int]  # with the BOS when one was prepended
+    token_ids: list[int]  # new tokens only (an EOS that ended the row included)
+    text: str  # new text only, cut before a stop string
+    finish_reason: str  # "length" | "stop" | "eos" | "cancelled"
+
+
+@dataclass
 class Row:
     """One prompt's progress. `push` holds back text that might be the start of a stop string.
     A row without a decoder (nobody streams it, no stop strings) only collects token ids: its

@@ -143,6 +143,8 @@ RULES: dict[str, Callable] = {
     "top_k": Count(0, 2**31 - 1, ">= 0, an integer (0 turns it off)"),
     "seed": Count(0, 2**63 - 1, "a non-negative integer below 2**63, or None (unseeded)", optional=True),
     "max_batch": Count(1, 1024, "a positive integer (at most 1024)"),
+    "max_queue": Count(1, 1 << 20, "a positive integer (at most 1048576)"),
+    "logprobs": Count(0, 5, "an integer from 0 to 5, or None (none)", optional=True),
     "max_seq": Count(1, MAX_VOCAB, "a positive integer, or None (the model's n_positions)", optional=True),
     "threads": Count(0, 1024, "an integer from 1 to 1024, or 0 or None (onnxruntime chooses)", optional=True),
     "temperature": Real(

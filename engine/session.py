@@ -51,6 +51,7 @@ class SessionConfig:
     threads: int | None = None  # CPU intra-op threads; None lets onnxruntime choose
     device_sampling: bool | None = None  # the sampling graph picks; None: on the GPU only
     cuda_graphs: bool | None = None  # fixed decode shapes, captured (shared cache only); None: on the GPU
+    max_queue: int = 64  # submitted requests waiting for a slot (Engine.submit); more are refused
 
     def __post_init__(self) -> None:
         """Every setting through the input gate (InputError names it), before any folder is read."""
@@ -141,16 +142,17 @@ class Session:
         self.clock.ran(time.perf_counter() - t0)
         return ids
 
-    def prefill_slot(self, slot: int, tokens: list[int], past: int = 0) -> int:
+    def prefill_slot(self, slot: int, tokens: list[int], past: int = 0, pick: bool = True) -> int | None:
         """Prompt tokens into one row (slot) of the running batch -> the token after them. The other
         rows keep their cache; the next `decode` continues them all. `past`: tokens of this prompt
-        already in the slot (a long prompt goes in chunks: 0, then the length so far). The slot's
-        sampling settings are admitted first (pickers.SlotSampling). Shared cache only."""
+        already in the slot (a long prompt goes in chunks: 0, then the length so far); pick=False
+        for a chunk before the last (no token, no draw). The slot's sampling settings are admitted
+        first (pickers.SlotSampling). Shared cache only."""
         self.picker.bind(self.binding, self.cache.outputs, 1, first=slot)
         self.cache.bind_prefill_slot(self.binding, slot, tokens, past)
         t0 = time.perf_counter()
         self.graphs.run("decode", self.ort_session, self.binding, None)
-        token = int(self.picker.pick(self.cache.outputs, 1, first=slot)[0])
+        token = int(self.picker.pick(self.cache.outputs, 1, first=slot)[0]) if pick else None
         self.clock.ran(time.perf_counter() - t0)
         return token
 
