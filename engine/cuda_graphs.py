@@ -122,6 +122,7 @@ class Bucket:
         self.dev = {name: new(shape, dtype) for name, (dtype, shape) in inputs.items()}
         self.dev |= {"logits": new((1, vocab_size), np.float32), "next_token": new((1,), np.int64),
                      "token": new((), np.int64)}  # fmt: skip
+        self.upload(*self.host)  # zeros: logits_index stays 0 (a decode step's only position)
 
     def upload(self, *names: str) -> None:
         for name in names:
@@ -175,8 +176,9 @@ class CudaGraphCache:
     def bind_prefill(self, binding: Binding, prompts: list[list[int]]) -> None:
         self.shared.bind_prefill(binding, prompts)
 
-    def bind_prefill_slot(self, binding: Binding, slot: int, tokens: list[int], past: int = 0) -> None:
-        self.shared.bind_prefill_slot(binding, slot, tokens, past)
+    def bind_prefill_slot(self, binding: Binding, slot: int, tokens: list[int], past: int = 0,
+                          decoding: bool = True) -> None:  # fmt: skip
+        self.shared.bind_prefill_slot(binding, slot, tokens, past, decoding)
 
     def free(self, slot: int) -> None:
         self.shared.free(slot)
@@ -191,14 +193,10 @@ class CudaGraphCache:
         same every step in that bucket). Returns the bucket, whose graph runs the step."""
         B = len(tokens)
         bucket = self.outputs = self._buckets[next(b for b in self.buckets if b >= B)]
-        host, slots = bucket.host, self.shared.slots
-        host["input_ids"][:B, 0], host["position_ids"][:B, 0] = tokens, slots.lengths[:B]  # before the step
-        seqlens, total = slots.step(B)
-        assert total <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, step needs {total}"
-        host["seqlens_k"][:B] = seqlens
-        if B < bucket.batch:  # padding rows (free slots): token 0 at position 0, alone in its row
-            for name in ("input_ids", "position_ids", "seqlens_k"):
-                host[name][B:] = 0
+        host, slots, b = bucket.host, self.shared.slots, bucket.batch
+        host["input_ids"][:B, 0], host["input_ids"][B:] = tokens, 0  # rows past B: out of the step
+        host["position_ids"][:, 0] = slots.lengths[:b]  # before the step
+        host["seqlens_k"][:] = slots.step(b)[0]  # rows past B are not used: a dummy token, kept as they are
         bucket.upload("input_ids", "position_ids", "seqlens_k")
         for name, (dtype, _) in STEP_INPUTS.items():
             binding.value(name, bucket.dev[name], self.device, dtype)

@@ -201,7 +201,8 @@ class ConcatCache:
         self.kv.bind(binding, 1 - self.cur, True, self.batch, total)  # presents into the other
         self.cur, self.past_len = 1 - self.cur, total
 
-    def bind_prefill_slot(self, binding: Binding, slot: int, tokens: list[int], past: int = 0) -> None:
+    def bind_prefill_slot(self, binding: Binding, slot: int, tokens: list[int], past: int = 0,
+                          decoding: bool = True) -> None:  # fmt: skip
         raise ValueError("slots need the shared cache: export the model with --kv-cache shared")
 
     def free(self, slot: int) -> None:
@@ -221,38 +222,29 @@ class ConcatCache:
 
 
 class Slots:
-    """The shared cache's per-row state, in one place: how many tokens each row (slot) holds.
-    A free slot holds none; in a decode step it writes a dummy token at its position 0."""
+    """The shared cache's per-row state, in one place: how many tokens each row (slot) holds and
+    whether it takes part in decode steps. A row that does not (free, or its prompt still going
+    in by chunks) writes a dummy token at its next position in a decode step and stays as it
+    was: that position is overwritten by its next real token."""
 
     def __init__(self, batch: int):
         self.lengths = np.zeros(batch, dtype=np.int64)  # also each row's next position
-        self.used = np.zeros(batch, dtype=np.int64)  # 1 for a slot in use, 0 for a free one
+        self.used = np.zeros(batch, dtype=np.int64)  # 1 for a row in decode steps, else 0
         self.seqlens = np.zeros(batch, dtype=np.int32)  # GroupQueryAttention's seqlens_k after a step
-        self.n_used = 0
-        self.longest = 1  # no row is longer: total_sequence_length
 
-    def fill(self, rows: slice | int, lengths) -> None:
-        self.lengths[rows], self.used[rows] = lengths, 1
-        self._count()
+    def fill(self, rows: slice | int, lengths, decoding: bool = True) -> None:
+        self.lengths[rows], self.used[rows] = lengths, int(decoding)
 
     def free(self, slot: int) -> None:
         self.lengths[slot], self.used[slot] = 0, 0
-        self._count()
-
-    def _count(self) -> None:
-        self.n_used, self.longest = int(self.used.sum()), max(int(self.lengths.max(initial=0)), 1)
 
     def step(self, rows: int) -> tuple[np.ndarray, int]:
-        """A decode step of the first `rows` rows (those after are free): each used row grows by
-        one. Returns (seqlens_k (rows,), the longest row after it); read `lengths` first for the
-        step's positions."""
-        lengths, seqlens = self.lengths[:rows], self.seqlens[:rows]
-        lengths += self.used[:rows]
-        np.subtract(lengths, 1, out=seqlens, casting="unsafe")
-        if self.n_used < rows:
-            np.maximum(seqlens, 0, out=seqlens)  # a free row's dummy token is its only one
-        self.longest += self.n_used > 0
-        return seqlens, self.longest
+        """A decode step of the first `rows` rows: each used row grows by one. Returns (seqlens_k
+        (rows,), the longest row after it); read `lengths` first for the step's positions."""
+        lengths, seqlens, used = self.lengths[:rows], self.seqlens[:rows], self.used[:rows]
+        lengths += used
+        np.subtract(lengths, used, out=seqlens, casting="unsafe")  # a dummy token: its row's length
+        return seqlens, int(seqlens.max()) + 1
 
 
 class SharedCache:
@@ -272,7 +264,8 @@ class SharedCache:
         self.kv.reserve(batch, seq)
         self.inputs.reserve(self.kv.cap_batch * self.kv.cap_seq)
         self.outputs.reserve(self.kv.cap_batch)
-        self.slots, self.batch, self.rows = Slots(batch), batch, batch  # rows: of the last decode step
+        self.slots = Slots(self.kv.cap_batch)  # rows past the batch stay free
+        self.batch, self.rows = batch, batch  # rows: of the last decode step
         self.decode_index = np.zeros((batch, 1), np.int64)  # a decode step's only position
 
     def bind_prefill(self, binding: Binding, prompts: list[list[int]]) -> None:
@@ -287,16 +280,18 @@ class SharedCache:
         self._bind(binding, ids, positions, lengths, width, 0)
         self.slots.fill(slice(0, self.batch), lengths)
 
-    def bind_prefill_slot(self, binding: Binding, slot: int, tokens: list[int], past: int = 0) -> None:
+    def bind_prefill_slot(self, binding: Binding, slot: int, tokens: list[int], past: int = 0,
+                          decoding: bool = True) -> None:  # fmt: skip
         """Bind prompt tokens into `slot` alone (a view of the buffer at that row), after the `past`
         tokens the slot already holds (0: a new prompt, the slot's old contents are overwritten;
-        more: the next chunk of a long prompt). The other rows keep their state."""
+        more: the next chunk of a long prompt). The other rows keep their state. decoding=False:
+        more chunks follow, the row stays out of decode steps."""
         assert 0 <= slot < self.batch, f"slot {slot} of a batch of {self.batch}"
         n = past + len(tokens)
         assert n <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, the prompt needs {n}"
         ids, positions = np.array([tokens], np.int64), np.arange(past, n, dtype=np.int64)[None]
         self._bind(binding, ids, positions, np.array([n]), n, slot, logits_at=np.array([[len(tokens) - 1]]))
-        self.slots.fill(slot, n)
+        self.slots.fill(slot, n, decoding)
 
     def _bind(self, binding, ids, positions, lengths, total: int, first: int, logits_at=None) -> None:
         """A prompt pass over rows first.. of the cache, each holding `lengths` tokens after it;

@@ -54,6 +54,11 @@ class EngineClosedError(UserError, RuntimeError):
     """The engine is shutting down (or shut down) and takes no new requests."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed while running this request (the message says how); the requests after
+    it are served again."""
+
+
 @dataclass
 class Piece:
     """What one new token adds to a request: its text (may be empty while a stop string or a
@@ -89,6 +94,7 @@ class RequestHandle:
         self.submitted = time.perf_counter()
         self._pieces: list[Piece] = []
         self._completion: Completion | None = None
+        self._error: BaseException | None = None
         self._cancelled = False
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
@@ -107,7 +113,12 @@ class RequestHandle:
         with self._cond:
             if not self._cond.wait_for(lambda: self._completion is not None, timeout):
                 raise TimeoutError(f"{self.id} did not finish within {timeout} s")
+            self._raise_error()
             return self._completion
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise RequestFailedError(f"{self.id} failed: {self._error}") from self._error
 
     def __iter__(self) -> Iterator[Piece]:
         i = 0
@@ -119,6 +130,7 @@ class RequestHandle:
             yield from new
             i += len(new)
             if finished and i == len(self._pieces):
+                self._raise_error()
                 return
 
     async def __aiter__(self) -> AsyncIterator[Piece]:
@@ -135,6 +147,7 @@ class RequestHandle:
             if not new and not finished:
                 await event.wait()
             elif finished and i == len(self._pieces):
+                self._raise_error()
                 return
 
     def __await__(self):
@@ -152,8 +165,9 @@ class RequestHandle:
             self._pieces.append(piece)
             self._wake()
 
-    def _finish(self, completion: Completion) -> None:
+    def _finish(self, completion: Completion, error: BaseException | None = None) -> None:
         with self._cond:
+            self._error = error
             self.finish_reason, self._completion = completion.finish_reason, completion
             self._wake()
 
@@ -201,6 +215,7 @@ class Scheduler:
         self.on_step: Callable[[], None] | None = None  # called after each step (tests, metrics)
         self._cond = threading.Condition()
         self._closing = False
+        self._picker_stale = True  # requests came or went since the picker was chosen
         self._thread: threading.Thread | None = None
 
     # -- submission (any thread) ---------------------------------------------------------------
@@ -253,7 +268,11 @@ class Scheduler:
                 if not self.waiting:
                     return  # closing, and nothing left to do
             with self.lock:  # the session is ours until the work runs out
-                self._burst()
+                try:
+                    self._burst()
+                except Exception as e:  # a bug or a failed run: its requests fail, not the caller's wait
+                    log.exception("the scheduler failed; failing its running requests")
+                    self._fail_running(e)
 
     def _burst(self) -> None:
         """Steps until no request is waiting or running."""
@@ -261,31 +280,34 @@ class Scheduler:
         self.table = SlotSampling(session.max_batch, session.vocab_size)
         session.start(session.max_batch, session.max_seq, HostPicker(self.table), Clock())
         self.slots = [None] * session.max_batch
-        picker_stale = True
+        self._picker_stale = True
         while True:
-            picker_stale |= self._admit()
+            self._picker_stale |= self._admit()
             self._drop_cancelled()
             prefilling = next((s for s in self.slots if s and not s.decoding), None)
             if prefilling is not None:
-                picker_stale |= self._prefill_chunk(prefilling)
+                self._prefill_chunk(prefilling)
             rows = 1 + max((i for i, s in enumerate(self.slots) if s and s.decoding), default=-1)
             if rows:
-                if picker_stale:
-                    session.use(self._picker(rows))
-                    picker_stale = False
+                self._refresh_picker()
                 tokens = np.array([s.token if s and s.decoding else 0 for s in self.slots[:rows]], np.int64)
-                picked = session.decode(tokens)
-                picker_stale |= self._hand_out(picked, rows)
+                self._hand_out(session.decode(tokens), rows)
             if self.on_step is not None:
                 self.on_step()
             with self._cond:
                 if not self.waiting and not any(self.slots):
                     return
 
-    def _picker(self, rows: int):
-        if any(s and s.handle.request.logprobs is not None for s in self.slots[:rows]):
-            return HostPicker(self.table)  # logprobs need the logits on the host
-        return choose_picker(self.session, self.table, rows)
+    def _refresh_picker(self) -> None:
+        """After requests came or went: the picker that serves every request in a slot now."""
+        if not self._picker_stale:
+            return
+        if any(s and s.handle.request.logprobs is not None for s in self.slots):
+            picker = HostPicker(self.table)  # logprobs need the logits on the host
+        else:
+            picker = choose_picker(self.session, self.table, len(self.slots))  # free slots: greedy
+        self.session.use(picker)
+        self._picker_stale = False
 
     def _admit(self) -> bool:
         """Waiting requests into free slots, lowest first. Returns whether any came in."""
@@ -299,41 +321,35 @@ class Scheduler:
                 r, request = self.slots.index(None), handle.request
                 row = Row(request.prompt_ids, self.tokenizer.decode_stream(), request.stop)
                 self.slots[r] = Slot(handle, row)
-                rng = np.random.default_rng(request.sampling.seed)
-                self.table.admit(r, request.prompt_ids, request.sampling, rng)
                 self.stats.prompt_tokens += len(request.prompt_ids)
                 admitted = True
         return admitted
 
-    def _prefill_chunk(self, slot: Slot) -> bool:
-        """The next chunk of a slot's prompt; its first token after the last one."""
+    def _prefill_chunk(self, slot: Slot) -> None:
+        """The next chunk of a slot's prompt; after the last one, its first token."""
         r, prompt = self.slots.index(slot), slot.row.prompt_ids
         chunk = prompt[slot.prefilled : slot.prefilled + self.chunk]
         last = slot.prefilled + len(chunk) == len(prompt)
-        if (
-            last
-            and slot.handle.request.logprobs is not None
-            and not isinstance(self.session.picker, HostPicker)
-        ):
-            self.session.use(HostPicker(self.table))
+        if last:  # its settings from now on: until here its row drew nothing in decode steps
+            request = slot.handle.request
+            self.table.admit(r, prompt, request.sampling, np.random.default_rng(request.sampling.seed))
+            self._picker_stale = True
+            self._refresh_picker()
         token = self.session.prefill_slot(r, chunk, slot.prefilled, pick=last)
         slot.prefilled += len(chunk)
         if last:
-            return self._take(r, slot, token, 0)
-        return False
+            self._take(r, slot, token, 0)
 
-    def _hand_out(self, picked: np.ndarray, rows: int) -> bool:
-        """Each decoding slot's new token. Returns whether a slot was freed."""
-        freed = False
+    def _hand_out(self, picked: np.ndarray, rows: int) -> None:
+        """Each decoding slot's new token."""
         for r in range(rows):
             slot = self.slots[r]
             if slot is not None and slot.decoding:
-                freed |= self._take(r, slot, int(picked[r]), r)
-        return freed
+                self._take(r, slot, int(picked[r]), r)
 
-    def _take(self, r: int, slot: Slot, token: int, logits_row: int) -> bool:
+    def _take(self, r: int, slot: Slot, token: int, logits_row: int) -> None:
         """A slot's new token: pushed to its row and handed to its caller; the slot is freed when
-        the request ends. Returns whether it was."""
+        the request ends."""
         request, row = slot.handle.request, slot.row
         logprob = top = None
         if request.logprobs is not None:
@@ -345,26 +361,32 @@ class Scheduler:
         slot.token = token
         slot.handle._push(Piece(text, [token], None if logprob is None else [logprob],
                                 None if top is None else [top]))  # fmt: skip
-        if row.finish_reason is None and not slot.handle._cancelled:
-            return False
-        self._end(slot.handle, row, row.finish_reason or "cancelled")
+        if row.finish_reason is not None or slot.handle._cancelled:
+            self._end(slot.handle, row, row.finish_reason or "cancelled")
+            self._free(r)
+
+    def _free(self, r: int) -> None:
         self.slots[r] = None
         self.table.free(r)
         self.session.free(r)
-        return True
+        self._picker_stale = True
+
+    def _fail_running(self, error: Exception) -> None:
+        for r, slot in enumerate(self.slots):
+            if slot is not None:
+                self._end(slot.handle, slot.row, "error", error)
+                self.slots[r] = None
 
     def _drop_cancelled(self) -> None:
         for r, slot in enumerate(self.slots):
             if slot is not None and slot.handle._cancelled:
                 self._end(slot.handle, slot.row, "cancelled")
-                self.slots[r] = None
-                self.table.free(r)
-                self.session.free(r)
+                self._free(r)
 
-    def _end(self, handle: RequestHandle, row: Row, reason: str) -> None:
+    def _end(self, handle: RequestHandle, row: Row, reason: str, error: Exception | None = None) -> None:
         request = handle.request
         self.stats.finished[reason] += 1
-        handle._finish(Completion(request.prompt, request.prompt_ids, row.token_ids, row.text, reason))
+        handle._finish(Completion(request.prompt, request.prompt_ids, row.token_ids, row.text, reason), error)
 
 
 def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, dict[int, float]]:

@@ -146,10 +146,10 @@ class Session:
         """Prompt tokens into one row (slot) of the running batch -> the token after them. The other
         rows keep their cache; the next `decode` continues them all. `past`: tokens of this prompt
         already in the slot (a long prompt goes in chunks: 0, then the length so far); pick=False
-        for a chunk before the last (no token, no draw). The slot's sampling settings are admitted
+        for a chunk before the last (no token, no draw; the row stays out of decode steps). The slot's sampling settings are admitted
         first (pickers.SlotSampling). Shared cache only."""
         self.picker.bind(self.binding, self.cache.outputs, 1, first=slot)
-        self.cache.bind_prefill_slot(self.binding, slot, tokens, past)
+        self.cache.bind_prefill_slot(self.binding, slot, tokens, past, decoding=pick)
         t0 = time.perf_counter()
         self.graphs.run("decode", self.ort_session, self.binding, None)
         token = int(self.picker.pick(self.cache.outputs, 1, first=slot)[0]) if pick else None

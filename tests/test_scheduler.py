@@ -1,0 +1,164 @@
+"""Continuous batching: requests submitted from many threads (and from asyncio) join and leave a
+running batch, and each gets exactly the tokens it gets alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from gpt2onnx.engine.contract import InputError
+from gpt2onnx.engine.engine import Engine
+from gpt2onnx.engine.scheduler import EngineClosedError, QueueFullError
+
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog, and then",
+    "a",
+    "Once upon a time, in a land far away, there lived a king who had three daughters and",
+    "x y z",
+    "What is the answer",
+    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+    "It was",
+]
+LENGTHS = [3, 9, 14, 5, 12, 7, 10, 16]  # mixed: requests end at different steps
+SETTINGS = [
+    {},
+    {"top_k": 20, "seed": 1},
+    {"temperature": 0.7, "seed": 2},
+    {"top_k": 40, "top_p": 0.8, "temperature": 1.3, "seed": 3},
+    {"min_p": 0.2, "seed": 4},
+    {"repetition_penalty": 1.3, "presence_penalty": 0.5, "seed": 5},
+    {"logit_bias": {13: 3.0}, "top_k": 30, "seed": 6},
+    {"frequency_penalty": 0.8},
+]
+
+
+@pytest.fixture(scope="module", params=["shared", "cuda-graphs"])
+def engine(request, tiny_shared):
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=3, cuda_graphs=request.param == "cuda-graphs")
+    engine.scheduler.chunk = 8  # long prompts go in several chunks
+    return engine
+
+
+def alone(engine: Engine, prompt: str, n: int, **settings) -> list[int]:
+    return engine.generate(prompt, max_new_tokens=n, ignore_eos=True, **settings).completions[0].token_ids
+
+
+def submit_from_threads(engine: Engine, jobs: list[tuple[str, int, dict]]) -> list:
+    handles: list = [None] * len(jobs)
+
+    def send(i: int) -> None:
+        prompt, n, settings = jobs[i]
+        handles[i] = engine.submit(prompt, max_new_tokens=n, ignore_eos=True, **settings)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return handles
+
+
+def test_each_request_gets_the_tokens_it_gets_alone(engine):
+    """Greedy and seeded sampling, penalties and logit bias mixed in one running batch of 3 slots
+    with 8 requests of mixed lengths: every request's tokens equal its tokens run alone."""
+    jobs = [(p, n, s) for p, n, s in zip(PROMPTS, LENGTHS, SETTINGS)]
+    want = [alone(engine, p, n, **s) for p, n, s in jobs]
+    handles = submit_from_threads(engine, jobs)
+    got = [h.result(timeout=60) for h in handles]
+    for (prompt, n, settings), completion, tokens in zip(jobs, got, want):
+        assert completion.token_ids == tokens, f"{prompt!r} {settings}"
+        assert completion.finish_reason == "length" and len(tokens) == n
+    assert engine.stats()["active_slots"] == 0 and engine.stats()["queue_depth"] == 0
+
+
+def test_pieces_stream_the_text_as_generate_makes_it(engine):
+    h = engine.submit(PROMPTS[1], max_new_tokens=10, stop=[" the"])
+    pieces = list(h)
+    want = engine.generate(PROMPTS[1], max_new_tokens=10, stop=[" the"]).completions[0]
+    assert "".join(p.text for p in pieces) == want.text == h.result().text
+    assert [t for p in pieces for t in p.token_ids] == want.token_ids
+    assert h.finish_reason == want.finish_reason and len(h.token_times) == len(want.token_ids)
+
+
+def test_asyncio_iterates_and_awaits(engine):
+    async def main():
+        handles = [engine.submit(p, max_new_tokens=6, ignore_eos=True) for p in PROMPTS[:5]]
+        streamed = [[t async for piece in handles[0] for t in piece.token_ids]]
+        rest = await asyncio.gather(*handles[1:])
+        return streamed + [c.token_ids for c in rest]
+
+    got = asyncio.run(main())
+    assert got == [alone(engine, p, 6) for p in PROMPTS[:5]]
+
+
+def test_a_cancelled_request_frees_its_slot_and_the_others_go_on(engine):
+    want = [alone(engine, p, 12) for p in PROMPTS[:3]]
+    handles = [engine.submit(p, max_new_tokens=12, ignore_eos=True) for p in PROMPTS[:3]]
+    long = engine.submit(PROMPTS[0], max_new_tokens=100, ignore_eos=True)
+    next(iter(long))  # it is running
+    long.cancel()
+    assert long.result(timeout=30).finish_reason == "cancelled"
+    assert len(long.result().token_ids) < 100
+    assert [h.result(timeout=30).token_ids for h in handles] == want
+    waiting = engine.submit(PROMPTS[0], max_new_tokens=5)
+    waiting.cancel()  # perhaps before it got a slot
+    assert waiting.result(timeout=30).finish_reason in ("cancelled", "length", "eos")
+    time.sleep(0.05)
+    assert engine.stats()["active_slots"] == 0
+
+
+def test_a_full_queue_refuses_at_once(tiny_shared):
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=1, max_queue=2)
+    with engine._lock:  # the scheduler cannot start: submissions stay queued
+        held = [engine.submit("Hello", max_new_tokens=2) for _ in range(2)]
+        with pytest.raises(QueueFullError, match="max_queue 2"):
+            engine.submit("Hello", max_new_tokens=2)
+        assert engine.stats()["queue_depth"] == 2
+    assert all(h.result(timeout=30).token_ids for h in held)
+    engine.submit("Hello", max_new_tokens=2).result(timeout=30)  # room again
+
+
+def test_close_finishes_running_requests_and_refuses_new_ones(tiny_shared):
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=2)
+    handles = [engine.submit(p, max_new_tokens=8, ignore_eos=True) for p in PROMPTS[:3]]
+    engine.close(timeout=30)
+    assert [len(h.result(timeout=0).token_ids) for h in handles] == [8, 8, 8]
+    with pytest.raises(EngineClosedError):
+        engine.submit("Hello")
+
+
+def test_close_cancels_what_does_not_finish_in_time(tiny_shared):
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=1)
+    handles = [engine.submit("Hello", max_new_tokens=100, ignore_eos=True) for _ in range(3)]
+    next(iter(handles[0]))
+    engine.close(timeout=0.01)
+    reasons = [h.result(timeout=0).finish_reason for h in handles]
+    assert "cancelled" in reasons and all(h.done for h in handles)
+
+
+def test_bad_requests_are_refused_at_submission(engine, tiny_fp32):
+    with pytest.raises(InputError, match="context"):
+        engine.submit("word " * 200, max_new_tokens=10)
+    with pytest.raises(InputError, match="temperature"):
+        engine.submit("Hello", temperature=-1)
+    with pytest.raises(InputError, match="logprobs"):
+        engine.submit("Hello", logprobs=6)
+    with pytest.raises(InputError, match="--kv-cache shared"):
+        Engine.load(tiny_fp32, provider="cpu").submit("Hello")
+
+
+def test_logprobs_come_with_each_token(engine):
+    h = engine.submit("Hello there", max_new_tokens=4, logprobs=3, ignore_eos=True)
+    pieces = list(h)
+    logits = engine.logits(h.prompt_token_ids + h.result().token_ids)[0]
+    for i, piece in enumerate(pieces):
+        (token,), (logprob,), (top,) = piece.token_ids, piece.token_logprobs, piece.top_logprobs
+        row = logits[len(h.prompt_token_ids) - 1 + i].astype("float64")
+        want = row - row.max() - np.log(np.exp(row - row.max()).sum())
+        assert abs(logprob - want[token]) < 1e-4
+        assert len(top) == 3 and max(top, key=top.get) == token  # greedy: the chosen one is the best
