@@ -162,3 +162,23 @@ def test_logprobs_come_with_each_token(engine):
         want = row - row.max() - np.log(np.exp(row - row.max()).sum())
         assert abs(logprob - want[token]) < 1e-4
         assert len(top) == 3 and max(top, key=top.get) == token  # greedy: the chosen one is the best
+
+
+def test_a_long_prompt_goes_in_chunks_between_decode_steps(tiny_shared):
+    """Running rows are never stalled for more than one chunk: between two decode steps at most
+    one chunk of a prompt is prefilled, and the long prompt's tokens are still its own."""
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=2)
+    engine.scheduler.chunk = 4
+    long_prompt = PROMPTS[3]
+    want = [alone(engine, PROMPTS[1], 30), alone(engine, long_prompt, 5)]
+    session, events = engine.session, []
+    prefill_slot, decode = session.prefill_slot, session.decode
+    session.prefill_slot = lambda *a, **k: (events.append("prefill"), prefill_slot(*a, **k))[1]
+    session.decode = lambda *a, **k: (events.append("decode"), decode(*a, **k))[1]
+    running = engine.submit(PROMPTS[1], max_new_tokens=30, ignore_eos=True)
+    next(iter(running))  # decoding now
+    joining = engine.submit(long_prompt, max_new_tokens=5, ignore_eos=True)
+    assert [running.result(30).token_ids, joining.result(30).token_ids] == want
+    chunks = -(-len(joining.prompt_token_ids) // 4)
+    first = events.index("prefill", events.index("decode"))  # the joining prompt's first chunk
+    assert events[first : first + 2 * chunks] == ["prefill", "decode"] * chunks, events
