@@ -1,0 +1,309 @@
+"""OpenAI's completions API, in and out: a request body checked into engine arguments, and the
+response, stream chunk, usage and error objects shaped the way OpenAI's clients read them.
+
+Plain functions over dicts, no web framework: gpt2onnx/server.py does the HTTP. Every parameter
+goes through the engine's own input gate (engine/inputs.py) under its OpenAI name, so a bad
+value is an ApiError (400) whose message names the parameter; nothing unchecked reaches the
+engine, and nothing a client sends can end in a 500.
+
+Where GPT-2 and OpenAI differ, the engine's convention wins and the README says so: text
+prompts get <|endoftext|> prepended (so an empty or missing prompt generates from nothing, as
+OpenAI's own default prompt does), and prompt_tokens counts it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from gpt2onnx.engine import inputs
+from gpt2onnx.engine.contract import InputError
+
+MAX_CHOICES = 128  # prompts x n in one request (OpenAI's own limit on n)
+MAX_LOGPROBS = 5  # OpenAI's limit on the completions API's logprobs
+
+# The body's parameters: OpenAI's, then the engine's own sampling settings as extensions
+# (vLLM takes the same names), then `truncate` ("left": drop a too-long prompt's oldest tokens).
+OPENAI_PARAMS = {
+    "model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "presence_penalty",
+    "frequency_penalty", "logit_bias", "echo", "logprobs", "stream", "stream_options", "user",
+    "best_of", "suffix",
+}  # fmt: skip
+EXTENSIONS = {"top_k", "min_p", "repetition_penalty", "truncate"}
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty")  # fmt: skip
+DEFAULTS = {"temperature": 1.0, "top_p": 1.0}  # OpenAI's: sampled unless temperature is 0
+
+FLAG = inputs.Flag()  # true or false, not 0/1 or a string
+# The engine's finish reasons in OpenAI's words: an EOS is a natural stop. "cancelled" (the server
+# shut down before the request ended) has no OpenAI word and is passed on as it is.
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled"}
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's error-object shape, with its HTTP status."""
+
+    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+             429: "rate_limit_error", 503: "server_error"}  # fmt: skip
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = self.TYPES.get(self.status, "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def bad(param: str | None, message: str) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """One checked /v1/completions body. Each prompt is run `n` times; choice i*n + j is prompt
+    i's j-th run, whose seed is seed + j (so a prompt's choices do not depend on its neighbours)."""
+
+    prompts: list[str | list[int]]
+    max_tokens: int = 16
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    echo: bool = False
+    logprobs: int | None = None
+    stop: tuple[str, ...] = ()
+    truncate: str | None = None
+    sampling: dict = field(default_factory=dict)  # the engine's sampling keywords, seed and logit_bias
+
+    def submissions(self) -> list[tuple[str | list[int], dict]]:
+        """(prompt, Engine.submit keywords) for every choice, in choice order."""
+        keywords = dict(
+            max_new_tokens=self.max_tokens, stop=self.stop, truncate=self.truncate, logprobs=self.logprobs
+        )
+        out = []
+        for prompt in self.prompts:
+            for j in range(self.n):
+                seed = self.sampling.get("seed")
+                sampling = {**self.sampling, "seed": None if seed is None else seed + j}
+                out.append((prompt, {**keywords, **sampling}))
+        return out
+
+
+def parse_completion_request(body, model_name: str, vocab_size: int, n_positions: int) -> CompletionRequest:
+    """A /v1/completions JSON body, checked. Raises ApiError: 400 naming the parameter, 404 for
+    another model than the one served."""
+    if not isinstance(body, dict):
+        raise bad(None, f"the request body must be a JSON object, got {inputs.shown(body)}")
+    unknown = sorted(set(body) - OPENAI_PARAMS - EXTENSIONS)
+    if unknown:
+        taken = ", ".join(sorted(OPENAI_PARAMS | EXTENSIONS))
+        raise bad(
+            unknown[0], f"unknown parameter {inputs.abbreviated(unknown[0])}; /v1/completions takes {taken}"
+        )
+    check_model(body.get("model"), model_name)
+    given = {key: value for key, value in body.items() if value is not None}  # JSON null: the default
+    refuse_unsupported(given)
+    max_tokens = checked("max_tokens", "max_new_tokens", given.get("max_tokens", 16))
+    if max_tokens >= n_positions:
+        raise bad(
+            "max_tokens",
+            f"max_tokens {max_tokens} leaves no room for a prompt in the {n_positions}-token context; ask for fewer",
+        )
+    n = checked("n", inputs.Count(1, MAX_CHOICES, f"an integer from 1 to {MAX_CHOICES}"), given.get("n", 1))
+    prompts = parse_prompts(given.get("prompt", ""), vocab_size)
+    if len(prompts) * n > MAX_CHOICES:
+        raise bad(
+            "n", f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices; send fewer at a time"
+        )
+    echo = checked("echo", FLAG, given.get("echo", False))
+    logprobs = checked("logprobs", inputs.Count(0, MAX_LOGPROBS, f"an integer from 0 to {MAX_LOGPROBS}", True),
+                       given.get("logprobs"))  # fmt: skip
+    if echo and logprobs is not None:
+        raise bad("logprobs", "echo with logprobs asks for the prompt's logprobs, which this server does not "
+                              "compute; drop echo or logprobs")  # fmt: skip
+    stream = checked("stream", FLAG, given.get("stream", False))
+    usage_chunk = include_usage(given.get("stream_options", {}))
+    return CompletionRequest(
+        prompts=prompts, max_tokens=max_tokens, n=n, stream=stream,
+        include_usage=stream and usage_chunk, echo=echo, logprobs=logprobs,
+        stop=checked("stop", lambda label, value: inputs.stop_strings(value, label), given.get("stop", ())),
+        truncate=checked("truncate", "truncate", given.get("truncate")),
+        sampling=parse_sampling(given, vocab_size),
+    )  # fmt: skip
+
+
+def check_model(model, model_name: str) -> None:
+    if not isinstance(model, str):
+        raise bad(
+            "model", f"model must be the served model's name, {model_name!r}; got {inputs.shown(model)}"
+        )
+    if model != model_name:
+        raise ApiError(
+            404,
+            f"the model {inputs.abbreviated(model)} does not exist; this server serves {model_name!r} "
+            "(GET /v1/models lists it)",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def refuse_unsupported(given: Mapping) -> None:
+    """OpenAI parameters this server takes only at their neutral value."""
+    if given.get("best_of", 1) != 1:
+        raise bad("best_of", f"best_of {inputs.shown(given['best_of'])} is not supported, only 1; use n for "
+                             "several completions and pick among them")  # fmt: skip
+    if given.get("suffix", "") != "":
+        raise bad("suffix", "suffix is not supported: GPT-2 only continues text, it cannot fill in before a "
+                            "suffix; drop it")  # fmt: skip
+    if not isinstance(given.get("user", ""), str):
+        raise bad("user", f"user must be a str, got {inputs.shown(given['user'])}")
+
+
+def include_usage(options) -> bool:
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise bad("stream_options", f"stream_options must be {{\"include_usage\": true|false}}, "
+                                    f"got {inputs.shown(options)}")  # fmt: skip
+    return checked("stream_options", FLAG, options.get("include_usage", False))
+
+
+def checked(param: str, rule: str | Callable, value, label: str | None = None):
+    """value through the engine's input gate (a rule's name in inputs.RULES, or a callable taking
+    (label, value)), with InputError turned into a 400 that names the OpenAI parameter. label:
+    what the message calls the value (prompt[2]); the parameter by default."""
+    label = label or param
+    try:
+        if isinstance(rule, str):
+            return inputs.check(rule, value, label)
+        return rule(label, value)
+    except InputError as e:
+        raise bad(param, str(e)) from None
+
+
+def parse_prompts(prompt, vocab_size: int) -> list[str | list[int]]:
+    """OpenAI's four prompt forms: a str, a list of str, a list of token ids, a list of lists of ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad("prompt", "prompt must be a string, a non-empty list of strings, a list of token ids or a "
+                            f"list of lists of token ids; got {inputs.shown(prompt)}")  # fmt: skip
+    if len(prompt) > MAX_CHOICES and not inputs.is_int(prompt[0]):
+        raise bad(
+            "prompt", f"prompt holds {len(prompt)} prompts, more than {MAX_CHOICES}; send fewer at a time"
+        )
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if all(isinstance(p, list) for p in prompt):
+        return [checked("prompt", ids_rule(vocab_size), p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    if not any(isinstance(p, (str, list)) for p in prompt):
+        return [checked("prompt", ids_rule(vocab_size), prompt)]
+    raise bad("prompt", "prompt mixes kinds; a list prompt holds only strings, only token ids, or only lists "
+                        "of token ids")  # fmt: skip
+
+
+def ids_rule(vocab_size: int) -> Callable:
+    def rule(label: str, value) -> list[int]:
+        ids = inputs.token_ids(label, value, vocab_size)
+        if not ids:
+            raise InputError(f"{label} is empty; pass at least one token id, or a string prompt")
+        return ids
+
+    return rule
+
+
+def parse_sampling(given: Mapping, vocab_size: int) -> dict:
+    """The engine's sampling keywords under their OpenAI names, defaults OpenAI's."""
+    sampling = {name: checked(name, name, given.get(name, DEFAULTS.get(name))) for name in SAMPLING
+                if name in given or name in DEFAULTS}  # fmt: skip
+    sampling["seed"] = checked("seed", "seed", given.get("seed"))
+    sampling["logit_bias"] = parse_logit_bias(given.get("logit_bias", {}), vocab_size)
+    return sampling
+
+
+def parse_logit_bias(bias, vocab_size: int) -> dict[int, float]:
+    """JSON object keys are strings: {"50256": -100} means token 50256."""
+    if not isinstance(bias, dict):
+        raise bad("logit_bias", f"logit_bias must be an object of token id -> bias, e.g. {{\"50256\": -100}}; "
+                                f"got {inputs.shown(bias)}")  # fmt: skip
+    ids = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 9):
+            raise bad("logit_bias", f"logit_bias key {inputs.abbreviated(key)} is not a token id; keys are token "
+                                    "ids written as strings, e.g. \"50256\"")  # fmt: skip
+        ids[int(key)] = value
+    return checked("logit_bias", lambda label, value: inputs.logit_bias(value, vocab_size, label), ids)
+
+
+def param_of(message: str) -> str | None:
+    """The OpenAI parameter an engine InputError's message names (the engine checks the prompt's
+    length against the context at submission, after this module's checks)."""
+    if message.startswith(("the prompt", "prompt")):
+        return "prompt"
+    if message.startswith("max_new_tokens"):
+        return "max_tokens"
+    return None
+
+
+# -- responses ---------------------------------------------------------------------------------
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_object(
+    response_id: str, created: int, model: str, choices: list[dict], usage: dict | None
+) -> dict:
+    """The whole response (usage given), or one stream chunk (usage None: OpenAI's chunks say null)."""
+    return {"id": response_id, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage}  # fmt: skip
+
+
+def logprobs_object(str_tokens: list[str], token_logprobs: list[float], tops: list[dict[str, float]],
+                    text_offset: int) -> dict:  # fmt: skip
+    """OpenAI's legacy logprobs: per token its text, its logprob, the top alternatives by text, and
+    where it starts in the choice's text (echoed prompt included)."""
+    offsets = []
+    for token in str_tokens:
+        offsets.append(text_offset)
+        text_offset += len(token)
+    return {
+        "tokens": str_tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def top_logprobs(
+    tops: list[dict[int, float]], k: int, to_str: Callable[[list[int]], list[str]]
+) -> list[dict]:
+    """The engine's top entries (token id -> logprob) as OpenAI's (token text -> logprob), best k."""
+    out = []
+    for entry in tops:
+        best = sorted(entry.items(), key=lambda item: -item[1])[:k]
+        texts = to_str([token for token, _ in best])
+        out.append({text: logprob for text, (_, logprob) in zip(texts, best)})
+    return out
+
+
+def finish_reason(engine_reason: str) -> str:
+    return FINISH_REASONS.get(engine_reason, engine_reason)
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event: `data: {json}` and a blank line (`data: [DONE]` ends the stream)."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
