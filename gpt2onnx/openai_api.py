@@ -26,13 +26,14 @@ MAX_CHOICES = 128  # prompts x n in one request (OpenAI's own limit on n)
 MAX_LOGPROBS = 5  # OpenAI's limit on the completions API's logprobs
 
 # The body's parameters: OpenAI's, then the engine's own sampling settings as extensions
-# (vLLM takes the same names), then `truncate` ("left": drop a too-long prompt's oldest tokens).
+# (vLLM takes the same names), then `truncate` ("left": drop a too-long prompt's oldest tokens) and
+# `ignore_eos` (always max_tokens tokens: load benchmarks; vLLM's and llama.cpp's name).
 OPENAI_PARAMS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "presence_penalty",
     "frequency_penalty", "logit_bias", "echo", "logprobs", "stream", "stream_options", "user",
     "best_of", "suffix",
 }  # fmt: skip
-EXTENSIONS = {"top_k", "min_p", "repetition_penalty", "truncate"}
+EXTENSIONS = {"top_k", "min_p", "repetition_penalty", "truncate", "ignore_eos"}
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
             "frequency_penalty")  # fmt: skip
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0}  # OpenAI's: sampled unless temperature is 0
@@ -76,12 +77,17 @@ class CompletionRequest:
     logprobs: int | None = None
     stop: tuple[str, ...] = ()
     truncate: str | None = None
+    ignore_eos: bool = False
     sampling: dict = field(default_factory=dict)  # the engine's sampling keywords, seed and logit_bias
 
     def submissions(self) -> list[tuple[str | list[int], dict]]:
         """(prompt, Engine.submit keywords) for every choice, in choice order."""
         keywords = dict(
-            max_new_tokens=self.max_tokens, stop=self.stop, truncate=self.truncate, logprobs=self.logprobs
+            max_new_tokens=self.max_tokens,
+            stop=self.stop,
+            truncate=self.truncate,
+            logprobs=self.logprobs,
+            ignore_eos=self.ignore_eos,
         )
         out = []
         for prompt in self.prompts:
@@ -131,6 +137,7 @@ def parse_completion_request(body, model_name: str, vocab_size: int, n_positions
         include_usage=stream and usage_chunk, echo=echo, logprobs=logprobs,
         stop=checked("stop", lambda label, value: inputs.stop_strings(value, label), given.get("stop", ())),
         truncate=checked("truncate", "truncate", given.get("truncate")),
+        ignore_eos=checked("ignore_eos", FLAG, given.get("ignore_eos", False)),
         sampling=parse_sampling(given, vocab_size),
     )  # fmt: skip
 

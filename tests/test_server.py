@@ -143,6 +143,10 @@ def test_sampling_settings_reach_the_engine(client, engine):
     extension = client.completions.create(model=MODEL, prompt="The", max_tokens=6, seed=2,
                                           extra_body={"top_k": 3, "min_p": 0.1})  # fmt: skip
     assert extension.choices[0].text == alone(engine, "The", 6, seed=2, top_k=3, min_p=0.1).text
+    no_eos = client.completions.create(model=MODEL, prompt="The", max_tokens=30, temperature=0,
+                                       extra_body={"ignore_eos": True})  # fmt: skip
+    assert no_eos.usage.completion_tokens == 30 and no_eos.choices[0].finish_reason == "length"
+    assert no_eos.choices[0].text == alone(engine, "The", 30, temperature=0, ignore_eos=True).text
 
 
 def test_echo_and_logprobs(client, engine):
