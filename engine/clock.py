@@ -19,6 +19,7 @@ class Clock:
     decode_run_s: float = 0.0  # inside onnxruntime during decode steps
     text_s: float = 0.0  # rows' text made after the loop (generate without stop strings)
     new_tokens: int = 0
+    run_s: float = 0.0  # inside onnxruntime, all of it
     _start: float = field(default=0.0, init=False, repr=False)
     _last: float | None = field(default=None, init=False, repr=False)  # the last tokens; None: none yet
     _run_s: float = field(default=0.0, init=False, repr=False)  # inside onnxruntime since the last tokens
@@ -30,6 +31,7 @@ class Clock:
     def ran(self, seconds: float) -> None:
         """Time spent inside onnxruntime (the session's runs)."""
         self._run_s += seconds
+        self.run_s += seconds
 
     def tokens(self) -> None:
         """A step's tokens are in."""

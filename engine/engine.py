@@ -190,12 +190,13 @@ class Engine:
 
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 16, *, stop: str | Sequence[str] = (),
                prepend_bos: bool = True, truncate: str | None = None, ignore_eos: bool = False,
-               logprobs: int | None = None, **sampling) -> RequestHandle:  # fmt: skip
+               logprobs: int | None = None, stream: bool = True, **sampling) -> RequestHandle:  # fmt: skip
         """Queue one prompt for the running batch (continuous batching, scheduler.py) and return
         at once with its handle: iterate it for pieces (or `async for`), `result()` or await it
         for the Completion, `cancel()` it. Thread-safe. Settings as `generate`'s, each request its
         own (a seed makes its tokens those of the seed run alone); logprobs: 0 to 5 to get the
-        chosen token's log-probability and that many top ones per token.
+        chosen token's log-probability and that many top ones per token; stream=False: pieces
+        carry token ids only (no text until the end: less work a token).
         Raises InputError (bad arguments, a prompt that does not fit, a concat-cache model),
         QueueFullError (max_queue requests already wait), EngineClosedError (after close)."""
         request = self._request("submit", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
@@ -210,7 +211,16 @@ class Engine:
         text = prompt if isinstance(prompt, str) else self.tokenizer.to_string(ids)
         eos = self._eos(request)
         return self.scheduler.submit(
-            SchedulerRequest(text, ids, request.max_new_tokens, request.stop, request.sampling, eos, logprobs)
+            SchedulerRequest(
+                text,
+                ids,
+                request.max_new_tokens,
+                request.stop,
+                request.sampling,
+                eos,
+                logprobs,
+                inputs.check("stream", stream),
+            )  # fmt: skip
         )
 
     def stats(self) -> dict[str, int]:
@@ -301,11 +311,16 @@ class Engine:
 
     @contextmanager
     def _exclusive(self):
+        """One call at a time: another call running raises EngineBusyError at once; submitted
+        requests running (the scheduler's batch) are waited for."""
         if not self._lock.acquire(blocking=False):
-            raise EngineBusyError(
-                "this Engine is already running a call (another thread, an open stream, or submitted requests); "
-                "generate/stream/logits are not thread-safe: use one Engine per thread, or submit() from any thread"
-            )
+            if not self.scheduler.holds_lock:
+                raise EngineBusyError(
+                    "this Engine is already running a call (another thread or an open stream); generate, "
+                    "stream, score and logits are not thread-safe: use one Engine per thread, or submit() "
+                    "from any thread"
+                )  # fmt: skip
+            self._lock.acquire()
         try:
             yield
         finally:

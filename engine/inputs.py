@@ -163,6 +163,7 @@ RULES: dict[str, Callable] = {
     "bias": Real(-MAX_BIAS, MAX_BIAS, f"a finite number in [-{MAX_BIAS:g}, {MAX_BIAS:g}]"),
     "prepend_bos": Flag(),
     "ignore_eos": Flag(),
+    "stream": Flag(),
     "device_sampling": Flag(optional=True),
     "cuda_graphs": Flag(optional=True),
     "truncate": Choice((None, "left")),

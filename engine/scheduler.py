@@ -79,6 +79,7 @@ class Request:
     sampling: SamplingConfig
     eos_id: int  # -1: ignore EOS
     logprobs: int | None  # None: none; 0..5: the chosen token's, and that many top ones
+    stream: bool = True  # text piece by piece; False: pieces carry ids only, the text is made at the end
 
 
 class RequestHandle:
@@ -201,6 +202,15 @@ class Stats:
     finished: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
     prompt_tokens: int = 0
     new_tokens: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0  # summed over steps: rows per step = decode_rows / decode_steps
+    decode_step_s: float = 0.0  # a step: its tokens, the run, the hand-out
+    decode_run_s: float = 0.0  # of which inside onnxruntime
+
+    def overhead_ms(self) -> float:
+        """Per decode step, the scheduler's and session's time outside onnxruntime."""
+        steps = self.decode_steps
+        return 1e3 * (self.decode_step_s - self.decode_run_s) / steps if steps else 0.0
 
 
 class Scheduler:
@@ -216,6 +226,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closing = False
         self._picker_stale = True  # requests came or went since the picker was chosen
+        self.holds_lock = False  # the Engine's lock, while a burst runs
         self._thread: threading.Thread | None = None
 
     # -- submission (any thread) ---------------------------------------------------------------
@@ -268,17 +279,21 @@ class Scheduler:
                 if not self.waiting:
                     return  # closing, and nothing left to do
             with self.lock:  # the session is ours until the work runs out
+                self.holds_lock = True
                 try:
                     self._burst()
                 except Exception as e:  # a bug or a failed run: its requests fail, not the caller's wait
                     log.exception("the scheduler failed; failing its running requests")
                     self._fail_running(e)
+                finally:
+                    self.holds_lock = False
 
     def _burst(self) -> None:
         """Steps until no request is waiting or running."""
         session = self.session
         self.table = SlotSampling(session.max_batch, session.vocab_size)
-        session.start(session.max_batch, session.max_seq, HostPicker(self.table), Clock())
+        clock = Clock()
+        session.start(session.max_batch, session.max_seq, HostPicker(self.table), clock)
         self.slots = [None] * session.max_batch
         self._picker_stale = True
         while True:
@@ -289,9 +304,14 @@ class Scheduler:
                 self._prefill_chunk(prefilling)
             rows = 1 + max((i for i, s in enumerate(self.slots) if s and s.decoding), default=-1)
             if rows:
+                t0, run0 = time.perf_counter(), clock.run_s
                 self._refresh_picker()
                 tokens = np.array([s.token if s and s.decoding else 0 for s in self.slots[:rows]], np.int64)
                 self._hand_out(session.decode(tokens), rows)
+                stats = self.stats
+                stats.decode_steps, stats.decode_rows = stats.decode_steps + 1, stats.decode_rows + rows
+                stats.decode_step_s += time.perf_counter() - t0
+                stats.decode_run_s += clock.run_s - run0
             if self.on_step is not None:
                 self.on_step()
             with self._cond:
@@ -319,7 +339,10 @@ class Scheduler:
                     self._end(handle, Row(handle.request.prompt_ids, None, ()), "cancelled")
                     continue
                 r, request = self.slots.index(None), handle.request
-                row = Row(request.prompt_ids, self.tokenizer.decode_stream(), request.stop)
+                per_token = request.stream or bool(request.stop)  # stop strings need the text as it comes
+                row = Row(
+                    request.prompt_ids, self.tokenizer.decode_stream() if per_token else None, request.stop
+                )
                 self.slots[r] = Slot(handle, row)
                 self.stats.prompt_tokens += len(request.prompt_ids)
                 admitted = True
@@ -386,6 +409,10 @@ class Scheduler:
     def _end(self, handle: RequestHandle, row: Row, reason: str, error: Exception | None = None) -> None:
         request = handle.request
         self.stats.finished[reason] += 1
+        if row.decoder is None:  # its text in one call (Tokenizer.completion_text), as generate's
+            row.text = self.tokenizer.completion_text(
+                row.token_ids[:-1] if reason == "eos" else row.token_ids
+            )
         handle._finish(Completion(request.prompt, request.prompt_ids, row.token_ids, row.text, reason), error)
 
 

@@ -88,6 +88,7 @@ class CompletionRequest:
             truncate=self.truncate,
             logprobs=self.logprobs,
             ignore_eos=self.ignore_eos,
+            stream=self.stream,
         )
         out = []
         for prompt in self.prompts:

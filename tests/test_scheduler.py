@@ -182,3 +182,13 @@ def test_a_long_prompt_goes_in_chunks_between_decode_steps(tiny_shared):
     chunks = -(-len(joining.prompt_token_ids) // 4)
     first = events.index("prefill", events.index("decode"))  # the joining prompt's first chunk
     assert events[first : first + 2 * chunks] == ["prefill", "decode"] * chunks, events
+
+
+def test_a_direct_call_waits_for_submitted_requests(tiny_shared):
+    """generate() while submitted requests run waits for them (no EngineBusyError), then runs."""
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=2)
+    engine.scheduler.on_step = lambda: time.sleep(0.002)  # long enough to be caught running
+    handles = [engine.submit(p, max_new_tokens=20, ignore_eos=True) for p in PROMPTS[:3]]
+    next(iter(handles[0]))
+    out = engine.generate(PROMPTS[0], max_new_tokens=5, ignore_eos=True)
+    assert all(h.done for h in handles) and len(out.completions[0].token_ids) == 5
