@@ -18,6 +18,7 @@ from typing import NoReturn
 
 from gpt2onnx import generate_cli, serve_cli
 from gpt2onnx.benchmarks import cli as bench_cli
+from gpt2onnx.benchmarks import serve_bench
 from gpt2onnx.engine.contract import UserError
 from gpt2onnx.export import cli as export_cli
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cli.add_parser(sub, parents=[common])
     bench_cli.add_parser(sub, parents=[common])
     serve_cli.add_parser(sub, parents=[common])
+    serve_bench.add_parser(sub, parents=[common])
     return parser
 
 
@@ -101,7 +103,7 @@ def signals_as_interrupts():
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    chatty = args.command in ("export", "bench") or args.verbose
+    chatty = args.command in ("export", "bench", "bench-serve") or args.verbose
     level = logging.DEBUG if args.debug else logging.INFO if chatty and not args.quiet else logging.WARNING
     # Our progress at `level`; the libraries' own INFO (the fusion and quantizer chatter) only with --debug.
     logging.basicConfig(
