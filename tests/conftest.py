@@ -164,3 +164,16 @@ def tiny_fp16_shared(hf_folder, tmp_path_factory) -> Path:
     return export_folder(
         hf_folder, tmp_path_factory.mktemp("export") / "tiny-fp16-shared", dtype="fp16", kv_cache="shared"
     )
+
+
+def run_flags(capsys, *argv) -> tuple[int, str]:
+    """The `gpt2-onnx` command in-process: (exit code, stderr). A flag argparse cannot parse ends
+    in SystemExit(2), as argparse's own errors do; a value checked after parsing is a return code."""
+    from gpt2onnx.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(["--quiet", *map(str, argv)])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err

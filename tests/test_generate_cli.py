@@ -9,18 +9,8 @@ import sys
 import pytest
 from test_export_cli import assert_one_line_error, run_cli
 
+from conftest import run_flags
 from gpt2onnx.cli import main
-
-
-def run_flags(capsys, *argv) -> tuple[int, str]:
-    """main() in-process: (exit code, stderr). A flag argparse cannot parse ends in SystemExit(2),
-    as argparse's own errors do; a value checked after parsing is a return code."""
-    capsys.readouterr()
-    try:
-        code = main(["--quiet", *map(str, argv)])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def test_json_contract(tiny_fp32):

@@ -22,6 +22,8 @@ import time
 
 import pytest
 
+from conftest import run_flags
+
 fastapi = pytest.importorskip(
     "fastapi", reason="the server needs the [serve] extra: pip install -e '.[test]'"
 )
@@ -34,7 +36,6 @@ openai = pytest.importorskip(
 )
 
 from gpt2onnx import Engine, serve_cli, server  # noqa: E402
-from gpt2onnx.cli import main  # noqa: E402
 
 MODEL = "tiny-test"
 T = 30  # seconds any one wait may take before the test fails
@@ -432,13 +433,6 @@ def test_draining_finishes_or_cancels_running_requests_and_refuses_new_ones(tiny
 
 
 # -- the command ---------------------------------------------------------------------------------
-def run_flags(capsys, *argv) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        code = main(["--quiet", *map(str, argv)])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, words", [
