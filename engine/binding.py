@@ -28,10 +28,6 @@ class Binding:
     def host_input(self, name: str, array: np.ndarray) -> None:
         self._bind(name, False, "cpu", array.dtype.type, array.shape, array.ctypes.data)
 
-    def value(self, name: str, value: ort.OrtValue, device: str, dtype, output: bool = False) -> None:
-        """Bind an OrtValue whole."""
-        self._bind(name, output, device, dtype, tuple(value.shape()), value.data_ptr())
-
     @property
     def outputs(self) -> dict[str, tuple[str, int]]:
         """The outputs bound now: name -> (device, address)."""
@@ -74,6 +70,7 @@ class HostOutputs:
         self.cap = 0
         self.host: dict[str, np.ndarray] = {}
         self.host_ptrs: dict[str, int] = {}  # their addresses (numpy's .ctypes is slow to ask every step)
+        self.dev_ptrs: dict[str, int] = {}
         self.dev: dict[str, ort.OrtValue] = {}  # only with the sampling graph
 
     def reserve(self, cap: int) -> None:
@@ -95,11 +92,12 @@ class HostOutputs:
                 name: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)
                 for name, (shape, dtype) in shapes.items()
             }
+            self.dev_ptrs = {name: value.data_ptr() for name, value in self.dev.items()}
 
     def bind(self, binding: Binding, name: str, rows: int, on_device: bool = False) -> None:
         """Bind the model's output `name` for `rows` rows: to the host, or (logits for the sampling
         graph) to the device buffer."""
-        ptr = self.dev[name].data_ptr() if on_device else self.host_ptrs[name]
+        ptr = self.dev_ptrs[name] if on_device else self.host_ptrs[name]
         dtype = np.float32 if name == "logits" else np.int64
         shape = (rows, 1, self.vocab_size) if name == "logits" else (rows, 1)
         binding.output(name, self.device if on_device else "cpu", dtype, shape, ptr)

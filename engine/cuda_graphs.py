@@ -123,6 +123,9 @@ class Bucket:
         self.dev |= {"logits": new((1, vocab_size), np.float32), "next_token": new((1,), np.int64),
                      "token": new((), np.int64)}  # fmt: skip
         self.upload(*self.host)  # zeros: logits_index stays 0 (a decode step's only position)
+        # addresses and shapes asked of onnxruntime once, not every step
+        self.dev_ptrs = {name: value.data_ptr() for name, value in self.dev.items()}
+        self.shapes = {name: tuple(value.shape()) for name, value in self.dev.items()}
 
     def upload(self, *names: str) -> None:
         for name in names:
@@ -131,8 +134,7 @@ class Bucket:
     def bind(self, binding: Binding, name: str, rows: int, on_device: bool = True) -> None:
         """Bind both outputs of the model for `rows` rows (a captured graph has all its outputs bound)."""
         for out, dtype in (("logits", np.float32), ("next_token", np.int64)):
-            value = self.dev[out]
-            binding.output(out, self.device, dtype, (rows, *value.shape()[1:]), value.data_ptr())
+            binding.output(out, self.device, dtype, (rows, *self.shapes[out][1:]), self.dev_ptrs[out])
 
     def read(self, name: str, rows: int) -> np.ndarray:
         return self.dev[name].numpy()[:rows]
@@ -199,7 +201,7 @@ class CudaGraphCache:
         host["seqlens_k"][:] = slots.step(b)[0]  # rows past B are not used: a dummy token, kept as they are
         bucket.upload("input_ids", "position_ids", "seqlens_k")
         for name, (dtype, _) in STEP_INPUTS.items():
-            binding.value(name, bucket.dev[name], self.device, dtype)
+            binding.input(name, self.device, dtype, bucket.shapes[name], bucket.dev_ptrs[name])
         binding.host_input("total_sequence_length", self._total)
         self.kv.bind(binding, 0, False, bucket.batch, self.kv.cap_seq)
         self.kv.bind(binding, 0, True, bucket.batch, self.kv.cap_seq)

@@ -104,7 +104,7 @@ class DeviceSamplingPicker:
     def bind(self, binding: Binding, outputs, rows: int, first: int = 0) -> None:
         """The model's logits stay on the device, where the sampling graph reads them."""
         outputs.bind(binding, "logits", rows, on_device=True)
-        dev, host, device = outputs.dev, outputs.host, outputs.device
+        dev, host, ptrs, device = outputs.dev, outputs.host, outputs.dev_ptrs, outputs.device
         if self._uploaded != (outputs, rows, first, self.slots.version):
             params = self.slots.params[first : first + rows]
             host["params"][:rows] = 0  # padding rows of a bucket: greedy
@@ -112,12 +112,13 @@ class DeviceSamplingPicker:
             dev["params"].update_inplace(host["params"])
             self._uploaded = (outputs, rows, first, self.slots.version)
         s = self.binding
-        s.input("logits", device, np.float32, (rows, outputs.vocab_size), dev["logits"].data_ptr())
-        s.input("params", device, np.float32, (rows, 4), dev["params"].data_ptr())
-        s.input("uniform", device, np.float64, (rows,), dev["uniform"].data_ptr())
-        token = dev["token"] if outputs.token_on_device else host["token"]
-        ptr = token.data_ptr() if outputs.token_on_device else token.ctypes.data
-        s.output("token", device if outputs.token_on_device else "cpu", np.int64, (rows,), ptr)
+        s.input("logits", device, np.float32, (rows, outputs.vocab_size), ptrs["logits"])
+        s.input("params", device, np.float32, (rows, 4), ptrs["params"])
+        s.input("uniform", device, np.float64, (rows,), ptrs["uniform"])
+        if outputs.token_on_device:
+            s.output("token", device, np.int64, (rows,), ptrs["token"])
+        else:
+            s.output("token", "cpu", np.int64, (rows,), outputs.host_ptrs["token"])
 
     def pick(self, outputs, n: int, first: int = 0, bucket: int | None = None) -> np.ndarray:
         configs, rngs = self.slots.configs, self.slots.rngs
