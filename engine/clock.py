@@ -33,6 +33,17 @@ class Clock:
         self._run_s += seconds
         self.run_s += seconds
 
+    def prefill_run(self, seconds: float) -> None:
+        """A prompt's run that is not followed by the call's first tokens (a chunk before them,
+        or a later row's prompt): prefill time inside onnxruntime."""
+        self.prefill_s += seconds
+        self.run_s += seconds
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the first tokens are in."""
+        return self._last is not None
+
     def tokens(self) -> None:
         """A step's tokens are in."""
         now = time.perf_counter()

@@ -175,8 +175,10 @@ class CudaGraphCache:
             host[:] = 0  # padding rows: token 0 at position 0, alone in its row; greedy
         self.outputs.upload("logits_index")
 
-    def bind_prefill(self, binding: Binding, prompts: list[list[int]]) -> None:
-        self.shared.bind_prefill(binding, prompts)
+    def bind_prefill(self, binding: Binding, prompts: list[list[int]], first: int = 0) -> None:
+        """Prompts into slots (the shared cache's); their picks land in a bucket with room for them."""
+        self.outputs = self._buckets[next(b for b in self.buckets if b >= len(prompts))]
+        self.shared.bind_prefill(binding, prompts, first)
 
     def bind_prefill_slot(self, binding: Binding, slot: int, tokens: list[int], past: int = 0,
                           decoding: bool = True) -> None:  # fmt: skip

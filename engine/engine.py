@@ -1,26 +1,25 @@
 """`Engine`: the public API apps embed. Loads a model folder; generates, streams and scores.
 
-An Engine owns one onnxruntime session and its buffers, so it is not thread-safe: a second
-call while one is running (from another thread, or while a stream is still open) raises
-EngineBusyError at once instead of corrupting the cache. Use one Engine per thread.
+An Engine owns one onnxruntime session and its buffers, and one scheduler (scheduler.py) that
+runs every generation on them: `submit`, and `generate` and `stream` on top of it, may be called
+from any thread at once and share the running batch. `logits` and `score` use the session
+between the scheduler's bursts (they wait for it).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import atomic_folder, inputs
 from .clock import Clock
+from .completion import Completion
 from .contract import InputError, ModelFolderError, UserError
-from .generate import Completion, Row, decode_rows
 from .model_folder import check_tokenizer, read_manifest
 from .sampling import SamplingConfig, softmax
 from .scheduler import Request as SchedulerRequest
@@ -32,7 +31,9 @@ log = logging.getLogger(__name__)
 
 
 class EngineBusyError(UserError, RuntimeError):
-    pass
+    """No longer raised: every method of an Engine may be called from any thread (generate and
+    stream go through the scheduler; logits and score wait for it). Kept so that code that
+    catches it still imports."""
 
 
 @dataclass
@@ -150,78 +151,70 @@ class Engine:
                  truncate: str | None = None, ignore_eos: bool = False,
                  **sampling) -> Generation:  # fmt: skip
         """Complete each prompt: a str, a list of token ids, or a list of prompts (all str or all
-        id lists). Sampling keywords are SamplingConfig's (greedy by default); ignore_eos=True
-        always generates max_new_tokens (benchmarks).
+        id lists). Sampling keywords are SamplingConfig's (greedy by default); each prompt is a
+        request of its own (`submit`), so with a seed each prompt's tokens are those it gets
+        alone with that seed. ignore_eos=True always generates max_new_tokens (benchmarks).
+        The prompts are queued together (past max_queue) and start in one batch when there is
+        room; other callers' requests may share the batch.
 
         Raises InputError (a ValueError) naming the argument for any bad argument, an empty
         prompt without BOS, or a prompt that does not fit the context (unless truncate="left"
         drops its oldest tokens)."""
         request = self._request("generate", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
         prompts = inputs.prompts(prompts, self.vocab_size)
-        prompt_ids = [self._prompt_tokens(p, request) for p in prompts]
-        rows = [self._row(ids, request, streaming=False) for ids in prompt_ids]
-        clock, rng = Clock(), np.random.default_rng(request.sampling.seed)
-        with self._exclusive():
-            for start in range(0, len(rows), self.session.max_batch):
-                batch = rows[start : start + self.session.max_batch]
-                for _ in decode_rows(self.session, batch, request.max_new_tokens, request.sampling, rng,
-                                     self._eos(request), clock):  # fmt: skip
-                    pass
-        t0 = time.perf_counter()
-        for row in rows:  # rows whose text was not made token by token (no stop strings)
-            if row.decoder is None:
-                ids = row.token_ids[:-1] if row.finish_reason == "eos" else row.token_ids
-                row.text = self.tokenizer.completion_text(ids)
-        clock.text_s += time.perf_counter() - t0
-        completions = []
-        for p, r in zip(prompts, rows):
-            text = p if isinstance(p, str) else self.tokenizer.to_string(r.prompt_ids)
-            completions.append(Completion(text, r.prompt_ids, r.token_ids, r.text, r.finish_reason))
+        clock = Clock()
+        requests = [self._submission(p, request, None, stream=False, clock=clock) for p in prompts]
+        clock.begin()
+        handles = self.scheduler.submit_all(requests, bounded=False)
+        try:
+            completions = [handle.result() for handle in handles]
+        finally:
+            for handle in handles:  # interrupted (KeyboardInterrupt): the rest stop at the next step
+                handle.cancel()
         return Generation(completions, clock)
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 32, *, stop: str | Sequence[str] = (),
                prepend_bos: bool = True, truncate: str | None = None,
                **sampling) -> Iterator[str]:  # fmt: skip
-        """Yield the completion's text piece by piece; breaking out of the loop stops generation.
-        The arguments are checked (InputError) here, before the first piece is asked for."""
+        """Yield the completion's text piece by piece; breaking out of the loop (or closing the
+        iterator) cancels the request. The arguments are checked (InputError) and the request
+        submitted here, before the first piece is asked for."""
         request = self._request("stream", max_new_tokens, stop, prepend_bos, truncate, False, sampling)
-        ids = self._prompt_tokens(inputs.prompt("prompt", prompt, self.vocab_size), request)
-        return self._stream(ids, request)
+        prompt = inputs.prompt("prompt", prompt, self.vocab_size)
+        handle = self.scheduler.submit(self._submission(prompt, request, None, stream=True))
+        return _texts(handle)
 
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 16, *, stop: str | Sequence[str] = (),
                prepend_bos: bool = True, truncate: str | None = None, ignore_eos: bool = False,
-               logprobs: int | None = None, stream: bool = True, **sampling) -> RequestHandle:  # fmt: skip
+               logprobs: int | None = None, prompt_logprobs: int | None = None, stream: bool = True,
+               **sampling) -> RequestHandle:  # fmt: skip
         """Queue one prompt for the running batch (continuous batching, scheduler.py) and return
         at once with its handle: iterate it for pieces (or `async for`), `result()` or await it
         for the Completion, `cancel()` it. Thread-safe. Settings as `generate`'s, each request its
         own (a seed makes its tokens those of the seed run alone); logprobs: 0 to 5 to get the
-        chosen token's log-probability and that many top ones per token; stream=False: pieces
-        carry token ids only (no text until the end: less work a token).
-        Raises InputError (bad arguments, a prompt that does not fit, a concat-cache model),
-        QueueFullError (max_queue requests already wait), EngineClosedError (after close)."""
+        chosen token's log-probability and that many top ones per token; prompt_logprobs: 0 to 5
+        for the prompt's tokens' too (handle.prompt_logprobs, set before the first piece; the
+        prompt runs once more for them); stream=False: pieces carry token ids only (no text until
+        the end: less work a token).
+        With the concat cache (no slots), requests run in static batches: the waiting ones start
+        together when the running batch has ended.
+        Raises InputError (bad arguments, a prompt that does not fit), QueueFullError (max_queue
+        requests already wait), EngineClosedError (after close)."""
         request = self._request("submit", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
         logprobs = inputs.check("logprobs", logprobs)
-        if self.manifest.kv_cache != "shared":
-            raise InputError(
-                f"{self.folder} has the concat cache, and requests join a running batch only in slots of "
-                "the shared cache: export the model with --kv-cache shared (generate() serves this one)"
-            )  # fmt: skip
+        prompt_logprobs = inputs.check("logprobs", prompt_logprobs, "prompt_logprobs")
         prompt = inputs.prompt("prompt", prompt, self.vocab_size)
+        stream = inputs.check("stream", stream)
+        submission = self._submission(prompt, request, logprobs, stream)
+        return self.scheduler.submit(replace(submission, prompt_logprobs=prompt_logprobs))
+
+    def _submission(self, prompt: str | list[int], request: Request, logprobs: int | None, stream: bool,
+                    clock: Clock | None = None) -> SchedulerRequest:  # fmt: skip
+        """A checked prompt and a call's settings as one request for the scheduler."""
         ids = self._prompt_tokens(prompt, request)
         text = prompt if isinstance(prompt, str) else self.tokenizer.to_string(ids)
-        eos = self._eos(request)
-        return self.scheduler.submit(
-            SchedulerRequest(
-                text,
-                ids,
-                request.max_new_tokens,
-                request.stop,
-                request.sampling,
-                eos,
-                logprobs,
-                inputs.check("stream", stream),
-            )  # fmt: skip
-        )
+        return SchedulerRequest(text, ids, request.max_new_tokens, request.stop, request.sampling,
+                                self._eos(request), logprobs, stream, clock)  # fmt: skip
 
     def stats(self) -> dict[str, int]:
         """The scheduler's figures now: queue_depth, active_slots, max_batch, max_queue."""
@@ -233,19 +226,6 @@ class Engine:
         """Take no more requests; let the submitted ones finish within `timeout` seconds, cancel
         the rest, and return when the scheduler has stopped."""
         self.scheduler.close(timeout)
-
-    def _stream(self, ids: list[int], request: Request) -> Iterator[str]:
-        row, rng = self._row(ids, request, streaming=True), np.random.default_rng(request.sampling.seed)
-        with self._exclusive():
-            for _, piece in decode_rows(self.session, [row], request.max_new_tokens, request.sampling, rng,
-                                        self._eos(request), Clock()):  # fmt: skip
-                yield piece
-
-    def _row(self, ids: list[int], request: Request, streaming: bool) -> Row:
-        """A prompt's row; its text is made token by token only when someone reads it (a stream)
-        or stop strings need it, and in one call after the loop otherwise."""
-        per_step = streaming or bool(request.stop)
-        return Row(ids, self.tokenizer.decode_stream() if per_step else None, request.stop)
 
     def _eos(self, request: Request) -> int:
         return -1 if request.ignore_eos else self.manifest.config.eos_token_id
@@ -309,23 +289,6 @@ class Engine:
             "(--truncate left)"
         )  # fmt: skip
 
-    @contextmanager
-    def _exclusive(self):
-        """One call at a time: another call running raises EngineBusyError at once; submitted
-        requests running (the scheduler's batch) are waited for."""
-        if not self._lock.acquire(blocking=False):
-            if not self.scheduler.holds_lock:
-                raise EngineBusyError(
-                    "this Engine is already running a call (another thread or an open stream); generate, "
-                    "stream, score and logits are not thread-safe: use one Engine per thread, or submit() "
-                    "from any thread"
-                )  # fmt: skip
-            self._lock.acquire()
-        try:
-            yield
-        finally:
-            self._lock.release()
-
     # -- scoring ---------------------------------------------------------------------------
     def logits(self, tokens: Sequence[int] | Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Full-sequence logits, (batch, seq, vocab) float32; a flat list counts as batch 1.
@@ -342,7 +305,7 @@ class Engine:
             raise InputError(
                 f"tokens of {batch} x {seq} ids would return {gib:.1f} GiB of logits; pass fewer rows"
             )
-        with self._exclusive():
+        with self._lock:  # between the scheduler's bursts: the session is one
             return self.session.full_logits(np.array(rows, dtype=np.int64))
 
     def score(self, text: str, prepend_bos: bool = True) -> Score:
@@ -361,3 +324,13 @@ class Engine:
         logits = self.logits(ids)[0].astype(np.float64)
         logprobs = np.log(softmax(logits[:-1]))[np.arange(len(ids) - 1), ids[1:]]
         return Score(ids, self.tokenizer.to_str_tokens(ids), logprobs, float(np.exp(-logprobs.mean())))
+
+
+def _texts(handle: RequestHandle) -> Iterator[str]:
+    """A streamed request's text pieces; closing the iterator cancels the request."""
+    try:
+        for piece in handle:
+            if piece.text:
+                yield piece.text
+    finally:
+        handle.cancel()

@@ -174,10 +174,12 @@ class ConcatCache:
         """Rows a decode step binds."""
         return self.batch
 
-    def bind_prefill(self, binding: Binding, prompts: list[list[int]]) -> None:
-        """Bind a left-padded batch of prompts."""
+    def bind_prefill(self, binding: Binding, prompts: list[list[int]], first: int = 0) -> None:
+        """Bind a left-padded batch of prompts: the whole batch (no slots, first is 0)."""
         ids, mask, positions = left_pad(prompts)
-        assert len(prompts) == self.batch, f"prefill of {len(prompts)} rows after start({self.batch})"
+        assert first == 0 and len(prompts) == self.batch, (
+            f"prefill of {len(prompts)} rows after start({self.batch})"
+        )
         self.mask = np.ones((self.batch, self.kv.cap_seq), dtype=np.int64)  # decode steps add real tokens
         self.mask[:, : ids.shape[1]] = mask
         self.next_position = positions[:, -1:] + 1  # (B, 1)
@@ -268,17 +270,19 @@ class SharedCache:
         self.batch, self.rows = batch, batch  # rows: of the last decode step
         self.decode_index = np.zeros((batch, 1), np.int64)  # a decode step's only position
 
-    def bind_prefill(self, binding: Binding, prompts: list[list[int]]) -> None:
-        """Bind a batch of prompts into slots 0..B-1, right-padded: the K/V a padding token writes
-        past a row's length is overwritten by that row's next token."""
-        assert len(prompts) == self.batch, f"prefill of {len(prompts)} rows after start({self.batch})"
+    def bind_prefill(self, binding: Binding, prompts: list[list[int]], first: int = 0) -> None:
+        """Bind new prompts into slots first, first + 1, ... (a view of the buffer from that row;
+        the other rows keep their state), right-padded: the K/V a padding token writes past a
+        row's length is overwritten by that row's next token."""
+        B = len(prompts)
+        assert first + B <= self.batch, f"prefill of rows {first}..{first + B - 1} after start({self.batch})"
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         width = int(lengths.max())
-        ids, positions = np.zeros((self.batch, width), np.int64), np.zeros((self.batch, width), np.int64)
+        ids, positions = np.zeros((B, width), np.int64), np.zeros((B, width), np.int64)
         for r, p in enumerate(prompts):
             ids[r, : len(p)], positions[r, : len(p)] = p, np.arange(len(p))
-        self._bind(binding, ids, positions, lengths, width, 0)
-        self.slots.fill(slice(0, self.batch), lengths)
+        self._bind(binding, ids, positions, lengths, width, first)
+        self.slots.fill(slice(first, first + B), lengths)
 
     def bind_prefill_slot(self, binding: Binding, slot: int, tokens: list[int], past: int = 0,
                           decoding: bool = True) -> None:  # fmt: skip

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .clock import Clock
+from .completion import Completion, Row
 from .contract import UserError
-from .generate import Completion, Row
 from .pickers import HostPicker, SlotSampling, choose_picker
 from .sampling import SamplingConfig, softmax
 from .session import Session
@@ -80,6 +80,8 @@ class Request:
     eos_id: int  # -1: ignore EOS
     logprobs: int | None  # None: none; 0..5: the chosen token's, and that many top ones
     stream: bool = True  # text piece by piece; False: pieces carry ids only, the text is made at the end
+    clock: Clock | None = None  # the figures of the call it belongs to (Engine.generate), if any
+    prompt_logprobs: int | None = None  # the prompt's tokens' log-probabilities too, with this many top ones
 
 
 class RequestHandle:
@@ -92,6 +94,9 @@ class RequestHandle:
         self.prompt_token_ids = request.prompt_ids
         self.finish_reason: str | None = None
         self.token_times: list[float] = []  # perf_counter() of each new token
+        # with request.prompt_logprobs, set before the first piece: per prompt token (None for the first)
+        self.prompt_logprobs: list[float | None] | None = None
+        self.prompt_top_logprobs: list[dict[int, float] | None] | None = None
         self.submitted = time.perf_counter()
         self._pieces: list[Piece] = []
         self._completion: Completion | None = None
@@ -118,6 +123,8 @@ class RequestHandle:
             return self._completion
 
     def _raise_error(self) -> None:
+        if isinstance(self._error, UserError):  # the request's own fault, told as it was
+            raise self._error
         if self._error is not None:
             raise RequestFailedError(f"{self.id} failed: {self._error}") from self._error
 
@@ -160,9 +167,9 @@ class RequestHandle:
         return wait().__await__()
 
     # -- the scheduler's side ------------------------------------------------------------------
-    def _push(self, piece: Piece) -> None:
+    def _push(self, piece: Piece, now: float) -> None:
         with self._cond:
-            self.token_times.append(time.perf_counter())
+            self.token_times.append(now)
             self._pieces.append(piece)
             self._wake()
 
@@ -174,6 +181,8 @@ class RequestHandle:
 
     def _wake(self) -> None:
         self._cond.notify_all()
+        if not self._waiters:
+            return
         for loop, event in self._waiters:
             try:
                 loop.call_soon_threadsafe(event.set)
@@ -202,6 +211,7 @@ class Stats:
     finished: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
     prompt_tokens: int = 0
     new_tokens: int = 0
+    prefill_runs: int = 0
     decode_steps: int = 0
     decode_rows: int = 0  # summed over steps: rows per step = decode_rows / decode_steps
     decode_step_s: float = 0.0  # a step: its tokens, the run, the hand-out
@@ -213,40 +223,58 @@ class Stats:
         return 1e3 * (self.decode_step_s - self.decode_run_s) / steps if steps else 0.0
 
 
+MAX_PADDING = (
+    1.25  # prompts joining running rows together: padded tokens at most this many times the real ones
+)
+
+
 class Scheduler:
+    """Continuous batching over a session. With the concat cache (no slots) requests run in
+    static batches instead: the waiting ones start together when the batch is empty, and the
+    batch runs until its last row ends."""
+
     def __init__(self, session: Session, tokenizer: Tokenizer, lock: AbstractContextManager,
                  max_queue: int = 64, chunk: int = CHUNK):  # fmt: skip
         self.session, self.tokenizer, self.lock = session, tokenizer, lock
         self.max_queue, self.chunk = max_queue, chunk
+        self.static = session.cache.kv_cache == "concat"
         self.waiting: collections.deque[RequestHandle] = collections.deque()
         self.slots: list[Slot | None] = [None] * session.max_batch
+        self.rows = 0  # rows of the batch the cache was started for (static batches: its size)
+        self.seq = 0  # positions each row has room for
         self.table = SlotSampling(session.max_batch, session.vocab_size)
         self.stats = Stats()
         self.on_step: Callable[[], None] | None = None  # called after each step (tests, metrics)
         self._cond = threading.Condition()
         self._closing = False
         self._picker_stale = True  # requests came or went since the picker was chosen
+        self._clock = Clock()  # the session's, for the current burst
         self.holds_lock = False  # the Engine's lock, while a burst runs
         self._thread: threading.Thread | None = None
 
     # -- submission (any thread) ---------------------------------------------------------------
     def submit(self, request: Request) -> RequestHandle:
-        handle = RequestHandle(request)
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[Request], bounded: bool = True) -> list[RequestHandle]:
+        """Queue requests together (they are admitted in this order, and start in one batch when
+        there is room). bounded=False: past max_queue (one call's prompts, already in memory)."""
+        handles = [RequestHandle(request) for request in requests]
         with self._cond:
             if self._closing:
                 raise EngineClosedError("the engine is shutting down and takes no new requests")
-            if len(self.waiting) >= self.max_queue:
+            if bounded and len(self.waiting) + len(handles) > self.max_queue:
                 raise QueueFullError(
                     f"{len(self.waiting)} requests are already waiting (max_queue {self.max_queue}); "
                     "retry later or load the engine with a larger max_queue"
                 )
-            self.waiting.append(handle)
-            self.stats.requests += 1
+            self.waiting.extend(handles)
+            self.stats.requests += len(handles)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="gpt2onnx-scheduler", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
-        return handle
+        return handles
 
     def queue_depth(self) -> int:
         return len(self.waiting)
@@ -290,33 +318,189 @@ class Scheduler:
 
     def _burst(self) -> None:
         """Steps until no request is waiting or running."""
-        session = self.session
-        self.table = SlotSampling(session.max_batch, session.vocab_size)
-        clock = Clock()
-        session.start(session.max_batch, session.max_seq, HostPicker(self.table), clock)
-        self.slots = [None] * session.max_batch
-        self._picker_stale = True
+        self.slots = [None] * self.session.max_batch
+        self.rows = self.seq = 0  # the cache is started by the first admission
         while True:
             self._picker_stale |= self._admit()
             self._drop_cancelled()
-            prefilling = next((s for s in self.slots if s and not s.decoding), None)
-            if prefilling is not None:
-                self._prefill_chunk(prefilling)
-            rows = 1 + max((i for i, s in enumerate(self.slots) if s and s.decoding), default=-1)
-            if rows:
-                t0, run0 = time.perf_counter(), clock.run_s
-                self._refresh_picker()
-                tokens = np.array([s.token if s and s.decoding else 0 for s in self.slots[:rows]], np.int64)
-                self._hand_out(session.decode(tokens), rows)
-                stats = self.stats
-                stats.decode_steps, stats.decode_rows = stats.decode_steps + 1, stats.decode_rows + rows
-                stats.decode_step_s += time.perf_counter() - t0
-                stats.decode_run_s += clock.run_s - run0
+            self._prefill()
+            self._decode()
             if self.on_step is not None:
                 self.on_step()
             with self._cond:
                 if not self.waiting and not any(self.slots):
                     return
+
+    def _start(self, rows: int, seq: int) -> None:
+        """(Re)start the cache, every slot free, for `rows` rows of `seq` positions."""
+        session = self.session
+        self.table = SlotSampling(session.max_batch, session.vocab_size)
+        self._clock = Clock()
+        session.start(rows, seq, HostPicker(self.table), self._clock)
+        self.rows, self.seq = rows, session.cache.kv.cap_seq
+        self._picker_stale = True
+
+    def _admit(self) -> bool:
+        """Waiting requests into free slots, lowest first, in their order. Returns whether any
+        came in. The cache grows only while no slot is in use: a request that needs more room
+        than it has waits (and those behind it) until the running ones end. A static batch
+        (concat cache) takes requests only when it is empty."""
+        admitted = False
+        with self._cond:
+            self._drop_waiting_cancelled()
+            if not self.waiting:
+                return False
+            empty = not any(self.slots)
+            if empty and (self.static or _need(self.waiting[0]) > self.seq):
+                batch = list(itertools.islice(self.waiting, self.session.max_batch))
+                try:
+                    self._start(len(batch) if self.static else self.session.max_batch, max(map(_need, batch)))
+                except Exception as e:  # no room for the cache they need (InputError says why): they fail
+                    for handle in batch:
+                        self.waiting.remove(handle)
+                        self._end(handle, Row(handle.request.prompt_ids, None, ()), "error", e)
+                    return False
+            elif self.static:
+                return False
+            while self.waiting and None in self.slots[: self.rows] and _need(self.waiting[0]) <= self.seq:
+                handle = self.waiting.popleft()
+                r, request = self.slots.index(None), handle.request
+                per_token = request.stream or bool(request.stop)  # stop strings need the text as it comes
+                row = Row(
+                    request.prompt_ids, self.tokenizer.decode_stream() if per_token else None, request.stop
+                )
+                self.slots[r] = Slot(handle, row)
+                self.stats.prompt_tokens += len(request.prompt_ids)
+                admitted = True
+                self._drop_waiting_cancelled()
+            n = self.active()
+            if self.static and 0 < n < self.rows:  # some were cancelled as they came in
+                self._start(n, self.seq)
+        return admitted
+
+    def _drop_waiting_cancelled(self) -> None:
+        while self.waiting and self.waiting[0]._cancelled:
+            handle = self.waiting.popleft()
+            self._end(handle, Row(handle.request.prompt_ids, None, ()), "cancelled")
+
+    def _prefill(self) -> None:
+        """Prompt work between two decode steps: new prompts in free slots side by side start
+        together in one run (right-padded, as a static batch does; while other rows decode, only
+        as many as fit in a chunk of tokens with little padding), or the next chunk of one prompt."""
+        pending = [r for r, s in enumerate(self.slots) if s is not None and not s.decoding]
+        if not pending:
+            return
+        r0, decoding = pending[0], any(s is not None and s.decoding for s in self.slots)
+        group = [self.slots[r0]]
+        for r in range(r0 + 1, self.rows):
+            slot, lengths = self.slots[r], [len(s.row.prompt_ids) for s in group]
+            if slot is None or slot.decoding or slot.prefilled or group[0].prefilled:
+                break
+            lengths.append(len(slot.row.prompt_ids))
+            padded = len(lengths) * max(lengths)
+            if decoding and (padded > self.chunk or padded > MAX_PADDING * sum(lengths)):
+                break
+            group.append(slot)
+        if not group[0].prefilled and (self.static or len(group) > 1 or not decoding):
+            self._prefill_rows(r0, group)
+        else:
+            self._prefill_chunk(group[0])
+
+    def _prefill_rows(self, r0: int, group: list[Slot]) -> None:
+        """Whole prompts into slots r0, r0 + 1, ... in one run, and their first tokens."""
+        for r, slot in enumerate(group, r0):
+            self._admit_settings(r, slot)
+            self._score_prompt(slot)
+        self._refresh_picker()
+        run0 = self._clock.run_s
+        tokens = self.session.prefill([slot.row.prompt_ids for slot in group], first=r0).tolist()
+        self.stats.prefill_runs += 1
+        self._call_clocks(group, self._clock.run_s - run0, "prefill")
+        now = time.perf_counter()
+        for i, slot in enumerate(group):
+            slot.prefilled = len(slot.row.prompt_ids)
+            self._take(r0 + i, slot, tokens[i], i, now)
+
+    def _prefill_chunk(self, slot: Slot) -> None:
+        """The next chunk of a slot's prompt; after the last one, its first token."""
+        r, prompt = self.slots.index(slot), slot.row.prompt_ids
+        if not slot.prefilled:
+            self._score_prompt(slot)
+        chunk = prompt[slot.prefilled : slot.prefilled + self.chunk]
+        last = slot.prefilled + len(chunk) == len(prompt)
+        if last:
+            self._admit_settings(r, slot)
+            self._refresh_picker()
+        run0 = self._clock.run_s
+        token = self.session.prefill_slot(r, chunk, slot.prefilled, pick=last)
+        self.stats.prefill_runs += 1
+        self._call_clocks([slot], self._clock.run_s - run0, "prefill" if last else "chunk")
+        slot.prefilled += len(chunk)
+        if last:
+            self._take(r, slot, token, 0, time.perf_counter())
+
+    def _score_prompt(self, slot: Slot) -> None:
+        """The prompt's logprobs, when its request asks for them (echo): one more pass over the
+        prompt, outside the cache, with the logits of every position."""
+        handle = slot.handle
+        k = handle.request.prompt_logprobs
+        if k is None:
+            return
+        prompt = slot.row.prompt_ids
+        logits = self.session.full_logits(np.array([prompt], np.int64))[0]
+        scored = [token_logprobs(logits[i - 1], prompt[i], k) for i in range(1, len(prompt))]
+        handle.prompt_logprobs = [None] + [logprob for logprob, _ in scored]
+        handle.prompt_top_logprobs = [None] + [top for _, top in scored]
+
+    def _admit_settings(self, r: int, slot: Slot) -> None:
+        """A slot's sampling settings and generator, from its first token on (until then its row
+        drew nothing in decode steps)."""
+        request = slot.handle.request
+        self.table.admit(
+            r, slot.row.prompt_ids, request.sampling, np.random.default_rng(request.sampling.seed)
+        )
+        self._picker_stale = True
+
+    def _decode(self) -> None:
+        """One decode step over the slots in use: the rows up to the last decoding one (a static
+        batch: all its rows, the ended ones too)."""
+        if self.static:
+            rows = self.rows if any(self.slots) else 0
+        else:
+            rows = 1 + max((i for i, s in enumerate(self.slots) if s and s.decoding), default=-1)
+        if not rows:
+            return
+        t0, run0 = time.perf_counter(), self._clock.run_s
+        self._refresh_picker()
+        slots = self.slots[:rows]
+        tokens = np.array([s.token if s and s.decoding else 0 for s in slots], np.int64)
+        picked = self.session.decode(tokens).tolist()
+        run = self._clock.run_s - run0
+        decoding = [s for s in slots if s is not None and s.decoding]
+        self._call_clocks(decoding, run)
+        now = time.perf_counter()
+        for r, slot in enumerate(slots):
+            if slot is not None and slot.decoding:
+                self._take(r, slot, picked[r], r, now)
+        stats = self.stats
+        stats.decode_steps, stats.decode_rows = stats.decode_steps + 1, stats.decode_rows + rows
+        stats.decode_step_s += time.perf_counter() - t0
+        stats.decode_run_s += run
+
+    def _call_clocks(self, slots: list[Slot], run_s: float, run: str = "decode") -> None:
+        """The figures of the calls (Engine.generate) whose rows this run was for: `run` is a
+        "decode" step, a "prefill" (first tokens) or a "chunk" of a prompt (no tokens yet)."""
+        clocks = {id(c): c for s in slots if (c := s.handle.request.clock) is not None}
+        for clock in clocks.values():
+            if run == "decode" or run == "prefill" and not clock.has_tokens:
+                clock.ran(run_s)
+                clock.tokens()
+            else:  # a prompt's chunk, or a later row's prompt: prefill time, not a step's
+                clock.prefill_run(run_s)
+        if run != "chunk":
+            for slot in slots:
+                if (clock := slot.handle.request.clock) is not None:
+                    clock.new_tokens += 1
 
     def _refresh_picker(self) -> None:
         """After requests came or went: the picker that serves every request in a slot now."""
@@ -329,69 +513,30 @@ class Scheduler:
         self.session.use(picker)
         self._picker_stale = False
 
-    def _admit(self) -> bool:
-        """Waiting requests into free slots, lowest first. Returns whether any came in."""
-        admitted = False
-        with self._cond:
-            while self.waiting and None in self.slots:
-                handle = self.waiting.popleft()
-                if handle._cancelled:
-                    self._end(handle, Row(handle.request.prompt_ids, None, ()), "cancelled")
-                    continue
-                r, request = self.slots.index(None), handle.request
-                per_token = request.stream or bool(request.stop)  # stop strings need the text as it comes
-                row = Row(
-                    request.prompt_ids, self.tokenizer.decode_stream() if per_token else None, request.stop
-                )
-                self.slots[r] = Slot(handle, row)
-                self.stats.prompt_tokens += len(request.prompt_ids)
-                admitted = True
-        return admitted
-
-    def _prefill_chunk(self, slot: Slot) -> None:
-        """The next chunk of a slot's prompt; after the last one, its first token."""
-        r, prompt = self.slots.index(slot), slot.row.prompt_ids
-        chunk = prompt[slot.prefilled : slot.prefilled + self.chunk]
-        last = slot.prefilled + len(chunk) == len(prompt)
-        if last:  # its settings from now on: until here its row drew nothing in decode steps
-            request = slot.handle.request
-            self.table.admit(r, prompt, request.sampling, np.random.default_rng(request.sampling.seed))
-            self._picker_stale = True
-            self._refresh_picker()
-        token = self.session.prefill_slot(r, chunk, slot.prefilled, pick=last)
-        slot.prefilled += len(chunk)
-        if last:
-            self._take(r, slot, token, 0)
-
-    def _hand_out(self, picked: np.ndarray, rows: int) -> None:
-        """Each decoding slot's new token."""
-        for r in range(rows):
-            slot = self.slots[r]
-            if slot is not None and slot.decoding:
-                self._take(r, slot, int(picked[r]), r)
-
-    def _take(self, r: int, slot: Slot, token: int, logits_row: int) -> None:
+    def _take(self, r: int, slot: Slot, token: int, logits_row: int, now: float) -> None:
         """A slot's new token: pushed to its row and handed to its caller; the slot is freed when
         the request ends."""
-        request, row = slot.handle.request, slot.row
-        logprob = top = None
-        if request.logprobs is not None:
-            logprob, top = token_logprobs(
-                self.session.last_logits(logits_row + 1)[logits_row], token, request.logprobs
-            )
+        handle = slot.handle
+        request, row = handle.request, slot.row
         text = row.push(token, request.eos_id, request.max_new_tokens)
         self.stats.new_tokens += 1
         slot.token = token
-        slot.handle._push(Piece(text, [token], None if logprob is None else [logprob],
-                                None if top is None else [top]))  # fmt: skip
-        if row.finish_reason is not None or slot.handle._cancelled:
-            self._end(slot.handle, row, row.finish_reason or "cancelled")
+        if request.logprobs is None:
+            piece = Piece(text, [token])
+        else:
+            logits = self.session.last_logits(logits_row + 1)[logits_row]
+            logprob, top = token_logprobs(logits, token, request.logprobs)
+            piece = Piece(text, [token], [logprob], [top])
+        handle._push(piece, now)
+        if row.finish_reason is not None or handle._cancelled:
+            self._end(handle, row, row.finish_reason or "cancelled")
             self._free(r)
 
     def _free(self, r: int) -> None:
         self.slots[r] = None
         self.table.free(r)
-        self.session.free(r)
+        if not self.static:  # a static batch keeps its rows until it ends
+            self.session.free(r)
         self._picker_stale = True
 
     def _fail_running(self, error: Exception) -> None:
@@ -399,6 +544,7 @@ class Scheduler:
             if slot is not None:
                 self._end(slot.handle, slot.row, "error", error)
                 self.slots[r] = None
+        self.rows = self.seq = 0
 
     def _drop_cancelled(self) -> None:
         for r, slot in enumerate(self.slots):
@@ -414,6 +560,11 @@ class Scheduler:
                 row.token_ids[:-1] if reason == "eos" else row.token_ids
             )
         handle._finish(Completion(request.prompt, request.prompt_ids, row.token_ids, row.text, reason), error)
+
+
+def _need(handle: RequestHandle) -> int:
+    """Positions a request's row needs: its prompt and its new tokens."""
+    return len(handle.request.prompt_ids) + handle.request.max_new_tokens
 
 
 def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, dict[int, float]]:

@@ -121,13 +121,15 @@ class Session:
             self.binding.clear_outputs()
         self.picker = picker
 
-    def prefill(self, prompts: list[list[int]]) -> np.ndarray:
-        """Every row's prompt -> each row's first new token (batch,)."""
-        self.picker.bind(self.binding, self.cache.outputs, len(prompts))
-        self.cache.bind_prefill(self.binding, prompts)
+    def prefill(self, prompts: list[list[int]], first: int = 0) -> np.ndarray:
+        """New prompts into rows first, first + 1, ... -> each row's first new token (len(prompts),).
+        The concat cache takes its whole batch at once (first 0); the shared cache takes prompts
+        into free slots of a running batch too, whose other rows keep their state."""
+        self.cache.bind_prefill(self.binding, prompts, first)
+        self.picker.bind(self.binding, self.cache.outputs, len(prompts), first=first)
         t0 = time.perf_counter()
         self.graphs.run("decode", self.ort_session, self.binding, None)
-        ids = self.picker.pick(self.cache.outputs, len(prompts))
+        ids = self.picker.pick(self.cache.outputs, len(prompts), first=first)
         self.clock.ran(time.perf_counter() - t0)
         return ids
 

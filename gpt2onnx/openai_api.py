@@ -87,6 +87,7 @@ class CompletionRequest:
             stop=self.stop,
             truncate=self.truncate,
             logprobs=self.logprobs,
+            prompt_logprobs=self.logprobs if self.echo else None,  # echo: the prompt's tokens' too
             ignore_eos=self.ignore_eos,
             stream=self.stream,
         )
@@ -128,9 +129,6 @@ def parse_completion_request(body, model_name: str, vocab_size: int, n_positions
     echo = checked("echo", FLAG, given.get("echo", False))
     logprobs = checked("logprobs", inputs.Count(0, MAX_LOGPROBS, f"an integer from 0 to {MAX_LOGPROBS}", True),
                        given.get("logprobs"))  # fmt: skip
-    if echo and logprobs is not None:
-        raise bad("logprobs", "echo with logprobs asks for the prompt's logprobs, which this server does not "
-                              "compute; drop echo or logprobs")  # fmt: skip
     stream = checked("stream", FLAG, given.get("stream", False))
     usage_chunk = include_usage(given.get("stream_options", {}))
     return CompletionRequest(

@@ -148,10 +148,29 @@ class Choices:
         ]  # where each choice's next token starts in its text
         self.logprobs: list[list[dict]] = [[] for _ in handles]  # a logprobs object per piece
         self.new_tokens = [0] * len(handles)
+        self.echo_logprobs = request.echo and request.logprobs is not None
 
     def prompt_text(self, index: int) -> str:
         prompt = self.request.prompts[index // self.request.n]
         return prompt if isinstance(prompt, str) else self.engine.tokenizer.to_string(prompt)
+
+    def echoed_logprobs(self, index: int) -> dict | None:
+        """With echo and logprobs, the logprobs object of the echoed prompt's tokens (the first
+        one's logprob is null, as OpenAI's: nothing comes before it; a text prompt's BOS, which
+        the engine put before it, is not in the text and not listed). Call after a first piece or
+        the end: the engine sets the prompt's logprobs before."""
+        handle = self.handles[index]
+        if not self.echo_logprobs or handle.prompt_logprobs is None:
+            return None
+        ids, logprobs, tops = handle.prompt_token_ids, handle.prompt_logprobs, handle.prompt_top_logprobs
+        if isinstance(self.request.prompts[index // self.request.n], str):
+            ids, logprobs, tops = ids[1:], [None, *logprobs[2:]], [None, *tops[2:]]
+        to_str = self.engine.tokenizer.to_str_tokens
+        tokens = to_str(ids)
+        shown = [None] + api.top_logprobs(tops[1:], self.request.logprobs, to_str) if tops else []
+        out = api.logprobs_object(tokens, logprobs, shown, 0)
+        self.logprobs[index].insert(0, out)
+        return out
 
     def piece(self, index: int, piece) -> dict | None:
         """The piece's logprobs object (None unless logprobs were asked for)."""
@@ -191,6 +210,8 @@ async def whole_response(request: Request, choices: Choices, model: str) -> dict
                 choices.piece(index, item)
             else:
                 reasons[index], texts[index] = choices.done(index, item), item.text
+    for i in range(len(choices.handles)):
+        choices.echoed_logprobs(i)
     body = [api.choice(i, choices.echoed[i] + texts[i], reasons[i], choices.joined_logprobs(i))
             for i in range(len(choices.handles))]  # fmt: skip
     return api.completion_object(api.completion_id(), api.now(), model, body, choices.usage())
@@ -206,11 +227,18 @@ async def stream_response(request: Request, choices: Choices, model: str) -> Asy
 
     answered = False
     try:
-        for i, text in enumerate(choices.echoed):
-            if text:
-                yield chunk(api.choice(i, text, None))
+        echoes = {i for i, text in enumerate(choices.echoed) if text}
+        if not choices.echo_logprobs:  # at once; with logprobs, each before its choice's first piece
+            for i in sorted(echoes):
+                yield chunk(api.choice(i, choices.echoed[i], None))
+            echoes.clear()
         async with contextlib.aclosing(events(request, choices.handles)) as stream:
             async for kind, index, item in stream:
+                if index in echoes:  # the prompt's logprobs are in by its first piece
+                    echoes.discard(index)
+                    yield chunk(
+                        api.choice(index, choices.echoed[index], None, choices.echoed_logprobs(index))
+                    )
                 if kind == "piece":
                     yield chunk(api.choice(index, item.text, None, choices.piece(index, item)))
                 else:

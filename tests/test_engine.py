@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from gpt2onnx.engine.clock import Clock
 from gpt2onnx.engine.contract import ModelFolderError
 from gpt2onnx.engine.cuda_graphs import CudaGraphCache
-from gpt2onnx.engine.engine import Engine, EngineBusyError
+from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.pickers import ArgmaxPicker, DeviceSamplingPicker, HostPicker, SlotSampling
 from gpt2onnx.engine.runtime import ProviderError, cuda_device_count
 from gpt2onnx.engine.sampling import SamplingConfig
@@ -154,18 +155,17 @@ def test_kv_cache_lives_in_the_preallocated_buffers(engine):
         if step == 1:
             counting.calls.clear()  # the first decode step rebinds ids and positions: (B, 2) -> (B, 1)
         session.decode(np.array([5, 6]))
-        outputs = (
-            session.binding.io.get_outputs()
-        )  # in binding order: logits (and next_token), then the presents
-        written = [v.data_ptr() for v in outputs[-2 * c.n_layer :]]
+        outputs = session.binding.io.get_outputs()  # presents: the (batch, head, seq, dim) ones
+        presents = [v for v in outputs if len(v.shape()) == 4]
+        written = [v.data_ptr() for v in presents]
         if engine.manifest.kv_cache == "shared":
             assert written == pointers[0], f"step {step}: presents were not written in place"
-            assert outputs[-1].shape()[2] == session.cache.kv.cap_seq
+            assert presents[-1].shape()[2] == session.cache.kv.cap_seq
         else:
             assert written == pointers[step % 2], (
                 f"step {step}: presents were not written into the preallocated set"
             )
-            assert outputs[-1].shape() == [2, c.n_head, 3 + step, c.head_dim]
+            assert presents[-1].shape() == [2, c.n_head, 3 + step, c.head_dim]
     cache_binds = [name for _, name in counting.calls if name.startswith(("past", "present"))]
     if engine.manifest.kv_cache == "shared":
         assert counting.calls == [], f"decode steps rebound {counting.calls[:4]}..."
@@ -247,37 +247,45 @@ def test_logits_rejects_bad_ids(engine, tokens):
         engine.logits(tokens)
 
 
-def test_concurrent_use_is_refused(engine):
+def test_calls_from_many_threads_at_once_are_served(engine):
+    """An open stream, generate() from another thread and logits() at once: each gets what it
+    gets alone (they share the scheduler's batch; logits waits for it)."""
+    want_stream = "".join(engine.stream("Hello", max_new_tokens=5))
+    want_generate = engine.generate("x", max_new_tokens=6).completions[0].token_ids
+    want_logits = engine.logits([1, 2])
     stream = engine.stream("Hello", max_new_tokens=5)
-    next(stream)  # the stream now holds the engine
-    with pytest.raises(EngineBusyError, match="not thread-safe"):
-        engine.generate("x", max_new_tokens=2)
-    raised = []
-
-    def other_thread():
-        try:
-            engine.logits([1, 2])
-        except EngineBusyError as e:
-            raised.append(e)
-
-    t = threading.Thread(target=other_thread)
-    t.start(), t.join()
-    assert raised, "a second thread was let in while a stream held the engine"
-    stream.close()  # breaking out releases it
-    assert engine.generate("x", max_new_tokens=2).completions[0].token_ids
+    first = next(stream)  # the stream is running
+    got = {}
+    threads = [
+        threading.Thread(target=lambda: got.update(g=engine.generate("x", max_new_tokens=6))),
+        threading.Thread(target=lambda: got.update(l=engine.logits([1, 2]))),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert first + "".join(stream) == want_stream
+    assert got["g"].completions[0].token_ids == want_generate
+    np.testing.assert_array_equal(got["l"], want_logits)
 
 
-def test_breaking_out_of_a_stream_stops_work(engine):
-    runs = []
-    real = engine.session.graphs.run
-    engine.session.graphs.run = lambda *a: (runs.append(1), real(*a))[1]
+def test_breaking_out_of_a_stream_cancels_it(engine):
+    """Breaking out of a stream cancels its request: its slot is freed at the next step, and the
+    steps stop long before max_new_tokens."""
+    steps = []
+    engine.scheduler.on_step = lambda: (steps.append(1), time.sleep(0.002))
     try:
-        for i, _ in enumerate(engine.stream("Hello", max_new_tokens=50)):
+        no_eos = {engine.manifest.config.eos_token_id: -100.0}
+        for i, _ in enumerate(engine.stream("Hello", max_new_tokens=120, logit_bias=no_eos)):
             if i == 2:
                 break
+        deadline = time.monotonic() + 30
+        while engine.scheduler.holds_lock and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
-        engine.session.graphs.run = real
-    assert len(runs) <= 4, f"{len(runs)} graph runs: the loop ran on after the consumer stopped"
+        engine.scheduler.on_step = None
+    assert engine.stats()["active_slots"] == 0 and not engine.scheduler.holds_lock
+    assert len(steps) < 60, f"{len(steps)} steps: the request ran on after the consumer stopped"
 
 
 def test_repeated_calls_do_not_grow_memory(engine):

@@ -20,6 +20,7 @@ from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.kv_cache import SharedCache
 from gpt2onnx.engine.pickers import DeviceSamplingPicker
 from gpt2onnx.engine.runtime import ProviderError
+from gpt2onnx.engine.scheduler import RequestFailedError
 
 PROMPTS = [
     "Hello",
@@ -294,8 +295,9 @@ def test_a_failed_replay_is_raised_not_hidden(tiny_shared):
     """Only a bucket's first graph run is a capture: a later failure is a real error."""
     engine = graphs_on(tiny_shared)
     engine.session.ort_session = FailingCapture(engine.session.ort_session, fail_at=3)
-    with pytest.raises(Fail, match="stream is capturing"):
+    with pytest.raises(RequestFailedError, match="stream is capturing") as failed:
         engine.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)
+    assert isinstance(failed.value.__cause__, Fail)  # onnxruntime's own error, chained
     assert engine.session.cuda_graphs is True and engine.session.graphs.fallback is None
 
 

@@ -141,15 +141,31 @@ def test_close_cancels_what_does_not_finish_in_time(tiny_shared):
     assert "cancelled" in reasons and all(h.done for h in handles)
 
 
-def test_bad_requests_are_refused_at_submission(engine, tiny_fp32):
+def test_bad_requests_are_refused_at_submission(engine):
     with pytest.raises(InputError, match="context"):
         engine.submit("word " * 200, max_new_tokens=10)
     with pytest.raises(InputError, match="temperature"):
         engine.submit("Hello", temperature=-1)
     with pytest.raises(InputError, match="logprobs"):
         engine.submit("Hello", logprobs=6)
-    with pytest.raises(InputError, match="--kv-cache shared"):
-        Engine.load(tiny_fp32, provider="cpu").submit("Hello")
+
+
+def test_the_concat_cache_runs_requests_in_static_batches(tiny_fp32, engine):
+    """No slots in the concat cache: submitted requests start together when the batch is empty
+    and the batch runs to its last row; each still gets the tokens it gets alone (and greedy,
+    those of the shared cache's model, the same weights)."""
+    concat = Engine.load(tiny_fp32, provider="cpu", max_batch=3)
+    runs = []
+    prefill = concat.session.prefill
+    concat.session.prefill = lambda prompts, first=0: (runs.append(len(prompts)), prefill(prompts, first))[1]
+    jobs = [(p, n, s) for p, n, s in zip(PROMPTS, LENGTHS, SETTINGS)]
+    want = [alone(concat, p, n, **s) for p, n, s in jobs]
+    runs.clear()
+    with concat._lock:  # all queued before the first batch starts
+        handles = [concat.submit(p, max_new_tokens=n, ignore_eos=True, **s) for p, n, s in jobs]
+    assert [h.result(timeout=60).token_ids for h in handles] == want
+    assert runs == [3, 3, 2], "8 requests in batches of max_batch 3, each prefilled in one run"
+    assert want[0] == alone(engine, *jobs[0][:2]), "greedy: not the tokens of the same weights"
 
 
 def test_logprobs_come_with_each_token(engine):
@@ -184,11 +200,54 @@ def test_a_long_prompt_goes_in_chunks_between_decode_steps(tiny_shared):
     assert events[first : first + 2 * chunks] == ["prefill", "decode"] * chunks, events
 
 
-def test_a_direct_call_waits_for_submitted_requests(tiny_shared):
-    """generate() while submitted requests run waits for them (no EngineBusyError), then runs."""
-    engine = Engine.load(tiny_shared, provider="cpu", max_batch=2)
+def test_generate_joins_the_running_batch(tiny_shared):
+    """generate() while submitted requests run takes free slots in their batch (no waiting for
+    them, no EngineBusyError) and gets the tokens it gets alone."""
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=3)
+    want = alone(engine, PROMPTS[0], 5)
     engine.scheduler.on_step = lambda: time.sleep(0.002)  # long enough to be caught running
-    handles = [engine.submit(p, max_new_tokens=20, ignore_eos=True) for p in PROMPTS[:3]]
+    handles = [engine.submit(p, max_new_tokens=60, ignore_eos=True) for p in PROMPTS[1:3]]
     next(iter(handles[0]))
-    out = engine.generate(PROMPTS[0], max_new_tokens=5, ignore_eos=True)
-    assert all(h.done for h in handles) and len(out.completions[0].token_ids) == 5
+    assert engine.generate(PROMPTS[0], max_new_tokens=5, ignore_eos=True).completions[0].token_ids == want
+    assert not all(h.done for h in handles), "generate waited for the running requests"
+    assert all(len(h.result(timeout=60).token_ids) == 60 for h in handles)
+
+
+def test_prompts_that_come_together_are_prefilled_together(tiny_shared):
+    """generate() with several prompts: one prefill run for the batch (as a static batch would),
+    the same tokens as each prompt alone, and the call's figures."""
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=4)
+    prompts = ["The cat sat on", "A dog ran to", "One two three", "It was the"]  # about as long
+    want = [alone(engine, p, 6) for p in prompts]
+    session, runs = engine.session, []
+    prefill, prefill_slot = session.prefill, session.prefill_slot
+    session.prefill = lambda prompts, first=0: (runs.append((first, len(prompts))), prefill(prompts, first))[
+        1
+    ]
+    session.prefill_slot = lambda *a, **k: (runs.append("slot"), prefill_slot(*a, **k))[1]
+    out = engine.generate(prompts, max_new_tokens=6, ignore_eos=True)
+    assert runs == [(0, 4)]
+    assert [c.token_ids for c in out.completions] == want
+    t = out.timing
+    assert t.new_tokens == 24 and len(t.step_s) == 5 and t.prefill_s > 0 and t.decode_run_s > 0
+    assert 0 < t.as_dict()["decode_ms_per_token"] and t.python_overhead_ms() >= 0
+
+
+def test_a_request_that_needs_a_bigger_cache_waits_for_the_running_ones(tiny_shared, monkeypatch):
+    """The cache grows only while no slot is in use: a long request behind short running ones
+    waits until they end (and those behind it too), then runs with the room it needs."""
+    from gpt2onnx.engine import kv_cache
+
+    monkeypatch.setattr(kv_cache, "SEQ_GRANULE", 16)
+    solo = Engine.load(tiny_shared, provider="cpu", max_batch=1)
+    want = [alone(solo, PROMPTS[0], 8), alone(solo, PROMPTS[3], 40), alone(solo, PROMPTS[2], 4)]
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=3)
+    engine.scheduler.on_step = lambda: time.sleep(0.002)  # long enough to be caught running
+    short = engine.submit(PROMPTS[0], max_new_tokens=8, ignore_eos=True)
+    next(iter(short))  # running in a cache sized for it
+    long = engine.submit(PROMPTS[3], max_new_tokens=40, ignore_eos=True)
+    behind = engine.submit(PROMPTS[2], max_new_tokens=4, ignore_eos=True)
+    got = [h.result(timeout=60).token_ids for h in (short, long, behind)]
+    assert got == want
+    assert long.token_times[0] > short.token_times[-1], "the long request started before the cache grew"
+    assert behind.token_times[0] > short.token_times[-1], "a request passed the one waiting for room"

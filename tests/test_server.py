@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from conftest import run_flags
@@ -174,6 +175,36 @@ def test_echo_and_logprobs(client, engine):
     assert len(none.token_logprobs) == 2 and none.top_logprobs == [{}, {}]
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, engine, base_url):
+    """echo + logprobs: the prompt's tokens with their logprobs (the first null), then the
+    completion's, as OpenAI's legacy completions give them: what evaluation harnesses read."""
+    text = "The quick brown fox"
+    got = client.completions.create(model=MODEL, prompt=text, max_tokens=2, temperature=0, echo=True,
+                                    logprobs=3, logit_bias=NO_EOS).choices[0]  # fmt: skip
+    ids = engine.to_tokens(text)  # the BOS the engine puts first is not in the text: not listed
+    lp, n = got.logprobs, len(ids) - 1
+    assert got.text.startswith(text) and lp.tokens[:n] == engine.to_str_tokens(text)[1:]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n + 2
+    assert "".join(lp.tokens) == got.text and lp.text_offset == [
+        sum(map(len, lp.tokens[:i])) for i in range(n + 2)
+    ]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    logits = engine.logits(ids)[0].astype(np.float64)
+    want = [
+        float(row[t] - row.max() - np.log(np.exp(row - row.max()).sum())) for row, t in zip(logits, ids[1:])
+    ]
+    assert lp.token_logprobs[1:n] == pytest.approx(want[1:], abs=1e-4)
+    assert all(len(top) == 3 for top in lp.top_logprobs[1:])
+    body = {"model": MODEL, "prompt": text, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 3,
+            "logit_bias": NO_EOS, "stream": True}  # fmt: skip
+    with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=T) as r:
+        chunks = [json.loads(e.removeprefix("data: ")) for e in r.read().decode().split("\n\n")[:-2]]
+    first = chunks[0]["choices"][0]
+    assert first["text"] == text and first["logprobs"]["tokens"] == lp.tokens[:n]
+    assert first["logprobs"]["token_logprobs"][1:] == pytest.approx(lp.token_logprobs[1:n], abs=1e-6)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == got.text
+
+
 def test_streaming_gives_the_same_text(client):
     whole = client.completions.create(model=MODEL, prompt="Once", max_tokens=6, seed=3, n=2)
     stream = client.completions.create(model=MODEL, prompt="Once", max_tokens=6, seed=3, n=2, stream=True,
@@ -266,7 +297,6 @@ BAD_BODIES = [
     ({"prompt": "x", "n": 0}, 400, "n", "n must be"),
     ({"prompt": "x", "n": 200}, 400, "n", "n must be"),
     ({"prompt": "x", "logprobs": 6}, 400, "logprobs", "logprobs must be"),
-    ({"prompt": "x", "echo": True, "logprobs": 1}, 400, "logprobs", "drop echo or logprobs"),
     ({"prompt": "x", "stop": [""]}, 400, "stop", "non-empty"),
     ({"prompt": "x", "stop": 5}, 400, "stop", "str or a list"),
     ({"prompt": "x", "seed": -1}, 400, "seed", "seed must be"),

@@ -1,19 +1,11 @@
-"""The decode loop: prefill a batch of prompts, pick, then decode and push one token per step.
-
-Rows finish one by one (EOS, a stop string, max_new_tokens); a finished row keeps its slot
-in the batch, so the cache never needs compacting, but nothing it produces is kept.
-"""
+"""A request's progress and its result: `Row` takes each new token (text held back while it may
+be the start of a stop string; the reason it ends), `Completion` is what the caller gets.
+The decode loop that feeds them is the scheduler's (scheduler.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from .clock import Clock
-from .sampling import SamplingConfig
-from .session import Session
 from .tokenizer import StreamDecoder
 
 
@@ -69,31 +61,3 @@ class Row:
             ),
             default=0,
         )
-
-
-def decode_rows(
-    session: Session,
-    rows: list[Row],
-    max_new_tokens: int,
-    sampling: SamplingConfig,
-    rng: np.random.Generator,
-    eos_id: int,
-    clock: Clock,
-) -> Iterator[tuple[int, str]]:
-    """Yield (row index, text piece) as tokens are produced; closing the generator stops the work."""
-    prompts = [row.prompt_ids for row in rows]
-    picker = session.picker_for(sampling, rng, prompts)
-    session.start(len(rows), max(map(len, prompts)) + max_new_tokens, picker, clock)
-    clock.begin()
-    tokens = session.prefill(prompts)
-    clock.tokens()
-    for _ in range(max_new_tokens):
-        for r, (row, token) in enumerate(zip(rows, tokens.tolist())):
-            if row.finish_reason is None:
-                clock.new_tokens += 1
-                if piece := row.push(token, eos_id, max_new_tokens):
-                    yield r, piece
-        if all(row.finish_reason for row in rows):
-            break
-        tokens = session.decode(tokens)
-        clock.tokens()
