@@ -163,7 +163,7 @@ class Engine:
         request = self._request("generate", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
         prompts = inputs.prompts(prompts, self.vocab_size)
         clock = Clock()
-        requests = [self._submission(p, request, None, stream=False, clock=clock) for p in prompts]
+        requests = [replace(self._submission(p, request, None, False, clock), pieces=False) for p in prompts]
         clock.begin()
         handles = self.scheduler.submit_all(requests, bounded=False)
         try:

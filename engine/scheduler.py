@@ -82,14 +82,15 @@ class Request:
     stream: bool = True  # text piece by piece; False: pieces carry ids only, the text is made at the end
     clock: Clock | None = None  # the figures of the call it belongs to (Engine.generate), if any
     prompt_logprobs: int | None = None  # the prompt's tokens' log-probabilities too, with this many top ones
+    pieces: bool = True  # False: only the completion, no pieces (Engine.generate: less work a token)
 
 
 class RequestHandle:
     """One submitted request, as its caller sees it. Thread-safe; `async for` and `await` work
     from any event loop."""
 
-    def __init__(self, request: Request):
-        self.request = request
+    def __init__(self, request: Request, on_cancel: Callable[[], None] | None = None):
+        self.request, self._on_cancel = request, on_cancel
         self.id = f"req-{next(_ids)}"
         self.prompt_token_ids = request.prompt_ids
         self.finish_reason: str | None = None
@@ -102,13 +103,18 @@ class RequestHandle:
         self._completion: Completion | None = None
         self._error: BaseException | None = None
         self._cancelled = False
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._sleepers = 0  # threads waiting in the condition
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     # -- the caller's side ---------------------------------------------------------------------
     def cancel(self) -> None:
         """End the request at the next step; its slot is freed, finish_reason "cancelled"."""
-        self._cancelled = True
+        if not self._cancelled and self._completion is None:
+            self._cancelled = True
+            if self._on_cancel is not None:
+                self._on_cancel()
 
     @property
     def done(self) -> bool:
@@ -116,11 +122,19 @@ class RequestHandle:
 
     def result(self, timeout: float | None = None) -> Completion:
         """Wait for the request to end. Raises TimeoutError after `timeout` seconds."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._completion is not None, timeout):
+        with self._lock:
+            if not self._wait(lambda: self._completion is not None, timeout):
                 raise TimeoutError(f"{self.id} did not finish within {timeout} s")
             self._raise_error()
             return self._completion
+
+    def _wait(self, ready: Callable[[], bool], timeout: float | None = None) -> bool:
+        """With the lock held: wait until ready() (False: the timeout passed first)."""
+        self._sleepers += 1  # the scheduler wakes the handle's threads only when there are some
+        try:
+            return self._cond.wait_for(ready, timeout)
+        finally:
+            self._sleepers -= 1
 
     def _raise_error(self) -> None:
         if isinstance(self._error, UserError):  # the request's own fault, told as it was
@@ -131,9 +145,8 @@ class RequestHandle:
     def __iter__(self) -> Iterator[Piece]:
         i = 0
         while True:
-            with self._cond:
-                while i == len(self._pieces) and self._completion is None:
-                    self._cond.wait()
+            with self._lock:
+                self._wait(lambda i=i: i < len(self._pieces) or self._completion is not None)
                 new, finished = self._pieces[i:], self._completion is not None
             yield from new
             i += len(new)
@@ -145,7 +158,7 @@ class RequestHandle:
         i = 0
         while True:
             event = asyncio.Event()
-            with self._cond:
+            with self._lock:
                 new, finished = self._pieces[i:], self._completion is not None
                 if not new and not finished:
                     self._waiters.append((asyncio.get_running_loop(), event))
@@ -168,13 +181,14 @@ class RequestHandle:
 
     # -- the scheduler's side ------------------------------------------------------------------
     def _push(self, piece: Piece, now: float) -> None:
-        with self._cond:
+        with self._lock:
             self.token_times.append(now)
             self._pieces.append(piece)
-            self._wake()
+            if self._sleepers or self._waiters:
+                self._wake()
 
     def _finish(self, completion: Completion, error: BaseException | None = None) -> None:
-        with self._cond:
+        with self._lock:
             self._error = error
             self.finish_reason, self._completion = completion.finish_reason, completion
             self._wake()
@@ -199,10 +213,7 @@ class Slot:
     row: Row
     prefilled: int = 0  # prompt tokens in the cache so far
     token: int = 0  # the token to feed at the next decode step
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.row.prompt_ids)
+    decoding: bool = False  # the whole prompt is in: the slot takes part in decode steps
 
 
 @dataclass
@@ -248,6 +259,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closing = False
         self._picker_stale = True  # requests came or went since the picker was chosen
+        self._cancels = self._cancels_seen = 0  # handles cancelled, and as of the last look
+        self._pending = 0  # slots whose prompt is not all in yet
         self._clock = Clock()  # the session's, for the current burst
         self.holds_lock = False  # the Engine's lock, while a burst runs
         self._thread: threading.Thread | None = None
@@ -259,7 +272,7 @@ class Scheduler:
     def submit_all(self, requests: list[Request], bounded: bool = True) -> list[RequestHandle]:
         """Queue requests together (they are admitted in this order, and start in one batch when
         there is room). bounded=False: past max_queue (one call's prompts, already in memory)."""
-        handles = [RequestHandle(request) for request in requests]
+        handles = [RequestHandle(request, self._note_cancel) for request in requests]
         with self._cond:
             if self._closing:
                 raise EngineClosedError("the engine is shutting down and takes no new requests")
@@ -275,6 +288,9 @@ class Scheduler:
                 self._thread.start()
             self._cond.notify_all()
         return handles
+
+    def _note_cancel(self) -> None:
+        self._cancels += 1  # the loop looks for cancelled slots when this changes
 
     def queue_depth(self) -> int:
         return len(self.waiting)
@@ -370,6 +386,7 @@ class Scheduler:
                     request.prompt_ids, self.tokenizer.decode_stream() if per_token else None, request.stop
                 )
                 self.slots[r] = Slot(handle, row)
+                self._pending += 1
                 self.stats.prompt_tokens += len(request.prompt_ids)
                 admitted = True
                 self._drop_waiting_cancelled()
@@ -387,10 +404,10 @@ class Scheduler:
         """Prompt work between two decode steps: new prompts in free slots side by side start
         together in one run (right-padded, as a static batch does; while other rows decode, only
         as many as fit in a chunk of tokens with little padding), or the next chunk of one prompt."""
-        pending = [r for r, s in enumerate(self.slots) if s is not None and not s.decoding]
-        if not pending:
+        if not self._pending:
             return
-        r0, decoding = pending[0], any(s is not None and s.decoding for s in self.slots)
+        r0 = next(r for r, s in enumerate(self.slots) if s is not None and not s.decoding)
+        decoding = any(s is not None and s.decoding for s in self.slots)
         group = [self.slots[r0]]
         for r in range(r0 + 1, self.rows):
             slot, lengths = self.slots[r], [len(s.row.prompt_ids) for s in group]
@@ -417,8 +434,10 @@ class Scheduler:
         self.stats.prefill_runs += 1
         self._call_clocks(group, self._clock.run_s - run0, "prefill")
         now = time.perf_counter()
+        self._pending -= len(group)
+        self.stats.new_tokens += len(group)
         for i, slot in enumerate(group):
-            slot.prefilled = len(slot.row.prompt_ids)
+            slot.prefilled, slot.decoding = len(slot.row.prompt_ids), True
             self._take(r0 + i, slot, tokens[i], i, now)
 
     def _prefill_chunk(self, slot: Slot) -> None:
@@ -436,7 +455,10 @@ class Scheduler:
         self.stats.prefill_runs += 1
         self._call_clocks([slot], self._clock.run_s - run0, "prefill" if last else "chunk")
         slot.prefilled += len(chunk)
+        slot.decoding = last
         if last:
+            self._pending -= 1
+            self.stats.new_tokens += 1
             self._take(r, slot, token, 0, time.perf_counter())
 
     def _score_prompt(self, slot: Slot) -> None:
@@ -464,25 +486,28 @@ class Scheduler:
     def _decode(self) -> None:
         """One decode step over the slots in use: the rows up to the last decoding one (a static
         batch: all its rows, the ended ones too)."""
+        slots = self.slots
         if self.static:
-            rows = self.rows if any(self.slots) else 0
+            rows = self.rows if any(slots) else 0
         else:
-            rows = 1 + max((i for i, s in enumerate(self.slots) if s and s.decoding), default=-1)
+            rows = len(slots)
+            while rows and not ((last := slots[rows - 1]) is not None and last.decoding):
+                rows -= 1
         if not rows:
             return
         t0, run0 = time.perf_counter(), self._clock.run_s
         self._refresh_picker()
-        slots = self.slots[:rows]
-        tokens = np.array([s.token if s and s.decoding else 0 for s in slots], np.int64)
+        live = [(r, s) for r, s in enumerate(slots[:rows]) if s is not None and s.decoding]
+        tokens = np.zeros(rows, np.int64)
+        tokens[[r for r, _ in live]] = [s.token for _, s in live]
         picked = self.session.decode(tokens).tolist()
         run = self._clock.run_s - run0
-        decoding = [s for s in slots if s is not None and s.decoding]
-        self._call_clocks(decoding, run)
+        self._call_clocks([s for _, s in live], run)
         now = time.perf_counter()
-        for r, slot in enumerate(slots):
-            if slot is not None and slot.decoding:
-                self._take(r, slot, picked[r], r, now)
+        for r, slot in live:
+            self._take(r, slot, picked[r], r, now)
         stats = self.stats
+        stats.new_tokens += len(live)
         stats.decode_steps, stats.decode_rows = stats.decode_steps + 1, stats.decode_rows + rows
         stats.decode_step_s += time.perf_counter() - t0
         stats.decode_run_s += run
@@ -490,17 +515,21 @@ class Scheduler:
     def _call_clocks(self, slots: list[Slot], run_s: float, run: str = "decode") -> None:
         """The figures of the calls (Engine.generate) whose rows this run was for: `run` is a
         "decode" step, a "prefill" (first tokens) or a "chunk" of a prompt (no tokens yet)."""
-        clocks = {id(c): c for s in slots if (c := s.handle.request.clock) is not None}
-        for clock in clocks.values():
-            if run == "decode" or run == "prefill" and not clock.has_tokens:
+        rows: dict[int, list] = {}  # id(clock) -> [clock, its rows]
+        for slot in slots:
+            if (clock := slot.handle.request.clock) is not None:
+                if (entry := rows.get(id(clock))) is None:
+                    rows[id(clock)] = [clock, 1]
+                else:
+                    entry[1] += 1
+        for clock, n in rows.values():
+            if run == "chunk" or run == "prefill" and clock.has_tokens:
+                clock.prefill_run(run_s)  # a prompt's chunk, or a later row's prompt: not a step
+            else:
                 clock.ran(run_s)
                 clock.tokens()
-            else:  # a prompt's chunk, or a later row's prompt: prefill time, not a step's
-                clock.prefill_run(run_s)
-        if run != "chunk":
-            for slot in slots:
-                if (clock := slot.handle.request.clock) is not None:
-                    clock.new_tokens += 1
+            if run != "chunk":
+                clock.new_tokens += n
 
     def _refresh_picker(self) -> None:
         """After requests came or went: the picker that serves every request in a slot now."""
@@ -519,20 +548,21 @@ class Scheduler:
         handle = slot.handle
         request, row = handle.request, slot.row
         text = row.push(token, request.eos_id, request.max_new_tokens)
-        self.stats.new_tokens += 1
         slot.token = token
-        if request.logprobs is None:
-            piece = Piece(text, [token])
+        if not request.pieces:
+            pass
+        elif request.logprobs is None:
+            handle._push(Piece(text, [token]), now)
         else:
             logits = self.session.last_logits(logits_row + 1)[logits_row]
             logprob, top = token_logprobs(logits, token, request.logprobs)
-            piece = Piece(text, [token], [logprob], [top])
-        handle._push(piece, now)
+            handle._push(Piece(text, [token], [logprob], [top]), now)
         if row.finish_reason is not None or handle._cancelled:
             self._end(handle, row, row.finish_reason or "cancelled")
             self._free(r)
 
     def _free(self, r: int) -> None:
+        self._pending -= not self.slots[r].decoding
         self.slots[r] = None
         self.table.free(r)
         if not self.static:  # a static batch keeps its rows until it ends
@@ -544,9 +574,12 @@ class Scheduler:
             if slot is not None:
                 self._end(slot.handle, slot.row, "error", error)
                 self.slots[r] = None
-        self.rows = self.seq = 0
+        self.rows = self.seq = self._pending = 0
 
     def _drop_cancelled(self) -> None:
+        if self._cancels == self._cancels_seen:
+            return
+        self._cancels_seen = self._cancels
         for r, slot in enumerate(self.slots):
             if slot is not None and slot.handle._cancelled:
                 self._end(slot.handle, slot.row, "cancelled")
