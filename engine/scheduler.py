@@ -1,11 +1,15 @@
-"""Continuous batching: requests join and leave a running batch between decode steps.
+"""Continuous batching: requests join and leave a running batch between decode steps. This is
+the engine's one decode loop: Engine.generate and Engine.stream submit here too.
 
 One thread owns the session while there is work. Between two decode steps it admits waiting
-requests into free slots of the shared cache (`Session.prefill_slot`; a long prompt goes in
-chunks of `chunk` tokens, one chunk between two steps, so the running rows are never stalled
-for more than one chunk), runs one decode step over the slots in use (the batch is cut after
-the last one in use), hands each request its token, and frees a slot as soon as its request
-ends: EOS, a stop string, its length, or its caller cancelled it.
+requests into free slots of the shared cache; new prompts side by side go in together in one
+run (`Session.prefill(prompts, first)`), and a long prompt joining running rows goes in chunks
+of `chunk` tokens (`Session.prefill_slot`), one chunk between two steps, so the running rows are
+never stalled for more than one chunk. It then runs one decode step over the slots in use (the
+batch is cut after the last one in use), hands each request its token, and frees a slot as soon
+as its request ends: EOS, a stop string, its length, or its caller cancelled it. The concat
+cache has no slots: its requests run in static batches (admitted together when the batch is
+empty; the batch runs until its last row ends).
 
 Each request has its own sampling settings and its own random generator (pickers.SlotSampling),
 so its tokens do not depend on what else is in the batch: greedy, they are the tokens of the
@@ -15,7 +19,7 @@ bucket of its row count.
 Submission is thread-safe and bounded: a full queue refuses at once (QueueFullError). A
 `RequestHandle` is iterated for its pieces (from a thread, or `async for` in asyncio), awaited or
 `result()`-ed for its Completion, and cancelled. The scheduler holds the Engine's lock while it
-has work; between bursts the Engine's own methods run as before.
+has work; between bursts Engine.logits and Engine.score use the session.
 """
 
 from __future__ import annotations
