@@ -222,6 +222,11 @@ class Engine:
         return {"queue_depth": s.queue_depth(), "active_slots": s.active(), "max_batch": self.session.max_batch,
                 "max_queue": s.max_queue}  # fmt: skip
 
+    def stuck(self, seconds: float = 60.0) -> bool:
+        """Whether requests wait or run but the scheduler's loop has not turned for `seconds`
+        (health checks: a hung step)."""
+        return self.scheduler.stuck(seconds)
+
     def close(self, timeout: float = 30.0) -> None:
         """Take no more requests; let the submitted ones finish within `timeout` seconds, cancel
         the rest, and return when the scheduler has stopped."""

@@ -267,6 +267,7 @@ class Scheduler:
         self._pending = 0  # slots whose prompt is not all in yet
         self._clock = Clock()  # the session's, for the current burst
         self.holds_lock = False  # the Engine's lock, while a burst runs
+        self.stepped = time.monotonic()  # the loop's last turn (or when work came after a rest)
         self._thread: threading.Thread | None = None
 
     # -- submission (any thread) ---------------------------------------------------------------
@@ -285,6 +286,8 @@ class Scheduler:
                     f"{len(self.waiting)} requests are already waiting (max_queue {self.max_queue}); "
                     "retry later or load the engine with a larger max_queue"
                 )
+            if not self.waiting and not self.holds_lock:
+                self.stepped = time.monotonic()  # work after a rest: the loop's time starts now
             self.waiting.extend(handles)
             self.stats.requests += len(handles)
             if self._thread is None or not self._thread.is_alive():
@@ -298,6 +301,12 @@ class Scheduler:
 
     def queue_depth(self) -> int:
         return len(self.waiting)
+
+    def stuck(self, seconds: float) -> bool:
+        """Whether there is work (waiting or running) but the loop has not turned for `seconds`:
+        a step that hangs, or the session held elsewhere that long (health checks)."""
+        busy = bool(self.waiting) or self.holds_lock
+        return busy and time.monotonic() - self.stepped > seconds
 
     def active(self) -> int:
         return sum(slot is not None for slot in self.slots)
@@ -345,6 +354,7 @@ class Scheduler:
             self._drop_cancelled()
             self._prefill()
             self._decode()
+            self.stepped = time.monotonic()
             if self.on_step is not None:
                 self.on_step()
             with self._cond:

@@ -4,7 +4,7 @@ and uvicorn.
     POST /v1/completions        OpenAI's completions (gpt2onnx/openai_api.py checks and shapes)
     POST /v1/chat/completions   400: GPT-2 has no chat template
     GET  /v1/models             the one model served
-    GET  /health                200 while serving, 503 while draining
+    GET  /health                200 while serving, 503 while draining or stuck (no step for STUCK_S)
     GET  /metrics               Prometheus text: requests, tokens, queue, slots, latencies
 
 Every request's choices are Engine.submit handles; the engine's scheduler batches them with
@@ -42,6 +42,7 @@ from gpt2onnx.metrics import Metrics
 log = logging.getLogger("gpt2onnx")
 
 MAX_BODY_BYTES = 16 << 20  # a request body; 128 prompts of 1024 tokens as JSON ids are ~1 MB
+STUCK_S = 60.0  # /health fails when requests wait or run but no step has ended for this long
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away (logged, never sent)
 
 
@@ -352,6 +353,8 @@ def create_app(engine, model_name: str, drain_timeout: float = 30.0) -> FastAPI:
     async def health() -> JSONResponse:
         if drain.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if engine.stuck(STUCK_S):
+            return JSONResponse({"status": "stuck", "seconds": STUCK_S}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
