@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -33,7 +34,8 @@ from gpt2onnx.engine.model_folder import read_manifest
 from . import llamacpp, load
 
 log = logging.getLogger("gpt2onnx")
-RUNNERS = ("continuous", "batch1", "static", "llamacpp")
+RUNNERS = ("continuous", "batch1", "static", "llamacpp")  # the default set
+RAY_RUNNERS = ("ray1", "ray2")  # gpt2-onnx serve --ray with 1 or 2 replicas sharing this machine's CPUs
 SERVING = re.compile(r"serving .* on (http://\S+)/v1")
 
 
@@ -53,7 +55,8 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--requests", type=int, default=48, help="requests per load")
     p.add_argument("--prompt-lens", default="16,256", help="prompt length range, tokens")
     p.add_argument("--new-tokens", default="16,256", help="max_tokens range")
-    p.add_argument("--runners", default=",".join(RUNNERS), help="which runners, comma-separated")
+    p.add_argument("--runners", default=",".join(RUNNERS),
+                   help=f"which runners, comma-separated (also: {', '.join(RAY_RUNNERS)}, the [ray] extra)")  # fmt: skip
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="cpu", help="execution provider")
     p.add_argument("--seed", type=int, default=0, help="workload seed")
     p.set_defaults(run=run)
@@ -127,8 +130,18 @@ class server:
         cmd = [sys.executable, "-m", "gpt2onnx", "serve", "--model", str(args.model), "--port", "0",
                "--max-batch", str(batch), "--max-queue", "100000", "--provider", args.provider,
                "--served-model-name", "gpt2", "--quiet"]  # fmt: skip
+        if self.runner in RAY_RUNNERS:  # its own local cluster; the machine's CPUs shared by the replicas
+            replicas = int(self.runner[3:])
+            cmd[cmd.index("--port") + 1] = str(llamacpp.free_port())  # Ray's proxy takes no port 0
+            cmd += [
+                "--ray",
+                "--replicas",
+                str(replicas),
+                "--replica-cpus",
+                f"{(os.cpu_count() or 1) / replicas:g}",
+            ]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         for line in self.proc.stderr:
             if found := SERVING.search(line):
                 threading_drain(self.proc.stderr)

@@ -20,6 +20,7 @@ ray = pytest.importorskip("ray", reason="the Ray tests need the [ray] extra: pip
 openai = pytest.importorskip("openai", reason="client tests need the openai package")
 httpx = pytest.importorskip("httpx", reason="raw-HTTP tests need httpx")
 
+from conftest import run_flags  # noqa: E402
 from gpt2onnx import Engine  # noqa: E402
 
 MODEL = "tiny-test"
@@ -141,3 +142,26 @@ def test_a_killed_replica_loses_nothing_silently_and_comes_back(cluster):
         time.sleep(1)
     assert len(seen) == 2 and victim not in seen, f"no new replica after the kill: {seen}"
     assert re.fullmatch(r"\S+ \d+", next(iter(seen)))
+
+
+BAD_FLAGS = [
+    (["--replicas", "2"], "--replicas is for replicas on Ray: add --ray"),
+    (["--ray", "--replicas", "2", "--min-replicas", "1"], "--replicas is a fixed count"),
+    (["--ray", "--min-replicas", "3", "--max-replicas", "2"], "--max-replicas 2 is below --min-replicas 3"),
+    (["--ray", "--replicas", "0"], "--replicas must be an integer from 1 to 1024"),
+    (["--ray", "--replica-cpus", "0"], "--replica-cpus must be"),
+]
+
+
+@pytest.mark.parametrize("flags, words", BAD_FLAGS)
+def test_bad_ray_flags_are_one_line_before_anything_starts(capsys, tiny_shared, flags, words):
+    code, err = run_flags(capsys, "serve", "--model", tiny_shared, "--port", "0", *flags)
+    assert code != 0 and words in err and "Traceback" not in err and not ray.is_initialized()
+
+
+def test_autoscaling_flags_become_ray_serve_settings():
+    from gpt2onnx.ray_serve import Scaling
+
+    assert Scaling(replicas=3).options() == {"num_replicas": 3}
+    auto = Scaling(None, 1, 4, 8.0).options()["autoscaling_config"]
+    assert auto == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8.0}

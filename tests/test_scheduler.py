@@ -251,3 +251,22 @@ def test_a_request_that_needs_a_bigger_cache_waits_for_the_running_ones(tiny_sha
     assert got == want
     assert long.token_times[0] > short.token_times[-1], "the long request started before the cache grew"
     assert behind.token_times[0] > short.token_times[-1], "a request passed the one waiting for room"
+
+
+def test_a_loop_that_does_not_turn_while_it_has_work_is_stuck(tiny_shared):
+    """Health checks (/health, Ray's check_health) ask Engine.stuck: true only while requests
+    wait or run and no step has ended for that long; an idle engine is never stuck."""
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=2)
+    assert not engine.stuck(0.0)
+    time.sleep(0.3)
+    held = threading.Event()
+    engine.scheduler.on_step = lambda: held.wait(30)  # the loop hangs after its first step
+    handle = engine.submit("Hello", max_new_tokens=5, ignore_eos=True)
+    assert not engine.stuck(0.2), "work that just came in is not a stuck loop"
+    next(iter(handle))
+    time.sleep(0.3)
+    assert engine.stuck(0.2) and not engine.stuck(60)
+    held.set()
+    handle.result(timeout=30)
+    time.sleep(0.1)
+    assert not engine.stuck(0.0)
