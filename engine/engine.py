@@ -21,7 +21,7 @@ from .clock import Clock
 from .completion import Completion
 from .contract import InputError, ModelFolderError, UserError
 from .model_folder import check_tokenizer, read_manifest
-from .sampling import SamplingConfig, softmax
+from .sampling import SamplingConfig
 from .scheduler import Request as SchedulerRequest
 from .scheduler import RequestHandle, Scheduler
 from .session import Session, SessionConfig
@@ -46,7 +46,9 @@ class Generation:
 class Score:
     tokens: list[int]
     str_tokens: list[str]
-    logprobs: np.ndarray  # (len(tokens) - 1,): log p(token[i+1] | tokens[:i+1])
+    logprobs: (
+        np.ndarray
+    )  # (len(tokens) - 1,): log p(token[i+1] | its window's tokens before it); nan: unscored
     perplexity: float
 
 
@@ -313,22 +315,40 @@ class Engine:
         with self._lock:  # between the scheduler's bursts: the session is one
             return self.session.full_logits(np.array(rows, dtype=np.int64))
 
-    def score(self, text: str, prepend_bos: bool = True) -> Score:
+    def score(self, text: str, prepend_bos: bool = True, stride: int | None = None) -> Score:
         """Per-token log-probs of `text` and its perplexity (over every token after the first).
-        Raises InputError for a non-str text, one that does not fit the context, or one token."""
+        A text longer than the context is scored with a sliding window of the whole context that
+        moves `stride` tokens at a time (default: half the context): each token is scored once,
+        with the longest context a window gives it (as transformers' perplexity guide does). With
+        stride equal to the context, the windows do not overlap and each window's first token has
+        nothing before it: it is not scored (nan in logprobs), as in that guide.
+        Raises InputError for a non-str text, a bad stride, or fewer than two tokens."""
         text, prepend_bos = inputs.text("text", text), inputs.check("prepend_bos", prepend_bos)
-        at_least = self.tokenizer.min_tokens(text) + int(prepend_bos)
-        if at_least > self.n_positions:
-            raise InputError(
-                f"text has at least {at_least} tokens, past the {self.n_positions}-token context; "
-                "score it in parts"
-            )  # fmt: skip
+        window = self.n_positions
+        stride = (
+            window // 2
+            if stride is None
+            else inputs.Count(1, window, f"an integer from 1 to {window}")("stride", stride)
+        )
         ids = self.tokenizer.to_tokens(text, prepend_bos)
         if len(ids) < 2:
             raise InputError("scoring needs at least two tokens; pass a longer text (or keep the BOS)")
-        logits = self.logits(ids)[0].astype(np.float64)
-        logprobs = np.log(softmax(logits[:-1]))[np.arange(len(ids) - 1), ids[1:]]
-        return Score(ids, self.tokenizer.to_str_tokens(ids), logprobs, float(np.exp(-logprobs.mean())))
+        logprobs, scored, begin = np.full(len(ids) - 1, np.nan), 0, 0  # scored: tokens [0, scored) are done
+        while scored < len(ids):
+            end = min(begin + window, len(ids))
+            first = max(scored, begin + 1)  # the window's first token not scored yet
+            logits = self.logits(ids[begin:end])[0, first - begin - 1 : end - begin - 1]
+            logprobs[first - 1 : end - 1] = token_logprobs_of(logits, ids[first:end])
+            scored, begin = end, begin + stride
+        return Score(ids, self.tokenizer.to_str_tokens(ids), logprobs, float(np.exp(-np.nanmean(logprobs))))
+
+
+def token_logprobs_of(logits: np.ndarray, targets: list[int]) -> np.ndarray:
+    """log p(target) per row of logits (rows, vocab), in float64 where it matters."""
+    top = logits.max(axis=-1, keepdims=True)
+    norm = np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64))
+    picked = np.take_along_axis(logits, np.asarray(targets)[:, None], axis=-1)[:, 0]
+    return picked.astype(np.float64) - top[:, 0] - norm
 
 
 def _texts(handle: RequestHandle) -> Iterator[str]:

@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import NoReturn
 
-from gpt2onnx import generate_cli, serve_cli
+from gpt2onnx import generate_cli, score_cli, serve_cli
 from gpt2onnx.benchmarks import cli as bench_cli
 from gpt2onnx.benchmarks import serve_bench
 from gpt2onnx.engine.contract import UserError
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_flags(common, argparse.SUPPRESS)  # also accepted after the subcommand, without clobbering
     export_cli.add_parser(sub, parents=[common])
     generate_cli.add_parser(sub, parents=[common])
+    score_cli.add_parser(sub, parents=[common])
     bench_cli.add_parser(sub, parents=[common])
     serve_cli.add_parser(sub, parents=[common])
     serve_bench.add_parser(sub, parents=[common])
