@@ -34,8 +34,13 @@ ALL_BASELINES = ("transformers-eager", "optimum", "ort-plain-loop", "naive-no-ca
 EXTRA_BASELINES = ("gpt2-onnx-eager",)  # on request: ours without CUDA graphs and device sampling (GPU runs)
 OURS = ("gpt2-onnx", "gpt2-onnx-eager")  # our engine's runners: if one fails, the benchmark fails
 WORKER = Path(__file__).resolve().parent / "worker.py"
-WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1 + 4 / 128}  # int8: one fp32 scale per 128 weights
-KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 4}
+WEIGHT_BYTES = {
+    "fp32": 4,
+    "fp16": 2,
+    "int8": 1 + 4 / 128,
+    "int4": 0.5 + 4.5 / 64,  # int4: a fp32 scale and a 4-bit zero point per 64 weights
+}  # int8: one fp32 scale per 128 weights
+KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 4, "int4": 4}
 SIGNALS = {s.value: s.name for s in signal.Signals}  # a worker's negative exit code -> SIGKILL, SIGSEGV, ...
 
 

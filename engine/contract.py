@@ -50,10 +50,10 @@ MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 
-DTYPES = ("fp32", "fp16", "int8")
+DTYPES = ("fp32", "fp16", "int8", "int4")
 KV_CACHES = ("concat", "shared")  # past + new -> present (the contract above) | one buffer, updated in place
 # Element type of the KV cache (and activations): int8 models quantize weights only.
-ONNX_ELEM_TYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
+ONNX_ELEM_TYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}
 
 
 class UserError(Exception):

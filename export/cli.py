@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "--dtype",
         choices=DTYPES,
         default="fp32",
-        help="precision: fp32; fp16 (for CUDA); int8 weights with fp32 activations (for the CPU)",
+        help="precision: fp32; fp16 (for CUDA); int8 or int4 weights with fp32 activations (for the CPU)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     p.add_argument(

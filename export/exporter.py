@@ -30,7 +30,7 @@ from gpt2onnx.engine.session import Session, SessionConfig
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, random_checkpoint
 from .graph import EXTERNAL_DATA_THRESHOLD, OPSET, build_module, export_graph
-from .quantize import check_int8_available
+from .quantize import QUANTIZED, check_quantizer_available
 from .tokenizer_files import find_tokenizer, write_tokenizer
 from .verify import CheckReport, check_export, check_shared_export
 
@@ -97,8 +97,8 @@ def export(cfg: ExportConfig) -> Manifest:
             f"{out} exists and is not a gpt2-onnx model folder; refusing to replace it even with --force"
         )
 
-    if cfg.dtype == "int8":
-        check_int8_available()  # a missing onnx_ir fails now, not after tracing
+    if cfg.dtype in QUANTIZED:
+        check_quantizer_available(cfg.dtype)  # a missing onnx_ir fails now, not after tracing
     ckpt: Checkpoint = (
         random_checkpoint(cfg.random_init, cfg.seed) if cfg.random_init else load_checkpoint(cfg.model)
     )

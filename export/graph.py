@@ -21,7 +21,7 @@ from gpt2onnx.engine.contract import (
 
 from .fusion import fuse
 from .model import GPT2, SharedCacheGraph
-from .quantize import quantize_int8
+from .quantize import QUANTIZED, quantize
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ TORCH_DTYPES = {
     "fp32": torch.float32,
     "fp16": torch.float16,
     "int8": torch.float32,
+    "int4": torch.float32,
 }  # int8: traced in fp32, then quantized
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # protobuf's 2 GiB limit, less headroom for the graph itself
 
@@ -96,7 +97,7 @@ def export_graph(
     scratch = path.parent / "trace"
     scratch.mkdir()
     model.use_attention("gqa" if kv_cache == "shared" else "mha" if optimize else "plain")
-    if dtype == "int8":
+    if dtype in QUANTIZED:
         model.untie_embedding()  # the lm_head's copy becomes int8; the Gather's stays float
     traced = SharedCacheGraph(model) if kv_cache == "shared" else model
     with warnings.catch_warnings(), torch.no_grad():
@@ -120,8 +121,8 @@ def export_graph(
     proto = onnx.load(str(scratch / "model.onnx"))  # also pulls in any external data the tracer wrote
     if optimize:
         proto = fuse(proto, model.config, kv_cache)
-    if dtype == "int8":
-        proto = quantize_int8(proto, n_layer)
+    if dtype in QUANTIZED:
+        proto = quantize(proto, n_layer, dtype)
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     external = f"{path.name}.data" if weight_bytes > external_data_threshold else None
     log.info(

@@ -40,6 +40,7 @@ TOLERANCES = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-4),
     "fp16": Tolerance(atol=1e-2, rtol=1e-2),
     "int8": Tolerance(atol=5e-2, rtol=5e-2),
+    "int4": Tolerance(atol=5e-1, rtol=5e-1),
 }
 
 # (batch, seq, past_len, logits_to_keep or None for all, left padding of the last rows)

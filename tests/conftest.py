@@ -128,6 +128,18 @@ def tiny_int8_shared(hf_folder, tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_int4(hf_folder, tmp_path_factory) -> Path:
+    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-int4", dtype="int4")
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_shared(hf_folder, tmp_path_factory) -> Path:
+    return export_folder(
+        hf_folder, tmp_path_factory.mktemp("export") / "tiny-int4-shared", dtype="int4", kv_cache="shared"
+    )
+
+
 def hf_forward(model, ids, mask, positions, cache=None):
     """One GPT2LMHeadModel call; returns (logits, cache). transformers renamed past_key_values to cache."""
     kwargs = dict(

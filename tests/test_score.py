@@ -76,3 +76,34 @@ def test_the_trained_fixture_perplexity_is_the_readme_figure(tmp_path_factory):
     assert len(s.tokens) == 27310
     assert s.perplexity == pytest.approx(39.55, rel=1e-3)
     assert np.isfinite(s.logprobs).all()  # stride < window: every token after the first has context
+
+
+@pytest.fixture(scope="module")
+def fixture_folders(tmp_path_factory):
+    if not FIXTURE.is_dir():
+        pytest.skip("needs ../shared/fixtures (the trained models)")
+    root = tmp_path_factory.mktemp("fixture-dtypes")
+    return {dtype: export_folder(FIXTURE, root / dtype, dtype=dtype) for dtype in ("fp32", "int8", "int4")}
+
+
+# perplexity change against fp32 allowed, and top-1 agreement with fp32 required (issue 15's targets)
+QUALITY = {"int8": (0.005, 0.97), "int4": (0.02, 0.93)}
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_quality_on_the_trained_fixture(fixture_folders, dtype):
+    """On real text: perplexity over heldout.txt within the target of fp32's, and top-1 agreement
+    with fp32 over 2,560 held-out positions (20 windows of 128)."""
+    text = (FIXTURE / "heldout.txt").read_text()
+    engines = {d: Engine.load(fixture_folders[d], provider="cpu") for d in ("fp32", dtype)}
+    ppl = {d: e.score(text, prepend_bos=False, stride=64).perplexity for d, e in engines.items()}
+    ids = np.array(engines["fp32"].to_tokens(text, prepend_bos=False)[: 20 * 128]).reshape(20, 128)
+    top1 = {
+        d: np.concatenate([e.logits(ids[i : i + 4]).argmax(-1) for i in range(0, 20, 4)])
+        for d, e in engines.items()
+    }
+    agree = float((top1[dtype] == top1["fp32"]).mean())
+    change = ppl[dtype] / ppl["fp32"] - 1
+    print(f"{dtype}: perplexity {ppl[dtype]:.3f} ({change:+.2%} against fp32), top-1 agreement {agree:.2%}")
+    max_change, min_agree = QUALITY[dtype]
+    assert abs(change) <= max_change and agree >= min_agree
