@@ -75,7 +75,7 @@ def quantize(
 def _quantize(proto: onnx.ModelProto, layout: Layout, dtype: str) -> onnx.ModelProto:
     # onnxruntime's quantizer imports onnx_ir, which the [export] extra installs
     nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "export", f"--dtype {dtype}")
-    log.info("quantizing weights to %d bits (MatMulNBits, block %d, %s)", layout.bits, layout.block,
+    log.info("quantizing weights to %s (%d-bit MatMulNBits, block %d, %s)", dtype, layout.bits, layout.block,
              "symmetric" if layout.symmetric else "with zero points")  # fmt: skip
     quantizer = nbits.MatMulNBitsQuantizer(
         proto,
