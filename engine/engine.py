@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -165,7 +165,7 @@ class Engine:
         request = self._request("generate", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
         prompts = inputs.prompts(prompts, self.vocab_size)
         clock = Clock()
-        requests = [replace(self._submission(p, request, None, False, clock), pieces=False) for p in prompts]
+        requests = [self._submission(p, request, stream=False, clock=clock, pieces=False) for p in prompts]
         clock.begin()
         handles = self.scheduler.submit_all(requests, bounded=False)
         try:
@@ -183,7 +183,7 @@ class Engine:
         submitted here, before the first piece is asked for."""
         request = self._request("stream", max_new_tokens, stop, prepend_bos, truncate, False, sampling)
         prompt = inputs.prompt("prompt", prompt, self.vocab_size)
-        handle = self.scheduler.submit(self._submission(prompt, request, None, stream=True))
+        handle = self.scheduler.submit(self._submission(prompt, request, stream=True))
         return _texts(handle)
 
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 16, *, stop: str | Sequence[str] = (),
@@ -207,16 +207,20 @@ class Engine:
         prompt_logprobs = inputs.check("logprobs", prompt_logprobs, "prompt_logprobs")
         prompt = inputs.prompt("prompt", prompt, self.vocab_size)
         stream = inputs.check("stream", stream)
-        submission = self._submission(prompt, request, logprobs, stream)
-        return self.scheduler.submit(replace(submission, prompt_logprobs=prompt_logprobs))
+        return self.scheduler.submit(
+            self._submission(
+                prompt, request, logprobs=logprobs, prompt_logprobs=prompt_logprobs, stream=stream
+            )
+        )
 
-    def _submission(self, prompt: str | list[int], request: Request, logprobs: int | None, stream: bool,
-                    clock: Clock | None = None) -> SchedulerRequest:  # fmt: skip
-        """A checked prompt and a call's settings as one request for the scheduler."""
+    def _submission(self, prompt: str | list[int], request: Request, **extra) -> SchedulerRequest:
+        """A checked prompt and a call's settings as one request for the scheduler; `extra`:
+        the scheduler Request's own (logprobs, stream, clock, pieces, prompt_logprobs)."""
         ids = self._prompt_tokens(prompt, request)
         text = prompt if isinstance(prompt, str) else self.tokenizer.to_string(ids)
+        extra.setdefault("logprobs", None)
         return SchedulerRequest(text, ids, request.max_new_tokens, request.stop, request.sampling,
-                                self._eos(request), logprobs, stream, clock)  # fmt: skip
+                                self._eos(request), **extra)  # fmt: skip
 
     def stats(self) -> dict[str, int]:
         """The scheduler's figures now: queue_depth, active_slots, max_batch, max_queue."""
