@@ -21,25 +21,36 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2onnx.engine.contract import Manifest, UserError
+from gpt2onnx.engine.contract import DTYPES, Manifest, UserError
 from gpt2onnx.engine.model_folder import read_manifest
 
+from . import peers
 from .machine import bandwidth_method, machine_info, read_bandwidth_gbs
 from .measure import summarize
+from .peers import PEERS
+from .reference import write_hf_reference
 
 log = logging.getLogger(__name__)
-ORT_RUNNERS = ("gpt2-onnx", "gpt2-onnx-eager", "ort-plain-loop", "naive-no-cache")
 HF_RUNNERS = ("transformers-eager", "optimum")
-ALL_BASELINES = ("transformers-eager", "optimum", "ort-plain-loop", "naive-no-cache")
-EXTRA_BASELINES = ("gpt2-onnx-eager",)  # on request: ours without CUDA graphs and device sampling (GPU runs)
-OURS = ("gpt2-onnx", "gpt2-onnx-eager")  # our engine's runners: if one fails, the benchmark fails
+ONNX_LOOPS = ("ort-plain-loop", "naive-no-cache")  # plain loops over our graph, with the concat cache
+# The default baselines; a peer (llama.cpp, CTranslate2) runs when its venv exists, else is skipped.
+ALL_BASELINES = ("transformers-eager", "optimum", *ONNX_LOOPS, *PEERS)
+# Ours at another dtype, exported from the same weights with the same cache: "gpt2-onnx-int4"...
+OUR_DTYPES = {f"gpt2-onnx-{d}": d for d in DTYPES}
+# On request: ours without CUDA graphs and device sampling (GPU runs), and ours at other dtypes.
+EXTRA_BASELINES = ("gpt2-onnx-eager", *OUR_DTYPES)
+OURS = (
+    "gpt2-onnx",
+    "gpt2-onnx-eager",
+    *OUR_DTYPES,
+)  # our engine's runners: if one fails, the benchmark fails
 WORKER = Path(__file__).resolve().parent / "worker.py"
 WEIGHT_BYTES = {
     "fp32": 4,
     "fp16": 2,
     "int8": 1 + 4 / 128,
     "int4": 0.5 + 4.5 / 64,  # int4: a fp32 scale and a 4-bit zero point per 64 weights
-}  # int8: one fp32 scale per 128 weights
+}  # int8: one fp32 scale per 128 weights. The peers report their own (their file's size).
 KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 4, "int4": 4}
 SIGNALS = {s.value: s.name for s in signal.Signals}  # a worker's negative exit code -> SIGKILL, SIGSEGV, ...
 
@@ -60,6 +71,7 @@ class BenchConfig:
     repeats: int = 5
     baselines: tuple[str, ...] = ALL_BASELINES
     naive_max_batch: int = 1  # the O(n^2) loop is slow; run it only at small batches
+    rounds: int = 1  # the whole runner sequence this many times, alternating; medians over all runs
     optimum_python: str | None = None  # a Python with optimum-onnx installed (its own environment)
     seed: int = 0  # prompts
 
@@ -68,6 +80,8 @@ class BenchConfig:
             raise ValueError(
                 "--new-tokens must be >= 2: decode speed is measured over the steps after the first token"
             )
+        if self.rounds < 1:
+            raise ValueError("--rounds must be >= 1")
 
     @property
     def configs(self) -> list[tuple[int, int, int]]:
@@ -93,54 +107,84 @@ def find_optimum_python(explicit: str | None) -> str | None:
     return None
 
 
-def write_hf_reference(manifest: Manifest, folder: Path) -> None:
-    """A transformers folder with the exact weights the model folder was exported from."""
-    from safetensors.torch import save_file
-
-    from gpt2onnx.export.checkpoint import (
-        CheckpointError,
-        load_checkpoint,
-        random_state_dict,
-        to_hf_checkpoint,
-    )
-
-    src = manifest.source
-    if src.random_init:
-        state = random_state_dict(manifest.config, src.seed)
-    else:
-        ckpt = load_checkpoint(src.checkpoint)
-        if ckpt.source.weights_sha256 != src.weights_sha256:
-            raise CheckpointError(
-                f"{src.checkpoint} changed since the model folder was exported (sha256 differs); re-export before benchmarking"
-            )
-        state = ckpt.state_dict
-    hf_config, hf_state = to_hf_checkpoint(manifest.config, state)
-    hf_state.pop("lm_head.weight")  # tied to wte; safetensors refuses shared tensors
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf_config))
-    save_file({k: v.contiguous() for k, v in hf_state.items()}, str(folder / "model.safetensors"))
-
-
-def concat_twin(manifest: Manifest, model_folder: Path, workdir: Path) -> Path:
-    """The concat-cache graph of the same weights and dtype, for the ONNX baselines
-    when the model under test is the shared-cache graph: they drive the concat contract."""
+def export_twin(manifest: Manifest, model_folder: Path, out: Path, dtype: str, kv_cache: str) -> Path:
+    """The same weights exported again with another dtype or cache layout: the concat graph for
+    the ONNX loops when the model under test has the shared cache (they drive the concat
+    contract), and ours at other dtypes (OUR_DTYPES)."""
     from gpt2onnx.export.exporter import ExportConfig, export
 
     src = manifest.source
     random_size = src.checkpoint.removeprefix("random-init:") if src.random_init else None
-    out = workdir / "concat-graph"
-    log.info("exporting the concat cache graph of the same weights for the ONNX baselines")
+    log.info("exporting the same weights as %s with the %s cache into %s", dtype, kv_cache, out.name)
     export(
         ExportConfig(
             output=out,
             model=None if src.random_init else src.checkpoint,
             random_init=random_size,
             seed=src.seed or 0,
-            dtype=manifest.dtype,
+            dtype=dtype,
             tokenizer=model_folder / manifest.tokenizer_file,
+            optimize=manifest.optimized or kv_cache == "shared",
+            kv_cache=kv_cache,
         )
     )
     return out
+
+
+def onnx_folders(cfg: BenchConfig, manifest: Manifest, workdir: Path) -> dict[str, Path]:
+    """The model folder each ONNX runner loads."""
+    ours = cfg.model_folder.resolve()
+    folders = {"gpt2-onnx": ours, "gpt2-onnx-eager": ours}
+    for runner, dtype in OUR_DTYPES.items():
+        if runner in cfg.baselines:
+            same = dtype == manifest.dtype
+            folders[runner] = ours if same else export_twin(manifest, cfg.model_folder, workdir / runner, dtype,
+                                                            manifest.kv_cache)  # fmt: skip
+    loops = [b for b in cfg.baselines if b in ONNX_LOOPS]
+    if loops:
+        concat = ours
+        if manifest.kv_cache == "shared":
+            concat = export_twin(
+                manifest, cfg.model_folder, workdir / "concat-graph", manifest.dtype, "concat"
+            )
+        folders |= dict.fromkeys(loops, concat)
+    return folders
+
+
+def runner_python(runner: str, optimum_python: str | None) -> tuple[str | None, str | None]:
+    """(the Python that runs it, None) or (None, why it is skipped)."""
+    if runner == "optimum":
+        if optimum_python is None:
+            return (
+                None,
+                "optimum-onnx is not installed; run .ci/setup-optimum (its own venv) or pass --optimum-python",
+            )
+        return optimum_python, None
+    if runner in PEERS:
+        engine = PEERS[runner].engine
+        python = peers.find_python(engine)
+        return (python, None) if python else (None, peers.skipped_reason(engine))
+    return sys.executable, None
+
+
+def max_batch_of(runner: str, cfg: BenchConfig) -> int:
+    if runner == "naive-no-cache":
+        return cfg.naive_max_batch
+    if runner in PEERS:
+        return peers.MAX_BATCH.get(PEERS[runner].engine, max(cfg.batches))
+    return max(cfg.batches)
+
+
+def precision_of(runner: str, data: dict, manifest: Manifest) -> str:
+    """The precision its weights run at, in our dtype names, to compare like with like."""
+    if runner in PEERS:
+        return PEERS[runner].ours
+    if runner in OUR_DTYPES:
+        return OUR_DTYPES[runner]
+    if runner in HF_RUNNERS:  # fp32 weights; transformers runs an fp16 model's dtype on the GPU
+        fp16 = runner == "transformers-eager" and data.get("device") == "cuda" and manifest.dtype == "fp16"
+        return "fp16" if fp16 else "fp32"
+    return manifest.dtype
 
 
 def run_worker(python: str, spec: dict, workdir: Path) -> dict:
@@ -209,51 +253,83 @@ def run_bench(cfg: BenchConfig) -> dict:
     device_for_bw = "cuda" if results["machine"]["gpu"] and cfg.provider != "cpu" else "cpu"
     results["machine"]["read_bandwidth_gbs"] = read_bandwidth_gbs(device_for_bw)
     results["machine"]["bandwidth_method"] = bandwidth_method(device_for_bw)
+    runners = ("gpt2-onnx", *cfg.baselines)
     with tempfile.TemporaryDirectory(prefix="gpt2-onnx-bench-") as tmp:
         workdir = Path(tmp)
         hf_folder = workdir / "hf-reference"
         if any(b in HF_RUNNERS for b in cfg.baselines):
             log.info("writing the transformers reference folder with the same weights")
             write_hf_reference(manifest, hf_folder)
-        onnx_baseline_folder = cfg.model_folder.resolve()
-        if manifest.kv_cache == "shared" and any(
-            b in ("ort-plain-loop", "naive-no-cache") for b in cfg.baselines
-        ):
-            onnx_baseline_folder = concat_twin(manifest, cfg.model_folder, workdir)
-        for runner in ("gpt2-onnx", *cfg.baselines):
-            configs = [x for x in cfg.configs if runner != "naive-no-cache" or x[0] <= cfg.naive_max_batch]
-            python = sys.executable
-            if runner == "optimum":
-                if optimum_python is None:
-                    results["runners"][runner] = {
-                        "runner": runner,
-                        "skipped": "optimum-onnx is not installed; run .ci/setup-optimum (its own venv) or pass --optimum-python",
-                    }
-                    log.warning(
-                        "Optimum skipped: not installed (.ci/setup-optimum installs it in .venv-optimum)"
-                    )
+        folders = onnx_folders(cfg, manifest, workdir)
+        pythons = {}
+        for runner in runners:
+            pythons[runner], skipped = runner_python(runner, optimum_python)
+            if skipped:
+                results["runners"][runner] = {"runner": runner, "skipped": skipped}
+                log.warning("%s skipped: %s", runner, skipped)
+        peer_spec = prepare_peers(
+            cfg, [r for r in runners if r in PEERS and pythons[r]], prompts, workdir, results
+        )
+        for round_ in range(cfg.rounds):
+            for runner in runners:
+                if not pythons[runner] or "error" in results["runners"].get(runner, {}):
                     continue
-                python = optimum_python
-            log.info("running %s over %d configurations", runner, len(configs))
-            folder = cfg.model_folder.resolve() if runner.startswith("gpt2-onnx") else onnx_baseline_folder
-            spec = {
-                "runner": runner,
-                "model_folder": str(folder),
-                "hf_folder": str(hf_folder),
-                "provider": cfg.provider,
-                "dtype": manifest.dtype,
-                "max_batch": max(cfg.batches),
-                "configs": configs,
-                "prompts": prompts.tolist(),
-                "warmup": cfg.warmup,
-                "repeats": cfg.repeats,
-            }
-            results["runners"][runner] = data = run_worker(python, spec, workdir)
-            if "error" in data:
-                record_failure(results, runner, data["error"])
-                if runner == "gpt2-onnx":
-                    break  # nothing to compare the baselines with
+                configs = [x for x in cfg.configs if x[0] <= max_batch_of(runner, cfg)]
+                log.info("running %s over %d configurations%s", runner, len(configs),
+                         f" (round {round_ + 1} of {cfg.rounds})" if cfg.rounds > 1 else "")  # fmt: skip
+                spec = {
+                    "runner": runner,
+                    "model_folder": str(folders.get(runner, "")),
+                    "hf_folder": str(hf_folder),
+                    "provider": cfg.provider,
+                    "dtype": manifest.dtype,
+                    "max_batch": max(cfg.batches),
+                    "configs": configs,
+                    "prompts": prompts.tolist(),
+                    "warmup": cfg.warmup,
+                    "repeats": cfg.repeats,
+                }
+                if runner in PEERS:
+                    spec |= peer_spec | {"peer": asdict(PEERS[runner])}
+                data = run_worker(pythons[runner], spec, workdir)
+                if "error" in data:
+                    results["runners"][runner] = data
+                    record_failure(results, runner, data["error"])
+                    if runner == "gpt2-onnx":
+                        return add_summaries(results, manifest)  # nothing to compare the baselines with
+                    continue
+                add_round(results["runners"], runner, data)
     return add_summaries(results, manifest)
+
+
+def prepare_peers(
+    cfg: BenchConfig, names: list[str], prompts: np.ndarray, workdir: Path, results: dict
+) -> dict:
+    """peers.prepare once for all peers; if it fails, each of them is a failed row with its reason."""
+    if not names:
+        return {}
+    try:
+        return peers.prepare(names, cfg.model_folder.resolve(), prompts, workdir)
+    except Exception as e:  # recorded for each peer, as a worker's error would be
+        reason = (
+            f"preparing the peers' models failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+        )
+        for name in names:
+            results["runners"][name] = {"runner": name, "error": reason}
+            record_failure(results, name, reason)
+        return {}
+
+
+def add_round(runners: dict, runner: str, data: dict) -> None:
+    """The first round's results as they are; a later round's timed runs join each configuration's."""
+    if runner not in runners:
+        runners[runner] = data | {"rounds": 1}
+        return
+    kept = runners[runner]
+    for old, new in zip(kept["results"], data["results"]):
+        old["runs"] += new["runs"]
+    kept["rounds"] += 1
+    kept["peak_rss_mb"] = max(kept["peak_rss_mb"], data["peak_rss_mb"])
 
 
 def record_failure(results: dict, runner: str, reason: str) -> None:
@@ -275,31 +351,51 @@ def failure_line(results: dict) -> str | None:
 
 
 def add_summaries(results: dict, manifest: Manifest) -> dict:
-    """Medians, ratios to ours, token agreement and the fraction of the bandwidth floor.
-    Without results of ours (it failed), only the medians."""
+    """Medians, ratios to ours (the model under test, and ours at the runner's precision when it
+    ran), token agreement and the fraction of the bandwidth floor. Without results of ours (it
+    failed), only the medians and floors."""
     c = manifest.config
-    ours_results = results["runners"]["gpt2-onnx"].get("results", [])
-    ours = {(r["batch"], r["prompt_len"], r["new_tokens"]): r for r in ours_results}
     bw = results["machine"]["read_bandwidth_gbs"] * 1e9
-    w_bytes, kv_bytes = WEIGHT_BYTES[manifest.dtype], KV_BYTES[manifest.dtype]
-    for data in results["runners"].values():
-        for r in data.get("results", []):
-            key = (r["batch"], r["prompt_len"], r["new_tokens"])
+    key = lambda r: (r["batch"], r["prompt_len"], r["new_tokens"])  # noqa: E731
+    for runner, data in results["runners"].items():
+        if "results" not in data:
+            continue
+        data["precision"] = precision = precision_of(runner, data, manifest)
+        weight_bytes = data.get("weight_bytes") or c.n_params * WEIGHT_BYTES[precision]
+        kv_bytes = data.get("kv_bytes") or KV_BYTES[precision]
+        for r in data["results"]:
             for metric in ("ttft_ms", "decode_ms_per_token", "tokens_per_s", "python_overhead_ms"):
                 values = [run[metric] for run in r["runs"] if run[metric] is not None]
                 if values:
                     r[metric] = summarize(values)
             context = r["prompt_len"] + r["new_tokens"] / 2
-            step_bytes = c.n_params * w_bytes + 2 * c.n_layer * r["batch"] * context * c.n_embd * kv_bytes
-            r["bytes_per_step"] = step_bytes
-            r["bandwidth_floor_ms"] = 1e3 * step_bytes / bw
+            r["bytes_per_step"] = weight_bytes + 2 * c.n_layer * r["batch"] * context * c.n_embd * kv_bytes
+            r["bandwidth_floor_ms"] = 1e3 * r["bytes_per_step"] / bw
             r["fraction_of_floor"] = r["bandwidth_floor_ms"] / r["decode_ms_per_token"]["median"]
-            if key not in ours:
-                continue
-            mine = ours[key]
-            r["decode_vs_ours"] = r["decode_ms_per_token"]["median"] / mine["decode_ms_per_token"]["median"]
-            r["tokens_per_s_ours_over_this"] = mine["tokens_per_s"]["median"] / r["tokens_per_s"]["median"]
-            r["same_tokens_as_ours"] = r["tokens"] == mine["tokens"]
-            same = np.asarray(r["tokens"]) == np.asarray(mine["tokens"])
-            r["token_agreement"] = float(np.mean(same))  # int8 drifts from fp32
+    by_config = {
+        name: {key(r): r for r in data.get("results", [])} for name, data in results["runners"].items()
+    }
+    ours = by_config.get("gpt2-onnx", {})
+    ours_at = {data["precision"]: name for name, data in results["runners"].items()
+               if name in ("gpt2-onnx", *OUR_DTYPES) and "results" in data}  # fmt: skip
+    for runner, data in results["runners"].items():
+        for r in data.get("results", []):
+            if key(r) in ours:
+                mine = ours[key(r)]
+                r["decode_vs_ours"] = (
+                    r["decode_ms_per_token"]["median"] / mine["decode_ms_per_token"]["median"]
+                )
+                r["tokens_per_s_ours_over_this"] = (
+                    mine["tokens_per_s"]["median"] / r["tokens_per_s"]["median"]
+                )
+                r["same_tokens_as_ours"] = r["tokens"] == mine["tokens"]
+                same = np.asarray(r["tokens"]) == np.asarray(mine["tokens"])
+                r["token_agreement"] = float(np.mean(same))  # int8 drifts from fp32
+            twin = ours_at.get(data["precision"])
+            if twin and twin != runner and runner not in OURS and key(r) in by_config[twin]:
+                mine = by_config[twin][key(r)]
+                r["ours_at_precision"] = twin
+                r["decode_vs_ours_at_precision"] = (
+                    r["decode_ms_per_token"]["median"] / mine["decode_ms_per_token"]["median"]
+                )
     return results

@@ -13,10 +13,13 @@ from gpt2onnx.export.model_source import resolve_model
 
 from . import report
 from .bench import ALL_BASELINES, EXTRA_BASELINES, QUICK, BenchConfig, BenchError, failure_line, run_bench
+from .peers import PEERS
 
 log = logging.getLogger("gpt2onnx")
 # What the transformers baselines import here (their reference weights) and in their worker process.
-BASELINE_MODULES = {"transformers-eager": ("torch", "transformers"), "optimum": ("torch",)}
+# The peers need them here for their reference checkpoint and transformers' greedy tokens.
+BASELINE_MODULES = {"transformers-eager": ("torch", "transformers"), "optimum": ("torch",),
+                    **dict.fromkeys(PEERS, ("torch", "transformers"))}  # fmt: skip
 
 
 def ints(text: str) -> tuple[int, ...]:
@@ -77,7 +80,17 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument(
         "--baselines",
         default=",".join(ALL_BASELINES),
-        help="comma-separated baselines to run beside ours (also: gpt2-onnx-eager, ours without CUDA graphs and device sampling)",
+        help="comma-separated baselines to run beside ours. llama.cpp-* and ctranslate2-* run when "
+        ".ci/setup-llamacpp / .ci/setup-ctranslate2 made their venvs (else skipped). Also on request: "
+        "gpt2-onnx-eager (ours without CUDA graphs and device sampling) and gpt2-onnx-fp32 / -fp16 / "
+        "-int8 / -int4 (ours at that dtype, exported from the same weights)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every runner this many times in turn (alternating, against a machine's drift); "
+        "medians over all rounds' runs",
     )
     p.add_argument(
         "--optimum-python",
@@ -101,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"unknown baselines {sorted(unknown)}; choose from {', '.join(ALL_BASELINES + EXTRA_BASELINES)}"
         )
-    if args.repeats < 1 or args.warmup < 0:
-        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.rounds < 1:
+        raise ValueError("--repeats and --rounds must be >= 1 and --warmup >= 0")
     check_baseline_modules(baselines, ALL_BASELINES)
     folder = resolve_model(
         args.model, args.random_init, args.seed, args.dtype, args.tokenizer, args.models_dir, args.kv_cache
@@ -118,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         baselines=baselines,
         optimum_python=args.optimum_python,
+        rounds=args.rounds,
     )
     if args.quick:
         cfg = replace(cfg, **QUICK)

@@ -1,7 +1,7 @@
 """llama.cpp's OpenAI-compatible server as the load benchmark's peer, on the same weights.
 
 A model folder's weights (regenerated from the seed for random-init, re-read for a checkpoint:
-bench.write_hf_reference) are written as a transformers GPT-2 checkpoint, converted to GGUF with
+reference.write_hf_reference) are written as a transformers GPT-2 checkpoint, converted to GGUF with
 the converter in llama.cpp's own source tree, and served by llama-cpp-python's server. All of
 llama.cpp lives in its own venv, .venv-llamacpp (made by .ci/setup-llamacpp: the package built
 from source for this CPU, and its sdist kept unpacked under .venv-llamacpp/src for the
@@ -30,10 +30,8 @@ against a running one on the 124M q8_0 GGUF:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -42,9 +40,6 @@ import urllib.request
 from pathlib import Path
 
 from gpt2onnx.engine.contract import UserError
-from gpt2onnx.engine.model_folder import read_manifest
-
-from .bench import write_hf_reference
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +63,6 @@ def converter(venv: Path = VENV) -> Path:
     if not found:
         raise UserError(f"llama.cpp's convert_hf_to_gguf.py is not under {venv}/src; {SETUP}")
     return found[-1].absolute()
-
-
-def hf_checkpoint(model_folder: Path, out: Path) -> Path:
-    """The model folder's exact weights as a transformers GPT-2 folder that llama.cpp's converter
-    reads: bench's reference checkpoint, plus `n_ctx` (the GPT-2 converter reads it; configs
-    saved by transformers 5 lack it) and the folder's tokenizer.json. Returns `out`."""
-    manifest = read_manifest(model_folder)
-    write_hf_reference(manifest, out)
-    config_file = out / "config.json"
-    config = json.loads(config_file.read_text())
-    config["n_ctx"] = config["n_positions"]
-    config_file.write_text(json.dumps(config, indent=1))
-    shutil.copyfile(Path(model_folder, manifest.tokenizer_file), out / "tokenizer.json")
-    return out
 
 
 def to_gguf(checkpoint: Path, out_file: Path, outtype: str = "q8_0", venv: Path = VENV) -> Path:

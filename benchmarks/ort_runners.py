@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2onnx.engine.contract import past_names
+from gpt2onnx.engine.contract import DTYPES, past_names
 from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.kv_cache import KV_DTYPES
 from gpt2onnx.engine.model_folder import read_manifest
@@ -117,6 +117,7 @@ def naive_no_cache(folder: Path, provider: str):
 RUNNERS = {
     "gpt2-onnx": ours,
     "gpt2-onnx-eager": lambda *a: ours(*a, fast_gpu_path=False),
+    **{f"gpt2-onnx-{dtype}": ours for dtype in DTYPES},  # ours at another dtype (bench.OUR_DTYPES)
     "ort-plain-loop": plain_run_loop,
     "naive-no-cache": naive_no_cache,
 }

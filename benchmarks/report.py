@@ -23,12 +23,20 @@ def markdown(results: dict) -> str:
         f"Model: {label}  ",
         f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}; onnxruntime-gpu {m['versions'].get('onnxruntime-gpu', '?')}, torch {m['versions'].get('torch', '?')}, transformers {m['versions'].get('transformers', '?')}  ",
         f"Read bandwidth: {m['read_bandwidth_gbs']:.1f} GB/s ({m['bandwidth_method']})  ",
-        f"Greedy, EOS ignored; medians of {results['settings']['repeats']} runs after {results['settings']['warmup']} warm-up. "
-        "Baselines run the fp32 weights the model was exported from"
-        + (" (ours is int8, so its tokens drift from theirs)." if model["dtype"] == "int8" else "."),
+        f"Greedy, EOS ignored; medians of {results['settings']['repeats']} runs after {results['settings']['warmup']} warm-up"
+        + (
+            f", in each of {rounds} alternating rounds"
+            if (rounds := results["settings"].get("rounds", 1)) > 1
+            else ""
+        )
+        + ". Every runner runs the weights the model was exported from, at its own precision "
+        "(quantized ones drift from fp32's tokens). × ours: decode ms/token over gpt2-onnx's "
+        f"({model['dtype']}); × ours at its precision: over ours at the runner's precision, when that ran. "
+        "% of floor: the time to read the weights and the cache once per step at the measured bandwidth, "
+        "over the decode step.",
         "",
-        "| runner | batch | prompt | new | TTFT ms | decode ms/token | tokens/s | decode × slower than ours | tokens equal to ours | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|",
+        "| runner | precision | batch | prompt | new | TTFT ms | decode ms/token | tokens/s | × ours | × ours at its precision | tokens equal to ours | % of floor | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---:|",
     ]
     for name, data in results["runners"].items():
         if "skipped" in data or "error" in data:
@@ -36,8 +44,8 @@ def markdown(results: dict) -> str:
             note = (
                 f"skipped: {data['skipped']}" if "skipped" in data else f"FAILED{left_out}: {data['error']}"
             )
-            lines.append(f"| {name} | | | | | | | | | {cell(note)} |")
-        lines += [table_row(name, r, data["peak_rss_mb"]) for r in data.get("results", [])]
+            lines.append(f"| {name} | | | | | | | | | | | | {cell(note)} |")
+        lines += [table_row(name, data, r) for r in data.get("results", [])]
     lines.append("")
     for name, data in results["runners"].items():
         if "cuda_graphs" in data:
@@ -45,6 +53,11 @@ def markdown(results: dict) -> str:
             fallback = data.get("cuda_graphs_fallback")
             why = f" (fell back: {fallback})" if fallback else ""
             lines.append(f"{name}: CUDA graphs {state} after the timed runs{why}.  ")
+    for name, data in results["runners"].items():
+        if "greedy_checked" in data:
+            equal, of = data["greedy_prefix_equal_to_transformers"], data["greedy_checked"]
+            lines.append(f"{name}: checked before timing: reads our prompt ids as our tokens; its first {equal} "
+                         f"of {of} greedy tokens equal transformers' fp32 ones ({data['threads']} threads).  ")  # fmt: skip
     for r in results["runners"]["gpt2-onnx"].get("results", []):
         overhead = r.get("python_overhead_ms", {}).get("median")
         lines.append(
@@ -55,14 +68,16 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table_row(name: str, r: dict, peak_rss_mb: float) -> str:
+def table_row(name: str, data: dict, r: dict) -> str:
     """One configuration of one runner; the comparisons with ours are "–" when ours has no result."""
-    vs, agree = r.get("decode_vs_ours"), r.get("token_agreement")
+    vs, same, agree = r.get("decode_vs_ours"), r.get("decode_vs_ours_at_precision"), r.get("token_agreement")
     cells = [
-        name, r["batch"], r["prompt_len"], r["new_tokens"], f"{r['ttft_ms']['median']:.1f}",
-        f"{r['decode_ms_per_token']['median']:.2f}", f"{r['tokens_per_s']['median']:.1f}",
-        "–" if vs is None else f"{vs:.2f}×", "–" if agree is None else f"{100 * agree:.0f}%",
-        f"{peak_rss_mb:.0f}",
+        name, data.get("precision", ""), r["batch"], r["prompt_len"], r["new_tokens"],
+        f"{r['ttft_ms']['median']:.1f}", f"{r['decode_ms_per_token']['median']:.2f}",
+        f"{r['tokens_per_s']['median']:.1f}", "–" if vs is None else f"{vs:.2f}×",
+        "–" if same is None else f"{same:.2f}× ({r['ours_at_precision']})",
+        "–" if agree is None else f"{100 * agree:.0f}%", f"{100 * r['fraction_of_floor']:.0f}%",
+        f"{data['peak_rss_mb']:.0f}",
     ]  # fmt: skip
     return "| " + " | ".join(str(c) for c in cells) + " |"
 

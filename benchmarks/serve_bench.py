@@ -32,6 +32,7 @@ from gpt2onnx.engine.extras import require
 from gpt2onnx.engine.model_folder import read_manifest
 
 from . import llamacpp, load
+from .reference import hf_checkpoint
 
 log = logging.getLogger("gpt2onnx")
 RUNNERS = ("continuous", "batch1", "static", "llamacpp")  # the default set
@@ -160,7 +161,7 @@ class server:
         try:
             if not gguf.is_file():
                 folder.mkdir(parents=True, exist_ok=True)
-                llamacpp.to_gguf(llamacpp.hf_checkpoint(args.model, folder / "hf"), gguf)
+                llamacpp.to_gguf(hf_checkpoint(args.model, folder / "hf"), gguf)
             port = llamacpp.free_port()
             n_ctx = read_manifest(args.model).config.n_positions
             self.proc = llamacpp.start_llama_server(gguf, port, args.max_batch, n_ctx, threads=2)

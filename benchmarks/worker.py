@@ -6,8 +6,8 @@ A runner that fails exits 1 with its traceback and, as the last line of stderr, 
 one line: the orchestrator records that line. With --provider cuda, a runner whose session
 fell back to the CPU fails: its figures would be CPU figures under a GPU label.
 
-Runs as a plain script (not `-m`), so the Hugging Face baselines can run under another
-environment's Python that does not have gpt2onnx installed.
+Runs as a plain script (not `-m`), so the Hugging Face baselines and the peers (llama.cpp,
+CTranslate2) can run under another environment's Python that does not have gpt2onnx installed.
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ from measure import measure, to_json  # noqa: E402
 
 def make_runner(spec: dict):
     name = spec["runner"]
+    if "peer" in spec:  # llama.cpp or CTranslate2, in its own venv
+        if spec["peer"]["engine"] == "llama.cpp":
+            from llamacpp_runner import llamacpp
+
+            return llamacpp(spec)
+        from ctranslate2_runner import ctranslate2
+
+        return ctranslate2(spec)
     if name in ("transformers-eager", "optimum"):
         from hf_runners import RUNNERS
 
@@ -68,6 +76,7 @@ def main() -> None:
         "peak_rss_mb": peak_rss_mb(),
         "results": to_json(results),
     }
+    out.update(getattr(runner, "details", {}))  # a peer's checks, its file size and threads
     if hasattr(runner, "graph_state"):  # ours: whether CUDA graphs really ran, read after the timed runs
         out.update(runner.graph_state())
     if device == "cuda":

@@ -21,6 +21,7 @@ import torch
 from conftest import REPO, export_folder, make_hf_model, save_hf_folder
 from gpt2onnx import Engine
 from gpt2onnx.benchmarks import llamacpp
+from gpt2onnx.benchmarks.reference import hf_checkpoint
 
 VENV = REPO / ".venv-llamacpp"
 pytestmark = pytest.mark.skipif(
@@ -69,7 +70,7 @@ def as_server_text(token_ids: list[int], tokenizer_file) -> str:
 @pytest.fixture(scope="module")
 def gguf_f32(varied_fp32, tmp_path_factory):
     folder = tmp_path_factory.mktemp("gguf")
-    checkpoint = llamacpp.hf_checkpoint(varied_fp32, folder / "hf")
+    checkpoint = hf_checkpoint(varied_fp32, folder / "hf")
     return llamacpp.to_gguf(checkpoint, folder / "tiny-f32.gguf", outtype="f32", venv=VENV)
 
 
