@@ -95,6 +95,20 @@ def export_folder(src: Path | str | None, out: Path, **kw) -> Path:
 
 
 @pytest.fixture(scope="session")
+def varied_fp32(vocab, tokenizer_dir, tmp_path_factory) -> Path:
+    """The tiny model with its weight matrices scaled up 20x: `tiny_fp32`'s 0.1 biases outweigh its
+    0.02 weights, so it says one token whatever the prompt; this one's greedy tokens change from
+    step to step and from prompt to prompt, so a broken conversion in another engine shows."""
+    model = make_hf_model(vocab)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:  # wte, wpe and every projection; not LayerNorm gains or biases
+                p.mul_(20.0)
+    folder = tmp_path_factory.mktemp("varied")
+    return export_folder(save_hf_folder(model, folder / "hf", tokenizer_dir), folder / "varied-fp32")
+
+
+@pytest.fixture(scope="session")
 def tiny_fp32(hf_folder, tmp_path_factory) -> Path:
     return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-fp32")
 

@@ -132,7 +132,7 @@ def test_a_failed_baseline_is_a_recorded_row_and_the_benchmark_passes(tiny_fp32,
         ours["cuda_graphs"] is False and ours["cuda_graphs_fallback"] is None
     )  # on the CPU: no graphs, no fallback
     table = (tmp_path / "out" / "results.md").read_text()
-    assert f"| ort-plain-loop | | | | | | | | | FAILED, left out: {reason} |" in table
+    assert f"| ort-plain-loop | | | | | | | | | | | | FAILED, left out: {reason} |" in table
 
 
 def test_a_session_that_fell_back_to_the_cpu_fails_a_cuda_benchmark(tiny_fp32, tmp_path, monkeypatch, capsys):

@@ -16,9 +16,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
-from conftest import REPO, export_folder, make_hf_model, save_hf_folder
+from conftest import REPO
 from gpt2onnx import Engine
 from gpt2onnx.benchmarks import llamacpp
 from gpt2onnx.benchmarks.reference import hf_checkpoint
@@ -33,18 +32,6 @@ httpx = pytest.importorskip("httpx", reason="the client needs httpx: pip install
 PROMPTS = ["Hello, my name is", "The quick brown fox"]
 N = 16
 EOS = 50256
-WEIGHT_SCALE = 20.0  # greedy tokens then change from step to step and from prompt to prompt
-
-
-@pytest.fixture(scope="module")
-def varied_fp32(vocab, tokenizer_dir, tmp_path_factory):
-    model = make_hf_model(vocab)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:  # wte, wpe and every projection; not LayerNorm gains or biases
-                p.mul_(WEIGHT_SCALE)
-    folder = tmp_path_factory.mktemp("llamacpp")
-    return export_folder(save_hf_folder(model, folder / "hf", tokenizer_dir), folder / "varied-fp32")
 
 
 def gpt2_byte_decoder() -> dict[str, int]:
