@@ -398,4 +398,6 @@ def add_summaries(results: dict, manifest: Manifest) -> dict:
                 r["decode_vs_ours_at_precision"] = (
                     r["decode_ms_per_token"]["median"] / mine["decode_ms_per_token"]["median"]
                 )
+                same = np.asarray(r["tokens"]) == np.asarray(mine["tokens"])
+                r["token_agreement_at_precision"] = float(np.mean(same))
     return results

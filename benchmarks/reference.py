@@ -59,7 +59,9 @@ def greedy_tokens(hf_folder: Path, prompt: list[int], new_tokens: int) -> list[i
     """transformers' greedy continuation of one prompt in fp32, EOS not stopping it."""
     import torch
     from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar in the benchmark's log otherwise
     model = GPT2LMHeadModel.from_pretrained(hf_folder, attn_implementation="eager").eval()
     ids = torch.tensor([prompt])
     with torch.inference_mode():

@@ -32,6 +32,7 @@ def markdown(results: dict) -> str:
         + ". Every runner runs the weights the model was exported from, at its own precision "
         "(quantized ones drift from fp32's tokens). × ours: decode ms/token over gpt2-onnx's "
         f"({model['dtype']}); × ours at its precision: over ours at the runner's precision, when that ran. "
+        "Tokens equal to ours: to ours at the runner's precision when that ran, else to gpt2-onnx's. "
         "% of floor: the time to read the weights and the cache once per step at the measured bandwidth, "
         "over the decode step.",
         "",
@@ -70,7 +71,8 @@ def markdown(results: dict) -> str:
 
 def table_row(name: str, data: dict, r: dict) -> str:
     """One configuration of one runner; the comparisons with ours are "–" when ours has no result."""
-    vs, same, agree = r.get("decode_vs_ours"), r.get("decode_vs_ours_at_precision"), r.get("token_agreement")
+    vs, same = r.get("decode_vs_ours"), r.get("decode_vs_ours_at_precision")
+    agree = r.get("token_agreement_at_precision", r.get("token_agreement"))  # like with like when it ran
     cells = [
         name, data.get("precision", ""), r["batch"], r["prompt_len"], r["new_tokens"],
         f"{r['ttft_ms']['median']:.1f}", f"{r['decode_ms_per_token']['median']:.2f}",
