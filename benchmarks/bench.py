@@ -151,8 +151,13 @@ def onnx_folders(cfg: BenchConfig, manifest: Manifest, workdir: Path) -> dict[st
     return folders
 
 
-def runner_python(runner: str, optimum_python: str | None) -> tuple[str | None, str | None]:
+def runner_python(runner: str, optimum_python: str | None, on_gpu: bool) -> tuple[str | None, str | None]:
     """(the Python that runs it, None) or (None, why it is skipped)."""
+    if runner in PEERS and on_gpu:
+        return (
+            None,
+            f"{PEERS[runner].engine} is set up here as a CPU build; it is compared on the CPU (--provider cpu)",
+        )
     if runner == "optimum":
         if optimum_python is None:
             return (
@@ -250,9 +255,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         "failures": [],  # {"runner", "reason", "ours"} for every runner that failed
     }
     log.info("measuring memory bandwidth")
-    device_for_bw = "cuda" if results["machine"]["gpu"] and cfg.provider != "cpu" else "cpu"
-    results["machine"]["read_bandwidth_gbs"] = read_bandwidth_gbs(device_for_bw)
-    results["machine"]["bandwidth_method"] = bandwidth_method(device_for_bw)
+    device = "cuda" if results["machine"]["gpu"] and cfg.provider != "cpu" else "cpu"
+    results["machine"]["read_bandwidth_gbs"] = read_bandwidth_gbs(device)
+    results["machine"]["bandwidth_method"] = bandwidth_method(device)
     runners = ("gpt2-onnx", *cfg.baselines)
     with tempfile.TemporaryDirectory(prefix="gpt2-onnx-bench-") as tmp:
         workdir = Path(tmp)
@@ -263,7 +268,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         folders = onnx_folders(cfg, manifest, workdir)
         pythons = {}
         for runner in runners:
-            pythons[runner], skipped = runner_python(runner, optimum_python)
+            pythons[runner], skipped = runner_python(runner, optimum_python, device == "cuda")
             if skipped:
                 results["runners"][runner] = {"runner": runner, "skipped": skipped}
                 log.warning("%s skipped: %s", runner, skipped)

@@ -322,4 +322,6 @@ def test_per_batch_results_merge_into_one_report(tmp_path):
     assert merged["settings"]["batches"] == [1, 8]
     for name in source["runners"]:
         assert [r["batch"] for r in merged["runners"][name]["results"]] == [1, 8], name
-    assert "| gpt2-onnx | 8 |" in (tmp_path / "merged" / "results.md").read_text()
+    rows = [line for line in (tmp_path / "merged" / "results.md").read_text().splitlines()
+            if line.startswith("| gpt2-onnx |")]  # fmt: skip
+    assert any("| 8 | 32 | 128 |" in row for row in rows), rows

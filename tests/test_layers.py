@@ -18,7 +18,12 @@ PACKAGES = {"engine": "gpt2onnx.engine", "export": "gpt2onnx.export", "benchmark
             "gpt2onnx": "gpt2onnx"}  # fmt: skip
 # Each package imports only those before it.
 LAYERS = ["gpt2onnx.engine", "gpt2onnx.export", "gpt2onnx.benchmarks", "gpt2onnx"]
-SCRIPTS = {"gpt2onnx.benchmarks.worker", "gpt2onnx.benchmarks.hf_runners"}  # import siblings by bare name
+SCRIPTS = {
+    "gpt2onnx.benchmarks.worker",
+    "gpt2onnx.benchmarks.hf_runners",
+    "gpt2onnx.benchmarks.llamacpp_runner",
+    "gpt2onnx.benchmarks.ctranslate2_runner",
+}  # import siblings by bare name (run in other venvs)
 
 
 def modules() -> dict[str, Path]:
