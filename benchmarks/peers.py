@@ -55,13 +55,20 @@ VENVS = {
 MAX_BATCH = {"llama.cpp": 1}  # llama-cpp-python's Llama has no batch API
 
 
+def venv_dir(engine: str) -> Path:
+    """The peer's venv: under the working directory, else beside this source tree (an editable
+    install run from elsewhere). Absolute, not resolved: a venv python is a symlink."""
+    path = Path(VENVS[engine].path)
+    here, repo = path.absolute(), Path(__file__).resolve().parents[1] / path
+    return here if here.exists() or not repo.exists() else repo
+
+
 def find_python(engine: str) -> str | None:
     """The peer's venv Python when its module imports there, else None."""
-    venv = VENVS[engine]
-    python = Path(venv.path, "bin", "python").absolute()  # absolute, not resolved: a venv python is a symlink
+    python = venv_dir(engine) / "bin" / "python"
     if not python.exists():
         return None
-    probe = subprocess.run([str(python), "-c", f"import {venv.module}"], capture_output=True)
+    probe = subprocess.run([str(python), "-c", f"import {VENVS[engine].module}"], capture_output=True)
     return str(python) if probe.returncode == 0 else None
 
 
@@ -107,5 +114,6 @@ def prepare(names: list[str], model_folder: Path, prompts: np.ndarray, workdir: 
     spec = {"hf_folder": str(hf), "check": check, "threads": physical_cores(),
             "n_positions": c.n_positions, "workdir": str(workdir)}  # fmt: skip
     if any(PEERS[n].engine == "llama.cpp" for n in names):
-        spec["gguf_f32"] = str(llamacpp.to_gguf(hf, workdir / "model-f32.gguf", "f32"))
+        gguf = llamacpp.to_gguf(hf, workdir / "model-f32.gguf", "f32", venv=venv_dir("llama.cpp"))
+        spec["gguf_f32"] = str(gguf)
     return spec
