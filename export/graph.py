@@ -98,7 +98,7 @@ def export_graph(
     scratch.mkdir()
     model.use_attention("gqa" if kv_cache == "shared" else "mha" if optimize else "plain")
     if dtype in QUANTIZED:
-        model.untie_embedding()  # the lm_head's copy becomes int8; the Gather's stays float
+        model.untie_embedding()  # the lm_head quantized, the Gather's table 8-bit (quantize.embedding_from_8bit)
     traced = SharedCacheGraph(model) if kv_cache == "shared" else model
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter(

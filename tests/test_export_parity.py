@@ -11,6 +11,7 @@ import torch
 from conftest import export_folder, hf_cache_arrays, hf_forward, left_padded, make_hf_model, save_hf_folder
 from gpt2onnx.engine.contract import input_names, past_names
 from gpt2onnx.engine.model_folder import read_manifest
+from gpt2onnx.export.quantize import quantize_rows_8bit
 from gpt2onnx.export.verify import TOLERANCES, top1_agreement
 
 VARIANTS = ["fp32", "fp32_plain", "fp16", "int8"]  # fixture tiny_<variant>; the dtype is the part before "_"
@@ -177,6 +178,57 @@ def test_tied_embedding_stored_once(tiny_fp32):
     proto = onnx.load(str(tiny_fp32 / "model.onnx"))
     big = [t.name for t in proto.graph.initializer if np.prod(t.dims) == config.vocab_size * config.n_embd]
     assert len(big) == 1, f"wte / lm_head stored {len(big)} times: {big}"
+
+
+def embedding_nodes(folder) -> tuple[list, dict]:
+    proto = onnx.load(str(folder / "model.onnx"))
+    inits = {t.name: t for t in proto.graph.initializer}
+    return [n for n in proto.graph.node if n.op_type in ("Gather", "GatherBlockQuantized", "Reshape")
+            and "input_ids" in n.input or n.name == "/embedding/Reshape"], inits  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_models_gather_tokens_from_an_8bit_table_and_keep_no_float_one(request, dtype):
+    """int8 and int4 (tiny: width 32, narrower than the int8 head's 128-blocks): an 8-bit copy in
+    blocks of 32; no float (vocab, width) table is left."""
+    folder = request.getfixturevalue(f"tiny_{dtype}")
+    c = read_manifest(folder).config
+    nodes, inits = embedding_nodes(folder)
+    (gather,) = [n for n in nodes if n.op_type == "GatherBlockQuantized"]
+    attrs = {a.name: a.i for a in gather.attribute}
+    assert attrs == {"gather_axis": 0, "quantize_axis": 1, "block_size": 32, "bits": 8}
+    table = inits[gather.input[0]]
+    assert table.data_type == onnx.TensorProto.UINT8 and list(table.dims) == [c.vocab_size, c.n_embd]
+    assert not [t.name for t in inits.values()
+                if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) == c.vocab_size * c.n_embd]  # fmt: skip
+
+
+def test_int8_with_a_head_in_whole_blocks_gathers_from_the_head_itself(vocab, tokenizer_dir, tmp_path):
+    """Width 128 fills the int8 head's blocks: the Gather reads the head's own bytes, reshaped."""
+    model = make_hf_model(vocab, n_embd=128)
+    out = export_folder(
+        save_hf_folder(model, tmp_path / "hf", tokenizer_dir), tmp_path / "int8", dtype="int8"
+    )
+    nodes, inits = embedding_nodes(out)
+    reshape, gather = (
+        next(n for n in nodes if n.op_type == op) for op in ("Reshape", "GatherBlockQuantized")
+    )
+    head = next(n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
+                and any(a.name == "N" and a.i == vocab[0] for a in n.attribute))  # fmt: skip
+    assert reshape.input[0] == head.input[1] and gather.input[0] == reshape.output[0]
+    assert gather.input[2] == head.input[2], "the head's scales too"
+    assert not [t for t in inits.values() if t.data_type == onnx.TensorProto.UINT8
+                and list(t.dims) == [vocab[0], 128]], "no second 8-bit table"  # fmt: skip
+
+
+def test_8bit_rows_round_trip_within_half_a_step():
+    gen = np.random.default_rng(0)
+    table = gen.normal(0, 0.1, (5, 64)).astype(np.float32)
+    table[2, :32] = 0  # an all-zero block
+    q, scale = quantize_rows_8bit(table, 32)
+    assert q.dtype == np.uint8 and scale.shape == (5, 2) and q[2, :32].tolist() == [128] * 32
+    back = (q.astype(np.float32).reshape(5, 2, 32) - 128) * scale[..., None]
+    assert np.abs(back.reshape(5, 64) - table).max() <= scale.max() / 2 + 1e-7
 
 
 def test_fp16_stays_finite_at_real_activation_scales(vocab, tokenizer_dir, tmp_path):
