@@ -316,9 +316,8 @@ def prepare_peers(
     try:
         return peers.prepare(names, cfg.model_folder.resolve(), prompts, workdir)
     except Exception as e:  # recorded for each peer, as a worker's error would be
-        reason = (
-            f"preparing the peers' models failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
-        )
+        last = (str(e).strip().splitlines() or ["(no message)"])[-1][:300]
+        reason = f"preparing the peers' models failed: {type(e).__name__}: {last}"
         for name in names:
             results["runners"][name] = {"runner": name, "error": reason}
             record_failure(results, name, reason)

@@ -10,6 +10,7 @@ are transformers'."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,8 +80,6 @@ def skipped_reason(engine: str) -> str:
 def physical_cores() -> int:
     """Cores, not hyperthreads: what onnxruntime's CPU provider uses by default, given to the
     peers too (llama-cpp-python's default is half the logical CPUs)."""
-    import os
-
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -6,6 +6,8 @@ without them; everything else runs on the tiny models."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from conftest import REPO
@@ -150,3 +152,18 @@ def test_ctranslate2_runs_our_weights_and_tokens_after_its_checks(varied_fp32, t
     f32 = runners["ctranslate2-float32"]
     assert f32["greedy_prefix_equal_to_transformers"] == peers.CHECK_NEW_TOKENS
     assert all(r["same_tokens_as_ours"] for r in f32["results"])
+
+
+def test_peers_whose_models_cannot_be_prepared_are_failed_rows_with_the_reason(
+    tiny_fp32, tmp_path, monkeypatch
+):
+    def broken(*args):
+        raise RuntimeError("")
+
+    monkeypatch.setattr(peers, "find_python", lambda engine: sys.executable)
+    monkeypatch.setattr(peers, "prepare", broken)
+    names = ("llama.cpp-f32", "ctranslate2-int8")
+    results = run_bench(BenchConfig(model_folder=tiny_fp32, out=tmp_path, baselines=names, **SMALL))
+    assert results["ok"] and results["runners"]["gpt2-onnx"]["results"], "ours still ran"
+    reason = "preparing the peers' models failed: RuntimeError: (no message)"
+    assert results["failures"] == [{"runner": n, "reason": reason, "ours": False} for n in names]
