@@ -2,7 +2,10 @@
 
 `Binding` is the one owner of what is bound to a session: it skips a bind identical to the one in
 place (same device, type, shape and address), so a step rebinds only what changed and nobody
-has to remember to invalidate anything. `HostOutputs` holds the logits and ids of a step on the
+has to remember to invalidate anything. One exception, kept here: host memory whose values
+changed (`host_values`). The CPU provider reads it where it is, but a GPU provider copies a host
+input to the device when it is bound and keeps that copy (onnxruntime's IOBinding::BindInput;
+onnxruntime #11133, #29782), so there new values reach the device only through a new bind. `HostOutputs` holds the logits and ids of a step on the
 host, bound by pointer, and the sampling graph's device-side buffers; the CUDA-graph cache has its own
 per batch bucket (cuda_graphs.Bucket), with the same attributes.
 """
@@ -16,6 +19,8 @@ import onnxruntime as ort
 class Binding:
     def __init__(self, session: ort.InferenceSession):
         self.io = session.io_binding()
+        # whether a bound host input is copied to the device at bind time (any provider but the CPU's)
+        self.copies_host_inputs = session.get_providers()[0] != "CPUExecutionProvider"
         self._bound: dict[tuple[str, bool], tuple] = {}  # (name, is output) -> (device, type, shape, address)
         self._groups: dict[str, tuple] = {}  # a group of names bound together -> how
 
@@ -26,7 +31,16 @@ class Binding:
         self._bind(name, True, device, dtype, shape, ptr)
 
     def host_input(self, name: str, array: np.ndarray) -> None:
+        """Bind a host array whose values never change while it is bound (a constant)."""
         self._bind(name, False, "cpu", array.dtype.type, array.shape, array.ctypes.data)
+
+    def host_values(self, name: str, dtype, shape: tuple, ptr: int) -> None:
+        """Bind host memory whose values may have changed since its last bind: bound again every
+        time where the provider copies host inputs at bind time (module docstring), skipped when
+        bound so already on the CPU provider, which reads the memory itself."""
+        if self.copies_host_inputs:
+            self._bound.pop((name, False), None)
+        self._bind(name, False, "cpu", dtype, shape, ptr)
 
     @property
     def outputs(self) -> dict[str, tuple[str, int]]:

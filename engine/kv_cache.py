@@ -145,7 +145,7 @@ class HostInputs:
         for name, arr in arrays.items():
             buf = self.bufs[name]
             np.copyto(buf[: arr.size].reshape(arr.shape), arr)
-            binding.input(name, "cpu", buf.dtype.type, arr.shape, self.ptrs[name])
+            binding.host_values(name, buf.dtype.type, arr.shape, self.ptrs[name])
 
 
 class ConcatCache:

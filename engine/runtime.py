@@ -1,7 +1,8 @@
 """Which device runs the model, decided once, and the one place onnxruntime sessions are created.
 
-onnxruntime-gpu lists the CUDA provider even on a machine without a GPU and falls back to the
-CPU on its own when the provider cannot start, so the device is resolved here, before any session:
+onnxruntime-gpu lists the CUDA provider even on a machine without a GPU, and its Python session
+falls back to the CPU on its own when the provider fails unless told not to (every session here
+is), so the device is resolved here, before any session:
 the NVIDIA driver is asked whether a GPU is there, the CUDA libraries are loaded (cuda_libs.py),
 and a session that came back on the CPU anyway is either refused (the GPU was asked for by name)
 or reported once.
@@ -14,6 +15,7 @@ import logging
 from pathlib import Path
 
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf, NoSuchFile
 
 from . import cuda_libs
 from .contract import Manifest, ModelFolderError, UserError
@@ -21,6 +23,9 @@ from .contract import Manifest, ModelFolderError, UserError
 log = logging.getLogger(__name__)
 
 GQA_CUDA_DTYPES = ("fp16",)  # onnxruntime's GroupQueryAttention has CUDA kernels for fp16 (and bf16) only
+
+# what onnxruntime raises for a model file it cannot read, whichever provider was asked for
+MODEL_ERRORS = (InvalidGraph, InvalidProtobuf, NoSuchFile)
 
 
 class ProviderError(UserError, RuntimeError):
@@ -109,14 +114,26 @@ def create_session(
         cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if cuda_graphs else {})
         providers = [cuda, "CPUExecutionProvider"]
     source = model if isinstance(model, bytes) else str(model)
+    what = model if isinstance(model, Path) else "an in-memory graph"
     try:
-        session = ort.InferenceSession(source, options, providers=providers)
-    except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
+        # enable_fallback=0: onnxruntime's Python session would otherwise answer a provider failure
+        # (at creation, or in any later run) by printing "EP Error" banners to stdout and switching
+        # itself to the CPU, after which our IO binding belongs to a session that no longer exists.
+        session = ort.InferenceSession(source, options, providers=providers, enable_fallback=0)
+    except MODEL_ERRORS as e:
+        raise ModelFolderError(
+            f"{what} could not be loaded by onnxruntime ({first_line(e)}); re-export the model folder"
+        ) from e
+    except Exception as e:  # onnxruntime raises its own untyped errors for everything else
         if device == "cuda" and cuda_graphs:
             # Capture needs every compute node on the CUDA provider; run without graphs rather than fail.
             log.warning("CUDA graphs are off: onnxruntime cannot capture this graph (%s)", first_line(e))
             return create_session(model, device, threads, strict=strict)[0], False
-        what = model if isinstance(model, Path) else "an in-memory graph"
+        if device == "cuda":
+            raise ProviderError(
+                f"the CUDA execution provider could not run {what} ({first_line(e)}); "
+                "use --provider cpu, or --debug for onnxruntime's own log"
+            ) from e
         raise ModelFolderError(
             f"{what} could not be loaded by onnxruntime ({first_line(e)}); re-export the model folder"
         ) from e

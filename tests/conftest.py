@@ -94,18 +94,31 @@ def export_folder(src: Path | str | None, out: Path, **kw) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def varied_fp32(vocab, tokenizer_dir, tmp_path_factory) -> Path:
+def make_varied_model(vocab, **dims):
     """The tiny model with its weight matrices scaled up 20x: `tiny_fp32`'s 0.1 biases outweigh its
     0.02 weights, so it says one token whatever the prompt; this one's greedy tokens change from
-    step to step and from prompt to prompt, so a broken conversion in another engine shows."""
-    model = make_hf_model(vocab)
+    step to step and from prompt to prompt, so a broken conversion or a stale input shows."""
+    model = make_hf_model(vocab, **dims)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:  # wte, wpe and every projection; not LayerNorm gains or biases
                 p.mul_(20.0)
-    folder = tmp_path_factory.mktemp("varied")
-    return export_folder(save_hf_folder(model, folder / "hf", tokenizer_dir), folder / "varied-fp32")
+    return model
+
+
+@pytest.fixture(scope="session")
+def varied_hf_folder(vocab, tokenizer_dir, tmp_path_factory) -> Path:
+    return save_hf_folder(make_varied_model(vocab), tmp_path_factory.mktemp("varied") / "hf", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def varied_fp32(varied_hf_folder, tmp_path_factory) -> Path:
+    return export_folder(varied_hf_folder, tmp_path_factory.mktemp("export") / "varied-fp32")
+
+
+@pytest.fixture(scope="session")
+def varied_shared(varied_hf_folder, tmp_path_factory) -> Path:
+    return export_folder(varied_hf_folder, tmp_path_factory.mktemp("export") / "varied-shared", kv_cache="shared")
 
 
 @pytest.fixture(scope="session")

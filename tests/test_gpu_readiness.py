@@ -164,9 +164,10 @@ def test_auto_with_a_missing_library_runs_on_the_cpu(tiny_fp32, tmp_path, monkey
     only_on_path(monkeypatch, nvidia_site(tmp_path, {"cudnn": ["libcudnn.so.9"]}))
     created, real = [], ort.InferenceSession
 
-    def recording(source, options, providers):
+    def recording(source, options, providers, **kw):
+        assert kw == {"enable_fallback": 0}, "a session that may switch itself to the CPU"
         created.append(providers)
-        return real(source, options, providers=providers)
+        return real(source, options, providers=providers, **kw)
 
     monkeypatch.setattr(runtime_module.ort, "InferenceSession", recording)
     with caplog.at_level(logging.WARNING, logger="gpt2onnx"):
