@@ -94,15 +94,15 @@ def export_folder(src: Path | str | None, out: Path, **kw) -> Path:
     return out
 
 
-def make_varied_model(vocab, **dims):
-    """The tiny model with its weight matrices scaled up 20x: `tiny_fp32`'s 0.1 biases outweigh its
+def make_varied_model(vocab, scale: float = 20.0, **dims):
+    """The tiny model with its weight matrices scaled up (20x by default): `tiny_fp32`'s 0.1 biases outweigh its
     0.02 weights, so it says one token whatever the prompt; this one's greedy tokens change from
     step to step and from prompt to prompt, so a broken conversion or a stale input shows."""
     model = make_hf_model(vocab, **dims)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:  # wte, wpe and every projection; not LayerNorm gains or biases
-                p.mul_(20.0)
+                p.mul_(scale)
     return model
 
 
@@ -118,7 +118,9 @@ def varied_fp32(varied_hf_folder, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def varied_shared(varied_hf_folder, tmp_path_factory) -> Path:
-    return export_folder(varied_hf_folder, tmp_path_factory.mktemp("export") / "varied-shared", kv_cache="shared")
+    return export_folder(
+        varied_hf_folder, tmp_path_factory.mktemp("export") / "varied-shared", kv_cache="shared"
+    )
 
 
 @pytest.fixture(scope="session")

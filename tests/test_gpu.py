@@ -14,9 +14,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import export_folder, make_hf_model, save_hf_folder
+from conftest import export_folder, hf_cache_arrays, make_hf_model, make_varied_model, save_hf_folder
+from gpt2onnx.engine.clock import Clock
 from gpt2onnx.engine.device_sampling import build_sampling_graph, row_params
 from gpt2onnx.engine.engine import Engine
+from gpt2onnx.engine.pickers import HostPicker, SlotSampling
 from gpt2onnx.engine.runtime import cuda_device_count
 from gpt2onnx.engine.sampling import SamplingConfig, next_tokens
 from gpt2onnx.export.verify import TOLERANCES, top1_agreement
@@ -76,6 +78,93 @@ def eager(tiny_fp16_shared):
     return on_cuda(
         Engine.load(tiny_fp16_shared, provider="cuda", max_batch=8, cuda_graphs=False, device_sampling=False)
     )
+
+
+# -- the cache itself, on weights whose greedy tokens change with their inputs ---------------------
+
+
+@pytest.fixture(scope="module")
+def varied_hf(vocab):
+    """Head size 64, weights scaled 8x (as much as fp16's export check allows at this size), so
+    greedy tokens change from step to step and prompt to prompt: a stale input or a misplaced
+    cache row changes them."""
+    return make_varied_model(vocab, scale=8.0, n_embd=128, n_head=2)
+
+
+@pytest.fixture(scope="module")
+def varied_folders(varied_hf, tokenizer_dir, tmp_path_factory):
+    hf = save_hf_folder(varied_hf, tmp_path_factory.mktemp("hf") / "varied", tokenizer_dir)
+    out = tmp_path_factory.mktemp("export")
+    return {
+        kv: export_folder(hf, out / f"varied-fp16-{kv}", dtype="fp16", kv_cache=kv)
+        for kv in ("shared", "concat")
+    }
+
+
+CACHE_PATHS = {  # id -> (layout, cuda_graphs)
+    "shared-graphs": ("shared", True),
+    "shared-eager": ("shared", False),
+    "concat": ("concat", None),
+}
+
+
+@pytest.mark.parametrize("path", CACHE_PATHS)
+def test_every_cached_token_is_the_argmax_of_a_recompute_without_cache(varied_folders, path):
+    """Each greedy token made through the cache is the argmax of a pass over the prompt and the
+    tokens before it with no cache at all (engine.logits), or within fp16's tolerance of it (a
+    near-tie): for a ragged batch, one prompt alone, and back-to-back one-token calls."""
+    layout, graphs = CACHE_PATHS[path]
+    engine = on_cuda(Engine.load(varied_folders[layout], provider="cuda", max_batch=8, cuda_graphs=graphs))
+    assert engine.session.cuda_graphs == bool(graphs), engine.session.graphs.fallback
+    tol = TOLERANCES["fp16"]
+    exact = total = 0
+    calls = [(PROMPTS, 12), (PROMPTS[3:], 12), *[([p], 1) for p in ("one two", "six ten", "red fox")]]
+    for prompts, n in calls:
+        result = engine.generate(prompts, max_new_tokens=n, ignore_eos=True)
+        for prompt, completion in zip(prompts, result.completions):
+            ids, made = engine.to_tokens(prompt), completion.token_ids
+            assert len(made) == n
+            for t, token in enumerate(made):
+                logits = engine.logits(ids + made[:t])[0, -1].astype(np.float64)
+                best = int(logits.argmax())
+                gap = logits[best] - logits[token]
+                assert gap <= tol.atol + tol.rtol * np.abs(logits).max(), (
+                    f"{path}: {prompt!r} token {t} is {token}, a recompute says {best} "
+                    f"(logit gap {gap:.3g}); made {made}"
+                )
+                exact, total = exact + (token == best), total + 1
+    assert exact >= 0.95 * total, f"{path}: only {exact} of {total} tokens are the recompute's argmax"
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_each_row_of_the_shared_cache_holds_its_own_keys_and_values(varied_hf, varied_folders, graphs):
+    """Read back from the GPU after a ragged prefill and 5 decode steps: row r holds, at positions
+    0 .. length - 1, the keys and values transformers computes for that row's tokens alone (so
+    each step wrote its token at the row's own length, in the row's own slot)."""
+    engine = on_cuda(Engine.load(varied_folders["shared"], provider="cuda", max_batch=4, cuda_graphs=graphs))
+    session = engine.session
+    prompts = [engine.to_tokens(p) for p in PROMPTS]
+    picker = HostPicker(SlotSampling.for_batch(prompts, SamplingConfig(), np.random.default_rng(0),
+                                               engine.vocab_size))  # fmt: skip
+    session.start(len(prompts), 64, picker, Clock())
+    rows = [list(p) for p in prompts]
+    tokens = session.prefill(prompts)
+    for _ in range(5):
+        for row, token in zip(rows, tokens):
+            row.append(int(token))
+        tokens = session.decode(np.asarray(tokens, dtype=np.int64))
+    got = [value.numpy() for value in session.cache.kv.values[0]]  # key_0, value_0, ...: (B, H, S, D)
+    for r, row in enumerate(rows):
+        with torch.no_grad():
+            want = hf_cache_arrays(varied_hf(torch.tensor([row]), use_cache=True).past_key_values)
+        assert session.cache.slots.lengths[r] == len(row)
+        for i, w in enumerate(want):  # (1, H, len(row), D)
+            g = got[i][r, :, : len(row)].astype(np.float32)
+            err = np.abs(g - w[0]).max()
+            assert err <= 1e-2 * np.abs(w).max() + 1e-2, (
+                f"row {r} ({len(row)} tokens), cache tensor {i}: max |Δ| {err:.3g} against transformers; "
+                f"worst position {np.unravel_index(np.abs(g - w[0]).argmax(), g.shape)[1]}"
+            )
 
 
 def test_fp16_on_cuda_matches_transformers_fp32(graphs, hf_model):
