@@ -325,3 +325,19 @@ def test_per_batch_results_merge_into_one_report(tmp_path):
     rows = [line for line in (tmp_path / "merged" / "results.md").read_text().splitlines()
             if line.startswith("| gpt2-onnx |")]  # fmt: skip
     assert any("| 8 | 32 | 128 |" in row for row in rows), rows
+
+
+def test_the_cuda_probe_model_loads_in_this_onnxruntime():
+    """check_cuda.py's MatMul probe carries an IR version onnxruntime reads (a newer onnx would
+    write one that onnxruntime 1.31 refuses: 'Unsupported model IR version: 14')."""
+    import importlib.util
+
+    import numpy as np
+    import onnxruntime as ort
+
+    spec = importlib.util.spec_from_file_location("check_cuda", CI / "gpu" / "check_cuda.py")
+    check_cuda = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_cuda)
+    session = ort.InferenceSession(check_cuda.matmul_model(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": np.ones((4, 64), dtype=np.float16)})
+    assert float(y[0, 0]) == 32.0

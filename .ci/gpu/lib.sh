@@ -14,6 +14,9 @@ mkdir -p "$OUT"
 export OUT
 export PYTHONPATH=${ORTGPU_SITE:-/tmp/site}:$LINKS${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 GPT2_ONNX_REQUIRE_GPU=1  # test_gpu.py: a skip there fails instead
+# No working directory on sys.path: from the repo's root, `python -m` would find the source folder
+# gpt2onnx/ (which holds no engine/ or export/) before the linked package.
+export PYTHONSAFEPATH=1
 deadline=$(( ${GPU_T0:-$(date +%s)} + ${GPU_PHASE_BUDGET_S:-540} ))
 failed=0
 
