@@ -207,15 +207,26 @@ def test_cuda_graph_replays_give_the_eager_tokens(graphs, eager):
         {"top_k": 50, "top_p": 0.9, "min_p": 0.05, "seed": 3},
     ],
 )
-def test_sampling_graph_on_cuda_agrees_with_the_host(graphs, eager, settings):
-    """Same seed, same draws; the logits differ only by kernel rounding, so nearly every token agrees."""
+def test_sampling_graph_on_cuda_agrees_with_the_host(varied_folders, settings):
+    """Same seed, same draws; the logits differ only by kernel rounding, so nearly every token
+    agrees. On the clear-margin weights: on the tiny model's near-uniform logits a top-p or min-p
+    boundary among 50 near-equal tokens moves with any rounding (78% there on an H200), and a
+    row that differs once differs from then on."""
+    folder = varied_folders["shared"]
+    graphs = on_cuda(Engine.load(folder, provider="cuda", max_batch=8))
+    eager = on_cuda(
+        Engine.load(folder, provider="cuda", max_batch=8, cuda_graphs=False, device_sampling=False)
+    )
     got = graphs.generate(PROMPTS, max_new_tokens=16, **settings)
     assert type(graphs.session.picker).__name__ == "DeviceSamplingPicker"
     want = eager.generate(PROMPTS, max_new_tokens=16, **settings)
     pairs = [
         (a, b) for g, w in zip(got.completions, want.completions) for a, b in zip(g.token_ids, w.token_ids)
     ]
-    assert np.mean([a == b for a, b in pairs]) >= 0.9
+    assert np.mean([a == b for a, b in pairs]) >= 0.9, (
+        [c.token_ids for c in got.completions],
+        [c.token_ids for c in want.completions],
+    )
 
 
 def test_sampling_graph_alone_on_cuda():

@@ -32,6 +32,7 @@ SHELL_SCRIPTS = [
     "gpu/phase1",
     "gpu/phase2",
     "gpu/phase3",
+    "gpu/profile",
 ]
 INFO = "onnxruntime_gpu-1.31.1.dist-info"
 FAKE_ORT = """__version__ = "1.31.1"
