@@ -18,8 +18,6 @@ import json
 import statistics
 import time
 
-import numpy as np
-
 from gpt2onnx.engine.clock import Clock
 from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.pickers import ArgmaxPicker
