@@ -237,6 +237,41 @@ def test_models_the_gpu_can_run_go_to_the_cuda_provider(request, folder, monkeyp
     assert asked == ["cuda"]
 
 
+@pytest.mark.parametrize("provider", ["cuda", "auto"])
+def test_a_cuda_provider_failure_is_one_error_never_a_switch_to_the_cpu(
+    tiny_fp16_shared, monkeypatch, gpu, capfd, provider
+):
+    """onnxruntime's Python session, left to itself, answers a provider failure by printing "EP
+    Error" banners to stdout and retrying on the CPU (after which our IO binding belongs to a dead
+    session). Every session here is made with enable_fallback=0, so the failure is one line."""
+    real, asked = ort.InferenceSession, []
+
+    def failing(source, options, providers, **kw):
+        asked.append((providers, kw))
+        if kw.get("enable_fallback", 1) != 0:  # onnxruntime's own default: banners, then the CPU
+            return real(source, options, providers=providers, **kw)
+        raise RuntimeError("[ONNXRuntimeError] : 11 : EP_FAIL : CUDA failure 100: no CUDA-capable device")
+
+    monkeypatch.setattr(runtime_module, "load_cuda_libraries", lambda provider: True)
+    monkeypatch.setattr(runtime_module.ort, "InferenceSession", failing)
+    with pytest.raises(ProviderError, match="CUDA execution provider could not run .*EP_FAIL") as info:
+        Engine.load(tiny_fp16_shared, provider=provider, cuda_graphs=False)
+    assert "\n" not in str(info.value) and "--provider cpu" in str(info.value)
+    assert [kw for _, kw in asked] == [{"enable_fallback": 0}]
+    assert capfd.readouterr().out == ""
+
+
+def test_an_unreadable_model_is_a_model_folder_error_on_cuda_too(tmp_path, gpu):
+    """A model onnxruntime cannot parse is the folder's fault, whichever provider was asked for."""
+    from gpt2onnx.engine.contract import ModelFolderError
+    from gpt2onnx.engine.runtime import create_session
+
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelFolderError, match="re-export"):
+        create_session(bad, "cuda", None)
+
+
 # -- 4. a CUDA graph whose capture fails at its first run ----------------------------------------
 
 
