@@ -20,6 +20,7 @@ from . import atomic_folder, inputs
 from .clock import Clock
 from .completion import Completion
 from .contract import InputError, ModelFolderError, UserError
+from .logprobs import token_logprobs
 from .model_folder import check_tokenizer, read_manifest
 from .sampling import SamplingConfig
 from .scheduler import Request as SchedulerRequest
@@ -342,17 +343,9 @@ class Engine:
             end = min(begin + window, len(ids))
             first = max(scored, begin + 1)  # the window's first token not scored yet
             logits = self.logits(ids[begin:end])[0, first - begin - 1 : end - begin - 1]
-            logprobs[first - 1 : end - 1] = token_logprobs_of(logits, ids[first:end])
+            logprobs[first - 1 : end - 1] = token_logprobs(logits, ids[first:end])[0]
             scored, begin = end, begin + stride
         return Score(ids, self.tokenizer.to_str_tokens(ids), logprobs, float(np.exp(-np.nanmean(logprobs))))
-
-
-def token_logprobs_of(logits: np.ndarray, targets: list[int]) -> np.ndarray:
-    """log p(target) per row of logits (rows, vocab), in float64 where it matters."""
-    top = logits.max(axis=-1, keepdims=True)
-    norm = np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64))
-    picked = np.take_along_axis(logits, np.asarray(targets)[:, None], axis=-1)[:, 0]
-    return picked.astype(np.float64) - top[:, 0] - norm
 
 
 def _texts(handle: RequestHandle) -> Iterator[str]:

@@ -39,8 +39,9 @@ import numpy as np
 from .clock import Clock
 from .completion import Completion, Row
 from .contract import UserError
+from .logprobs import token_logprobs
 from .pickers import HostPicker, SlotSampling, choose_picker
-from .sampling import SamplingConfig, softmax
+from .sampling import SamplingConfig
 from .session import Session
 from .tokenizer import Tokenizer
 
@@ -484,9 +485,9 @@ class Scheduler:
             return
         prompt = slot.row.prompt_ids
         logits = self.session.full_logits(np.array([prompt], np.int64))[0]
-        scored = [token_logprobs(logits[i - 1], prompt[i], k) for i in range(1, len(prompt))]
-        handle.prompt_logprobs = [None] + [logprob for logprob, _ in scored]
-        handle.prompt_top_logprobs = [None] + [top for _, top in scored]
+        scored, tops = token_logprobs(logits[:-1], prompt[1:], k)  # position i predicts token i + 1
+        handle.prompt_logprobs = [None] + scored.tolist()
+        handle.prompt_top_logprobs = [None] + tops
 
     def _admit_settings(self, r: int, slot: Slot) -> None:
         """A slot's sampling settings and generator, from its first token on (until then its row
@@ -568,9 +569,9 @@ class Scheduler:
         elif request.logprobs is None:
             handle._push(Piece(text, [token]), now)
         else:
-            logits = self.session.last_logits(logits_row + 1)[logits_row]
-            logprob, top = token_logprobs(logits, token, request.logprobs)
-            handle._push(Piece(text, [token], [logprob], [top]), now)
+            logits = self.session.last_logits(logits_row + 1)[logits_row : logits_row + 1]
+            (logprob,), (top,) = token_logprobs(logits, [token], request.logprobs)
+            handle._push(Piece(text, [token], [float(logprob)], [top]), now)
         if row.finish_reason is not None or handle._cancelled:
             self._end(handle, row, row.finish_reason or "cancelled")
             self._free(r)
@@ -612,10 +613,3 @@ class Scheduler:
 def _need(handle: RequestHandle) -> int:
     """Positions a request's row needs: its prompt and its new tokens."""
     return len(handle.request.prompt_ids) + handle.request.max_new_tokens
-
-
-def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, dict[int, float]]:
-    """The model's log-probability of `token`, and the `top` most likely tokens' (raw logits)."""
-    logp = np.log(softmax(logits.astype(np.float64)))
-    best = np.argsort(-logp)[:top] if top else []
-    return float(logp[token]), {int(t): float(logp[t]) for t in best}

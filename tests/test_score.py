@@ -79,8 +79,8 @@ def test_the_trained_fixture_perplexity_is_the_readme_figure(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def varied_int8(varied_fp32, tmp_path_factory):
-    return export_folder(varied_fp32.parent / "hf", tmp_path_factory.mktemp("varied") / "int8", dtype="int8")
+def varied_int8(varied_hf_folder, tmp_path_factory):
+    return export_folder(varied_hf_folder, tmp_path_factory.mktemp("varied") / "int8", dtype="int8")
 
 
 def test_a_model_compared_with_itself_is_exact(varied_fp32):
