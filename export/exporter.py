@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 
 from gpt2onnx.engine import atomic_folder
@@ -29,10 +30,18 @@ from gpt2onnx.engine.contract import (
 from gpt2onnx.engine.session import Session, SessionConfig
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, random_checkpoint
+from .dequantize import dequantized_weights
 from .graph import EXTERNAL_DATA_THRESHOLD, OPSET, build_module, export_graph
 from .quantize import QUANTIZED, check_quantizer_available
 from .tokenizer_files import find_tokenizer, write_tokenizer
-from .verify import CheckReport, check_export, check_shared_export
+from .verify import (
+    STORED,
+    CheckReport,
+    check_export,
+    check_shared_export,
+    check_stored_weights,
+    load_stored_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,19 +177,33 @@ def export(cfg: ExportConfig) -> Manifest:
 
 def _check(folder: Path, manifest: Manifest, reference) -> CheckReport:
     """The graph against PyTorch on the CPU: directly for the concat cache; through the
-    engine's own session for the shared cache, whose steps only make sense in sequence."""
+    engine's own session for the shared cache, whose steps only make sense in sequence. A
+    quantized graph also has its stored weights checked against the checkpoint's, then is run
+    against a reference holding them (export/verify.py); the reference is left holding them."""
     if manifest.kv_cache == "shared":
         session = Session(
             folder,
             manifest,
             SessionConfig(provider="cpu", max_batch=4, max_seq=min(64, manifest.config.n_positions)),
         )
-        return check_shared_export(session, reference, manifest.dtype)
-    return check_export(
-        ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"]),
-        reference,
-        manifest.dtype,
-    )
+        check = check_shared_export
+    else:
+        session = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
+        check = check_export
+    report = check(session, reference, manifest.dtype)
+    if manifest.dtype in QUANTIZED:
+        log.info("checking the quantized weights against the checkpoint's, then the graph against them")
+        weights = dequantized_weights(onnx.load(str(folder / MODEL_FILE)))
+        steps = check_stored_weights(reference, weights)
+        load_stored_weights(reference, weights)
+        stored = check(session, reference, manifest.dtype, tol=STORED)
+        report = dataclasses.replace(
+            report,
+            weight_steps=steps,
+            stored_rel_logits=stored.rel_logits,
+            stored_rel_present=stored.rel_present,
+        )
+    return report
 
 
 def _remove_partial(tmp: Path) -> None:

@@ -1,0 +1,74 @@
+"""A quantized graph's weights back in float, read from its own initializers.
+
+The export check of a quantized graph (export/verify.py) compares these with the checkpoint's
+weights (each within a quantization step: a wrong block, scale or layer stands out however large
+the weights are), and runs the PyTorch reference with them, which leaves only the kernels' own
+rounding between it and the graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+QUANTIZED_SUFFIXES = ("_Q4", "_Q8")  # onnxruntime's quantizer renames a weight W to W_Q4 / W_Q8
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, int]:
+    return {a.name: a.i for a in node.attribute}
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 bytes -> one value per 4 or 8 bits along the last axis, low nibble first."""
+    if bits == 8:
+        return packed.astype(np.int32)
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1).astype(np.int32)
+
+
+def matmul_nbits_weight(node: onnx.NodeProto, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """The float (K, N) weight a MatMulNBits node multiplies by: (q - zero point) * scale per block."""
+    a = _attrs(node)
+    K, N, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
+    blocks = -(-K // block)
+    q = _unpack(tensors[node.input[1]], bits).reshape(N, blocks * block)
+    scales = tensors[node.input[2]].astype(np.float64).reshape(N, blocks)
+    if len(node.input) > 3 and node.input[3]:
+        zero = _unpack(tensors[node.input[3]], bits).reshape(N, -1)[:, :blocks]
+    else:
+        zero = np.full((N, blocks), 1 << (bits - 1), np.int32)
+    w = (q.reshape(N, blocks, block) - zero[..., None]) * scales[..., None]
+    return w.reshape(N, blocks * block)[:, :K].T.astype(np.float32)
+
+
+def gather_table(
+    node: onnx.NodeProto, tensors: dict[str, np.ndarray], made_by: dict[str, onnx.NodeProto]
+) -> np.ndarray:
+    """The float (vocab, width) table a GatherBlockQuantized node (8-bit, zero point 128) reads:
+    its own initializer, or the lm_head's bytes through a Reshape (quantize.embedding_from_8bit)."""
+    name = node.input[0]
+    while name not in tensors:  # the Reshape of the head's MatMulNBits weight
+        name = made_by[name].input[0]
+    data, scales = tensors[name], tensors[node.input[2]].astype(np.float64)
+    rows = data.shape[0]  # vocab (the head's bytes are (vocab, blocks, block))
+    q = data.reshape(rows, -1).astype(np.int32)
+    block = q.shape[1] // scales.reshape(rows, -1).shape[1]
+    w = (q.reshape(rows, -1, block) - 128) * scales.reshape(rows, -1, 1)
+    return w.reshape(rows, -1).astype(np.float32)
+
+
+def dequantized_weights(proto: onnx.ModelProto) -> dict[str, tuple[np.ndarray, int]]:
+    """Parameter name (the module's, as traced) -> (the float weight the graph really uses, its
+    bits), for every MatMulNBits weight and the token table (`wte`) of a GatherBlockQuantized lookup."""
+    tensors = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    made_by = {out: node for node in proto.graph.node for out in node.output}
+    out = {}
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            name = node.input[1]
+            for suffix in QUANTIZED_SUFFIXES:
+                name = name.removesuffix(suffix)
+            out[name.removeprefix("model.")] = matmul_nbits_weight(node, tensors), _attrs(node)["bits"]
+        elif node.op_type == "GatherBlockQuantized":
+            out["wte"] = gather_table(node, tensors, made_by), 8
+    return out
