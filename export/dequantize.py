@@ -8,6 +8,8 @@ rounding between it and the graph.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -57,18 +59,32 @@ def gather_table(
     return w.reshape(rows, -1).astype(np.float32)
 
 
-def dequantized_weights(proto: onnx.ModelProto) -> dict[str, tuple[np.ndarray, int]]:
-    """Parameter name (the module's, as traced) -> (the float weight the graph really uses, its
-    bits), for every MatMulNBits weight and the token table (`wte`) of a GatherBlockQuantized lookup."""
-    tensors = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+def dequantized_weights(proto: onnx.ModelProto) -> Iterator[tuple[str, np.ndarray, int]]:
+    """(parameter name as traced, the float weight the graph really uses, its bits) for every
+    MatMulNBits weight and the token table (`wte`) of a GatherBlockQuantized lookup, one at a
+    time (a caller that uses each and lets it go holds one weight in float, not the model)."""
+    tensors = {t.name: t for t in proto.graph.initializer}
+    arrays = _Arrays(tensors)
     made_by = {out: node for node in proto.graph.node for out in node.output}
-    out = {}
     for node in proto.graph.node:
         if node.op_type == "MatMulNBits":
             name = node.input[1]
             for suffix in QUANTIZED_SUFFIXES:
                 name = name.removesuffix(suffix)
-            out[name.removeprefix("model.")] = matmul_nbits_weight(node, tensors), _attrs(node)["bits"]
+            yield name.removeprefix("model."), matmul_nbits_weight(node, arrays), _attrs(node)["bits"]
         elif node.op_type == "GatherBlockQuantized":
-            out["wte"] = gather_table(node, tensors, made_by), 8
-    return out
+            yield "wte", gather_table(node, arrays, made_by), 8
+
+
+class _Arrays(dict):
+    """Initializers as numpy arrays, converted when first asked for."""
+
+    def __init__(self, tensors: dict[str, onnx.TensorProto]):
+        super().__init__()
+        self.tensors = tensors
+
+    def __contains__(self, name) -> bool:
+        return name in self.tensors
+
+    def __missing__(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.tensors[name])

@@ -37,10 +37,9 @@ from .tokenizer_files import find_tokenizer, write_tokenizer
 from .verify import (
     STORED,
     CheckReport,
+    check_and_load_stored_weights,
     check_export,
     check_shared_export,
-    check_stored_weights,
-    load_stored_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -193,9 +192,9 @@ def _check(folder: Path, manifest: Manifest, reference) -> CheckReport:
     report = check(session, reference, manifest.dtype)
     if manifest.dtype in QUANTIZED:
         log.info("checking the quantized weights against the checkpoint's, then the graph against them")
-        weights = dequantized_weights(onnx.load(str(folder / MODEL_FILE)))
-        steps = check_stored_weights(reference, weights)
-        load_stored_weights(reference, weights)
+        steps = check_and_load_stored_weights(
+            reference, dequantized_weights(onnx.load(str(folder / MODEL_FILE)))
+        )
         stored = check(session, reference, manifest.dtype, tol=STORED)
         report = dataclasses.replace(
             report,

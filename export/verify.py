@@ -304,17 +304,19 @@ def judge(dtype: str) -> Tolerance | QuantizedBounds:
     return QUANTIZED_BOUNDS.get(dtype) or TOLERANCES[dtype]
 
 
-def check_stored_weights(reference: GPT2, weights: dict[str, tuple[np.ndarray, int]]) -> float:
-    """Each weight a quantized graph stores (export/dequantize.py) against the checkpoint's: every
-    element within one quantization step of its column (a row of the token table), the step
-    being the column's range over 2^(bits-1) - 1 levels. Returns the largest error in steps;
-    raises ExportCheckError naming the weight and where."""
-    params = dict(reference.named_parameters())
+def check_and_load_stored_weights(reference: GPT2, weights) -> float:
+    """Each weight a quantized graph stores ((name, float weight, bits) from
+    export/dequantize.py, one at a time) against the checkpoint's: every element within one
+    quantization step of its column (a row of the token table), the step being the column's range
+    over 2^(bits-1) - 1 levels. Then the weight replaces the checkpoint's in the reference, in
+    place, for the last pass of the check. Returns the largest error in steps; raises
+    ExportCheckError naming the weight and where."""
     worst = 0.0
-    for name, (stored, bits) in weights.items():
-        want = (
-            params["wte_t"].detach().numpy().T if name == "wte" else params[name].detach().numpy()
-        ).astype(np.float64)
+    for name, stored, bits in weights:
+        if name == "wte" and reference.wte is None:
+            reference.untie_embedding()  # the graph looks tokens up in a table of its own
+        param = dict(reference.named_parameters())[name]
+        want = param.detach().numpy()
         axis = 1 if name == "wte" else 0  # a MatMulNBits weight (K, N) is quantized along K
         step = np.maximum(np.ptp(want, axis=axis, keepdims=True), 1e-30) / ((1 << (bits - 1)) - 1)
         steps = np.abs(stored - want) / step
@@ -325,18 +327,9 @@ def check_stored_weights(reference: GPT2, weights: dict[str, tuple[np.ndarray, i
                 f"the quantized weight {name} differs from the checkpoint's by {steps.max():.3g} quantization "
                 f"steps at {where} (a correct {bits}-bit weight stays within one): the quantized weights are corrupt"
             )
+        with torch.no_grad():
+            param.copy_(torch.from_numpy(stored))
     return worst
-
-
-def load_stored_weights(reference: GPT2, weights: dict[str, tuple[np.ndarray, int]]) -> None:
-    """Give the reference module, in place, the float weights a quantized graph really holds
-    (export/dequantize.py): what the last pass of a quantized check compares against."""
-    if "wte" in weights and reference.wte is None:
-        reference.untie_embedding()  # the graph looks tokens up in a table of its own
-    params = dict(reference.named_parameters())
-    with torch.no_grad():
-        for name, (value, _) in weights.items():
-            params[name].copy_(torch.from_numpy(value))
 
 
 def top1_agreement(got: np.ndarray, want: np.ndarray, limit: float) -> tuple[int, int]:
