@@ -1,6 +1,6 @@
 """Where a command's model folder comes from: a folder as given, or the export of a checkpoint
 (a hub id, a Hugging Face folder, `--random-init SIZE`) into a models folder, made on first use
-and reused after. Shared by `generate` and `bench`; in the exporter's package, as it exports."""
+and reused after. Shared by `generate`, `serve` and `bench`; in the exporter's package, as it exports."""
 
 from __future__ import annotations
 

@@ -1,24 +1,29 @@
-"""`gpt2-onnx serve`: flags in, the port bound, the model loaded, then gpt2onnx/server.py serves.
+"""`gpt2-onnx serve`: flags in, the port bound, the model found (or exported on first use) and
+loaded, then gpt2onnx/server.py serves (gpt2onnx/ray_serve.py with --ray).
 
-A bad flag, a port in use or a missing `[serve]` extra is one line before the model is loaded.
-The server needs fastapi and uvicorn (`pip install 'gpt2-onnx[serve]'`), imported only here, so
-the other commands work without them.
+`--model` / `--random-init` take what `generate` takes: a model folder, or a checkpoint exported
+once into --models-dir with the shared cache, the one the server batches in (export/model_source.py).
+A bad flag, a port in use or a missing `[serve]` extra is one line before anything is exported or
+loaded. The server needs fastapi and uvicorn (`pip install 'gpt2-onnx[serve]'`), imported only
+here, so the other commands work without them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import socket
 import sys
 from pathlib import Path
 
 from gpt2onnx.engine import inputs
-from gpt2onnx.engine.contract import InputError, UsageError, UserError
+from gpt2onnx.engine.contract import DTYPES, InputError, Manifest, UsageError, UserError
 from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.extras import needs_extra
 from gpt2onnx.engine.model_folder import read_manifest
+from gpt2onnx.engine.runtime import resolve_device
+from gpt2onnx.export.cli import HelpFormatter
+from gpt2onnx.export.model_source import resolve_model
 
 log = logging.getLogger("gpt2onnx")
 
@@ -28,9 +33,19 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "serve",
         parents=parents,
         help="serve a model over HTTP with OpenAI's completions API",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", required=True, help="a model folder (what `gpt2-onnx export` writes)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a model folder, or anything `export --model` takes (a hub id, a Hugging "
+                                     "Face folder), exported with the shared cache into --models-dir on first use")  # fmt: skip
+    src.add_argument("--random-init", metavar="SIZE", help="a random-weight model of SIZE (exported into "
+                                                           "--models-dir on first use); its text is meaningless")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init's weights")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype when exporting on first use (default: fp16 where the "
+                                                   "server runs on CUDA, which the shared cache needs there; "
+                                                   "else fp32)")  # fmt: skip
+    p.add_argument("--tokenizer", help="tokenizer folder when exporting on first use")
+    p.add_argument("--models-dir", default="models", help="where models exported on first use are kept")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one, printed)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (slots)")
@@ -51,9 +66,10 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     ray = p.add_argument_group("replicas on Ray Serve (the [ray] extra)")
     ray.add_argument("--ray", action="store_true", help="serve replicas on a Ray cluster behind one endpoint")
     ray.add_argument("--ray-address", default=None,
-                     help="the cluster (auto: the running one; default: RAY_ADDRESS, a running local one, "
-                          "else a new local one)")  # fmt: skip
-    ray.add_argument("--replicas", type=int, default=None, help="a fixed number of replicas (default 1)")
+                     help="the cluster to join: HOST:PORT, or auto (the one `ray start --head` runs on this "
+                          "machine); default: RAY_ADDRESS, else a private one on loopback that stops with "
+                          "the server")  # fmt: skip
+    ray.add_argument("--replicas", type=int, default=None, help="a fixed number of replicas (default: 1)")
     ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling: the fewest replicas")
     ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling: the most replicas")
     ray.add_argument("--target-ongoing-requests", type=float, default=None,
@@ -136,85 +152,78 @@ def run(args: argparse.Namespace) -> int:
     check_flags(args)
     with needs_extra("serve", "gpt2-onnx serve"):
         from gpt2onnx import server
-    if args.ray:
-        return run_on_ray(args)
     sock = bind(args.host, args.port)
     with sock:
+        folder = resolve_model(args.model, args.random_init, args.seed, first_use_dtype(args), args.tokenizer,
+                               args.models_dir, kv_cache="shared")  # fmt: skip
+        if args.ray:
+            return run_on_ray(args, sock, folder)
         engine = Engine.load(
-            args.model, provider=args.provider, max_batch=args.max_batch, max_queue=args.max_queue
+            folder, provider=args.provider, max_batch=args.max_batch, max_queue=args.max_queue
         )
-        if engine.manifest.kv_cache != "shared":  # requests join a running batch in the shared cache's slots
-            raise UserError(
-                f"{engine.folder} has the {engine.manifest.kv_cache} cache, but the server batches requests in "
-                "the slots of the shared cache: export the model again with --kv-cache shared"
-            )
+        check_shared(engine.manifest, engine.folder)
         name = args.served_model_name or engine.manifest.source.checkpoint
-        host, port = sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        print(
-            f"gpt2-onnx: serving {name!r} on http://{shown}:{port}/v1 (max batch {args.max_batch}, "
-            f"max queue {args.max_queue}); SIGTERM or Ctrl-C drains and stops it",
-            file=sys.stderr,
-            flush=True,
-        )
-        level = "debug" if args.debug else "warning" if args.quiet else "info"
-        server.serve(engine, sock, name, args.drain_timeout, level)
+        announce(sock, name, f"max batch {args.max_batch}, max queue {args.max_queue}")
+        server.serve(engine, sock, name, args.drain_timeout, log_level(args))
     return 0
 
 
-def connect(address: str | None, level: int) -> bool:
-    """Join the Ray cluster at `address`; without one, the running cluster (RAY_ADDRESS, or one
-    started on this machine with `ray start --head`), else a new local one. Returns whether this
-    process started it (and so stops it at the end)."""
-    import ray
-
-    if address is not None or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, logging_level=level, include_dashboard=False)
-        return False
-    try:
-        ray.init(address="auto", logging_level=level, include_dashboard=False)
-        return False
-    except ConnectionError:
-        log.info("no running Ray cluster found: starting a local one for this server")
-        ray.init(address="local", logging_level=level, include_dashboard=False)
-        return True
+def first_use_dtype(args: argparse.Namespace) -> str:
+    """--dtype, else what runs best where the server will: fp16 on CUDA (the shared cache's
+    GroupQueryAttention has CUDA kernels in fp16 only), fp32 on the CPU. Used only when exporting."""
+    if args.dtype:
+        return args.dtype
+    if args.provider == "cpu":
+        return "fp32"
+    if args.ray:  # the replicas' device: Ray hides the GPUs from a replica without one
+        gpu = args.provider == "cuda" or args.replica_gpus > 0
+    else:
+        gpu = resolve_device(args.provider) == "cuda"
+    return "fp16" if gpu else "fp32"
 
 
-def run_on_ray(args: argparse.Namespace) -> int:
-    """Deploy the replicas on the cluster, say where they serve, wait for SIGTERM or Ctrl-C, then
-    take the application down (each replica drains) and return."""
-    import signal
+def check_shared(manifest: Manifest, folder: Path) -> None:
+    """The server batches requests in the slots of the shared cache: a concat-cache folder is refused."""
+    if manifest.kv_cache != "shared":
+        source = manifest.source
+        size = source.checkpoint.removeprefix("random-init:")
+        again = (
+            f"--random-init {size} --seed {source.seed}"
+            if source.random_init
+            else f"--model {source.checkpoint}"
+        )
+        raise UserError(f"{folder} has the {manifest.kv_cache} cache, but the server batches requests in the "
+                        "slots of the shared cache: export the model again with --kv-cache shared, or serve "
+                        f"its checkpoint ({again}), which is exported with it on first use")  # fmt: skip
 
-    import ray
-    from ray import serve
 
+def announce(sock: socket.socket, name: str, settings: str) -> None:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"gpt2-onnx: serving {name!r} on http://{shown}:{port}/v1 ({settings}); SIGTERM or Ctrl-C drains "
+          "and stops it", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def log_level(args: argparse.Namespace) -> str:
+    return "debug" if args.debug else "warning" if args.quiet else "info"
+
+
+def run_on_ray(args: argparse.Namespace, sock: socket.socket, folder: Path) -> int:
+    """Replicas on a Ray cluster behind this process's endpoint (gpt2onnx/ray_serve.py) until
+    SIGTERM or Ctrl-C, then drained and taken down."""
     from gpt2onnx import ray_serve
 
-    folder = Path(args.model).resolve()  # replicas run elsewhere: an absolute path (on every node)
+    folder = folder.resolve()  # replicas run elsewhere: an absolute path (the same on every node)
     manifest = read_manifest(folder)
-    if manifest.kv_cache != "shared":
-        raise UserError(f"{folder} has the {manifest.kv_cache} cache, but the server batches requests in the "
-                        "slots of the shared cache: export the model again with --kv-cache shared")  # fmt: skip
+    check_shared(manifest, folder)
     name = args.served_model_name or manifest.source.checkpoint
     threads = max(1, int(args.replica_cpus))
     load = dict(provider=args.provider, max_batch=args.max_batch, max_queue=args.max_queue, threads=threads)
-    level = logging.DEBUG if args.debug else logging.WARNING
-    started_here = connect(args.ray_address, level)
-    try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        app = ray_serve.application(str(folder), name, load, args.drain_timeout, args.scaling,
-                                    args.replica_cpus, args.replica_gpus)  # fmt: skip
-        serve.run(app, name=ray_serve.APP_NAME, route_prefix="/")  # returns when the replicas are up
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # for sigwait, after Ray's
-        shown = f"[{args.host}]" if ":" in args.host else args.host  # processes started (they inherit it)
-        print(f"gpt2-onnx: serving {name!r} on http://{shown}:{args.port}/v1 with Ray Serve ({args.scaling}, "
-              f"max batch {args.max_batch}, max queue {args.max_queue} per replica); SIGTERM or Ctrl-C "
-              "drains and stops it", file=sys.stderr, flush=True)  # fmt: skip
-        signal.sigwait({signal.SIGTERM, signal.SIGINT})
-        log.warning("draining: running requests get %gs to finish", args.drain_timeout)
-        serve.delete(ray_serve.APP_NAME)  # each replica's lifespan closes its engine (the drain)
-    finally:
-        if started_here:
-            serve.shutdown()
-        ray.shutdown()
+    settings = (f"Ray Serve, {args.scaling}, max batch {args.max_batch}, max queue {args.max_queue} per "
+                "replica")  # fmt: skip
+    ray_serve.serve_replicas(
+        sock, str(folder), name, load, args.drain_timeout, args.scaling, args.replica_cpus, args.replica_gpus,
+        ray_address=args.ray_address, ray_log_level=logging.DEBUG if args.debug else logging.WARNING,
+        log_level=log_level(args), announce=lambda: announce(sock, name, settings),
+    )  # fmt: skip
     return 0

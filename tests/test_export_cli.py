@@ -197,3 +197,12 @@ def test_output_under_a_file_is_refused_before_any_work(capsys, tmp_path, hf_fol
     )
     assert_one_line_error(code, err, "is a file, so --output")
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_the_default_cache_is_the_shared_one_and_concat_without_fusion(capsys, tmp_path, hf_folder):
+    """The shared cache is the fastest where it was measured (export/cli.py says why); the plain
+    graph has no GroupQueryAttention, so --no-optimize alone gives the concat cache."""
+    assert run_cli(capsys, "export", "--model", hf_folder, "--output", tmp_path / "fused")[0] == 0
+    assert read_manifest(tmp_path / "fused").kv_cache == "shared"
+    code, _ = run_cli(capsys, "export", "--model", hf_folder, "--no-optimize", "--output", tmp_path / "plain")
+    assert code == 0 and read_manifest(tmp_path / "plain").kv_cache == "concat"
