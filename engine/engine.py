@@ -201,8 +201,9 @@ class Engine:
         the end: less work a token).
         With the concat cache (no slots), requests run in static batches: the waiting ones start
         together when the running batch has ended.
-        Raises InputError (bad arguments, a prompt that does not fit), QueueFullError (max_queue
-        requests already wait), EngineClosedError (after close)."""
+        Raises InputError (bad arguments, a prompt that does not fit), QueueFullError (no room:
+        the free slots are claimed and max_queue requests wait beyond them), EngineClosedError
+        (after close)."""
         request = self._request("submit", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
         logprobs = inputs.check("logprobs", logprobs)
         prompt_logprobs = inputs.check("logprobs", prompt_logprobs, "prompt_logprobs")
@@ -224,10 +225,11 @@ class Engine:
                                 self._eos(request), **extra)  # fmt: skip
 
     def stats(self) -> dict[str, int]:
-        """The scheduler's figures now: queue_depth, active_slots, max_batch, max_queue."""
+        """The scheduler's figures now: queue_depth, active_slots, max_batch, max_queue, and room
+        (requests `submit` takes now: the free slots, then max_queue places beyond them)."""
         s = self.scheduler
         return {"queue_depth": s.queue_depth(), "active_slots": s.active(), "max_batch": self.session.max_batch,
-                "max_queue": s.max_queue}  # fmt: skip
+                "max_queue": s.max_queue, "room": s.room()}  # fmt: skip
 
     def stuck(self, seconds: float = 60.0) -> bool:
         """Whether requests wait or run but the scheduler's loop has not turned for `seconds`

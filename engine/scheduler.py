@@ -16,10 +16,11 @@ so its tokens do not depend on what else is in the batch: greedy, they are the t
 request run alone; seeded, too. Fixed decode shapes stay: under CUDA graphs a step runs in the
 bucket of its row count.
 
-Submission is thread-safe and bounded: a full queue refuses at once (QueueFullError). A
-`RequestHandle` is iterated for its pieces (from a thread, or `async for` in asyncio), awaited or
-`result()`-ed for its Completion, and cancelled. The scheduler holds the Engine's lock while it
-has work; between bursts Engine.logits and Engine.score use the session.
+Submission is thread-safe and bounded: past the free slots, at most max_queue requests wait, and
+a submission that does not fit is refused at once (QueueFullError). A `RequestHandle` is iterated
+for its pieces (from a thread, or `async for` in asyncio), awaited or `result()`-ed for its
+Completion, and cancelled. The scheduler holds the Engine's lock while it has work; between
+bursts Engine.logits and Engine.score use the session.
 """
 
 from __future__ import annotations
@@ -277,15 +278,17 @@ class Scheduler:
 
     def submit_all(self, requests: list[Request], bounded: bool = True) -> list[RequestHandle]:
         """Queue requests together (they are admitted in this order, and start in one batch when
-        there is room). bounded=False: past max_queue (one call's prompts, already in memory)."""
+        there is room), all or none: QueueFullError when they do not all fit in room().
+        bounded=False: past max_queue (one call's prompts, already in memory)."""
         handles = [RequestHandle(request, self._note_cancel) for request in requests]
         with self._cond:
             if self._closing:
                 raise EngineClosedError("the engine is shutting down and takes no new requests")
-            if bounded and len(self.waiting) + len(handles) > self.max_queue:
+            if bounded and len(handles) > (room := self.room()):
                 raise QueueFullError(
-                    f"{len(self.waiting)} requests are already waiting (max_queue {self.max_queue}); "
-                    "retry later or load the engine with a larger max_queue"
+                    f"{len(handles)} more requests do not fit: {len(self.waiting)} wait, for the free slots "
+                    f"and max_queue {self.max_queue} places beyond them (room for {max(room, 0)} more); retry "
+                    "later or load the engine with a larger max_queue"
                 )
             if not self.waiting and not self.holds_lock:
                 self.stepped = time.monotonic()  # work after a rest: the loop's time starts now
@@ -302,6 +305,14 @@ class Scheduler:
 
     def queue_depth(self) -> int:
         return len(self.waiting)
+
+    def room(self) -> int:
+        """Requests a bounded submission may add now. Waiting requests take the free slots first
+        (the loop moves them in at its next turn), so only those beyond the free slots count
+        against max_queue: an idle engine takes max_batch + max_queue at once, and the loop's moves
+        leave the room as it is. A static batch has no free slot while it runs."""
+        free = 0 if self.static and any(self.slots) else self.slots.count(None)
+        return free + self.max_queue - len(self.waiting)
 
     def stuck(self, seconds: float) -> bool:
         """Whether there is work (waiting or running) but the loop has not turned for `seconds`:

@@ -35,6 +35,7 @@ class Metrics:
         self.requests: dict[int, int] = {}  # /v1/completions responses by HTTP status
         self.prompt_tokens = self.completion_tokens = 0
         self.disconnects = 0  # clients gone before their response was complete (their choices cancelled)
+        self.read_timeouts = 0  # connections closed because a request was not whole within --read-timeout
         self.ttft = Histogram("gpt2onnx_time_to_first_token_seconds", "From submission to a choice's first token.",
                               (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))  # fmt: skip
         self.itl = Histogram("gpt2onnx_inter_token_latency_seconds", "Between a choice's consecutive tokens.",
@@ -64,6 +65,12 @@ class Metrics:
                 self.disconnects,
                 "counter",
                 "Clients gone before their response ended.",
+            ),
+            (
+                "read_timeouts_total",
+                self.read_timeouts,
+                "counter",
+                "Connections closed: a request not whole within --read-timeout.",
             ),
             ("queue_depth", stats["queue_depth"], "gauge", "Requests waiting for a slot."),
             ("active_slots", stats["active_slots"], "gauge", "Slots running a request."),

@@ -1,5 +1,7 @@
 """OpenAI's completions API, in and out: a request body checked into engine arguments, and the
-response, stream chunk, usage and error objects shaped the way OpenAI's clients read them.
+response, stream chunk, usage and error objects shaped the way OpenAI's clients read them; and
+the tokenizer routes that OpenAI-compatible servers add (vLLM's /tokenize, /detokenize and
+/tokenizer_info), which evaluation harnesses use.
 
 Plain functions over dicts, no web framework: gpt2onnx/server.py does the HTTP. Every parameter
 goes through the engine's own input gate (engine/inputs.py) under its OpenAI name, so a bad
@@ -14,6 +16,7 @@ OpenAI's own default prompt does), and prompt_tokens counts it.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -24,6 +27,9 @@ from gpt2onnx.engine.contract import InputError
 
 MAX_CHOICES = 128  # prompts x n in one request (OpenAI's own limit on n)
 MAX_LOGPROBS = 5  # OpenAI's limit on the completions API's logprobs
+MAX_TOKENIZE_CHARS = 1 << 20  # /tokenize's text: a whole document (harnesses split it), not a body's worth
+# max_tokens 0 only scores the prompt (with echo): the engine runs one step, whose token is dropped
+MAX_TOKENS = inputs.Count(0, inputs.MAX_IDS, "a non-negative integer (0 only with echo: score the prompt)")
 
 # The body's parameters: OpenAI's, then the engine's own sampling settings as extensions
 # (vLLM takes the same names), then `truncate` ("left": drop a too-long prompt's oldest tokens) and
@@ -47,8 +53,8 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled"
 class ApiError(Exception):
     """An error answered in OpenAI's error-object shape, with its HTTP status."""
 
-    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-             429: "rate_limit_error", 503: "server_error"}  # fmt: skip
+    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 408: "invalid_request_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}  # fmt: skip
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -80,10 +86,19 @@ class CompletionRequest:
     ignore_eos: bool = False
     sampling: dict = field(default_factory=dict)  # the engine's sampling keywords, seed and logit_bias
 
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.n
+
+    @property
+    def scoring(self) -> bool:
+        """max_tokens 0 with echo: the prompt and its logprobs, no new token."""
+        return self.max_tokens == 0
+
     def submissions(self) -> list[tuple[str | list[int], dict]]:
         """(prompt, Engine.submit keywords) for every choice, in choice order."""
         keywords = dict(
-            max_new_tokens=self.max_tokens,
+            max_new_tokens=max(self.max_tokens, 1),  # scoring: one step, its token dropped
             stop=self.stop,
             truncate=self.truncate,
             logprobs=self.logprobs,
@@ -103,18 +118,13 @@ class CompletionRequest:
 def parse_completion_request(body, model_name: str, vocab_size: int, n_positions: int) -> CompletionRequest:
     """A /v1/completions JSON body, checked. Raises ApiError: 400 naming the parameter, 404 for
     another model than the one served."""
-    if not isinstance(body, dict):
-        raise bad(None, f"the request body must be a JSON object, got {inputs.shown(body)}")
-    unknown = sorted(set(body) - OPENAI_PARAMS - EXTENSIONS)
-    if unknown:
-        taken = ", ".join(sorted(OPENAI_PARAMS | EXTENSIONS))
-        raise bad(
-            unknown[0], f"unknown parameter {inputs.abbreviated(unknown[0])}; /v1/completions takes {taken}"
-        )
-    check_model(body.get("model"), model_name)
-    given = {key: value for key, value in body.items() if value is not None}  # JSON null: the default
+    given = fields_of(body, OPENAI_PARAMS | EXTENSIONS, "/v1/completions", model_name)
     refuse_unsupported(given)
-    max_tokens = checked("max_tokens", "max_new_tokens", given.get("max_tokens", 16))
+    echo = checked("echo", FLAG, given.get("echo", False))
+    max_tokens = checked("max_tokens", MAX_TOKENS, given.get("max_tokens", 16))
+    if max_tokens == 0 and not echo:
+        raise bad("max_tokens", "max_tokens 0 generates nothing: it is for scoring a prompt with echo=true (the "
+                                "prompt's tokens and their logprobs, no new token); ask for at least 1 token")  # fmt: skip
     if max_tokens >= n_positions:
         raise bad(
             "max_tokens",
@@ -126,7 +136,6 @@ def parse_completion_request(body, model_name: str, vocab_size: int, n_positions
         raise bad(
             "n", f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices; send fewer at a time"
         )
-    echo = checked("echo", FLAG, given.get("echo", False))
     logprobs = checked("logprobs", inputs.Count(0, MAX_LOGPROBS, f"an integer from 0 to {MAX_LOGPROBS}", True),
                        given.get("logprobs"))  # fmt: skip
     stream = checked("stream", FLAG, given.get("stream", False))
@@ -141,7 +150,24 @@ def parse_completion_request(body, model_name: str, vocab_size: int, n_positions
     )  # fmt: skip
 
 
+def fields_of(body, allowed: set[str], route: str, model_name: str) -> dict:
+    """A JSON object's parameters, all of them known to `route`, with JSON nulls left out (null
+    asks for the default), its `model` checked."""
+    if not isinstance(body, dict):
+        raise bad(None, f"the request body must be a JSON object, got {inputs.shown(body)}")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise bad(unknown[0], f"unknown parameter {inputs.abbreviated(unknown[0])}; {route} takes "
+                              f"{', '.join(sorted(allowed))}")  # fmt: skip
+    check_model(body.get("model"), model_name)
+    return {key: value for key, value in body.items() if value is not None}
+
+
 def check_model(model, model_name: str) -> None:
+    """`model` must name the served model; absent or null, it is the one served (as vLLM takes it
+    when it serves one model: lm-evaluation-harness sends null unless told a name)."""
+    if model is None:
+        return
     if not isinstance(model, str):
         raise bad(
             "model", f"model must be the served model's name, {model_name!r}; got {inputs.shown(model)}"
@@ -250,6 +276,118 @@ def param_of(message: str) -> str | None:
     if message.startswith("max_new_tokens"):
         return "max_tokens"
     return None
+
+
+# A JSON \u escape of a UTF-16 surrogate: the only way a body's str can hold one (UTF-8 bytes cannot)
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def check_text(raw: bytes, body) -> None:
+    """Refuse a body whose strings (parameter names too) hold a lone surrogate: JSON's \\ud800
+    escape can write one, but it is not Unicode text, so it could be neither tokenized nor written
+    back in a response. A pair (\\ud83d\\ude00) is one character and welcome. Only a body whose
+    bytes hold such an escape is searched. Raises ApiError 400 naming the parameter."""
+    if not SURROGATE_ESCAPE.search(raw):
+        return
+    stack = [(None, None, body)]  # (the parameter, where in it, a value)
+    while stack:
+        param, label, value = stack.pop()
+        if isinstance(value, str) and not is_text(value):
+            raise bad(param, f"{label or 'the body'} holds a lone surrogate ({_surrogate_at(value)}); JSON strings "
+                             "must be Unicode text: write the character itself, or both halves of a surrogate pair")  # fmt: skip
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not is_text(key):
+                    name = key.encode("utf-8", "backslashreplace").decode()
+                    where = f'the parameter name "{name}"' if label is None else f'{label} key "{name}"'
+                    raise bad(
+                        param or name, f"{where} holds a lone surrogate; JSON strings must be Unicode text"
+                    )
+                where = key if label is None else f"{label}[{key!r}]"
+                stack.append((param or key, where, item))
+        elif isinstance(value, list):
+            stack.extend((param, f"{label or 'the body'}[{i}]", item) for i, item in enumerate(value)
+                         if isinstance(item, (str, list, dict)))  # fmt: skip
+
+
+def is_text(value: str) -> bool:
+    """Whether a str is Unicode text (no lone surrogate), as UTF-8 can write it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate_at(value: str) -> str:
+    at = next(i for i, ch in enumerate(value) if "\ud800" <= ch <= "\udfff")
+    return f"{ascii(value[at])[1:-1]} at character {at}"
+
+
+# -- how many choices fit ------------------------------------------------------------------------
+def capacity_error(request: CompletionRequest, stats: Mapping[str, int]) -> ApiError | None:
+    """Why the engine cannot take the request's choices now (Engine.stats(): its slots, queue
+    and room): 400 when they are more than it can ever hold (all its slots and queue places),
+    429 when they do not fit beside what already runs and waits. None when they fit."""
+    slots, places, k = stats["max_batch"], stats["max_queue"], request.choices
+    if k > slots + places:
+        param = "n" if request.n > 1 else "prompt"
+        return bad(param, f"this request has {k} choices (prompts x n), more than this server can ever hold: "
+                          f"{slots} slots (--max-batch) and {places} queue places (--max-queue); send fewer at "
+                          "a time, or start the server with a larger --max-queue")  # fmt: skip
+    if k > stats["room"]:
+        return ApiError(429, f"the queue is full: there is room for {max(stats['room'], 0)} more requests now "
+                             f"({slots} slots, and {places} queue places beyond them: --max-queue) and this "
+                             f"request has {k} choices; retry later", code="queue_full")  # fmt: skip
+    return None
+
+
+# -- the tokenizer routes (vLLM's) ---------------------------------------------------------------
+TOKENIZE_PARAMS = {"model", "prompt", "add_special_tokens", "return_token_strs"}
+DETOKENIZE_PARAMS = {"model", "tokens"}
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    prompt: str
+    add_special_tokens: bool = True  # the BOS first, as the engine puts it before a text prompt
+    return_token_strs: bool = False
+
+
+def parse_tokenize_request(body, model_name: str) -> TokenizeRequest:
+    """A /tokenize body: {"prompt": str, "add_special_tokens"?: bool, "return_token_strs"?: bool}."""
+    given = fields_of(body, TOKENIZE_PARAMS, "/tokenize", model_name)
+    prompt = checked("prompt", inputs.text, given.get("prompt"))
+    if len(prompt) > MAX_TOKENIZE_CHARS:
+        raise bad(
+            "prompt", f"prompt has {len(prompt)} characters, more than {MAX_TOKENIZE_CHARS}; send it in parts"
+        )
+    return TokenizeRequest(prompt, checked("add_special_tokens", FLAG, given.get("add_special_tokens", True)),
+                           checked("return_token_strs", FLAG, given.get("return_token_strs", False)))  # fmt: skip
+
+
+def parse_detokenize_request(body, model_name: str, vocab_size: int) -> list[int]:
+    """A /detokenize body: {"tokens": [ids]}; its ids."""
+    given = fields_of(body, DETOKENIZE_PARAMS, "/detokenize", model_name)
+    return checked(
+        "tokens", lambda label, value: inputs.token_ids(label, value, vocab_size), given.get("tokens")
+    )
+
+
+def tokenize_object(ids: list[int], max_model_len: int, token_strs: list[str] | None) -> dict:
+    out = {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
+    return out if token_strs is None else {**out, "token_strs": token_strs}
+
+
+def tokenizer_info(model_name: str, tokenizer, n_positions: int, vocab_size: int) -> dict:
+    """GET /tokenizer_info: what vLLM gives (the tokenizer's tokenizer_config.json, with its
+    class), for the model folder's tokenizer.json: transformers reads one with
+    PreTrainedTokenizerFast. add_bos_token: the engine puts the BOS before every text prompt."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "name_or_path": model_name,
+            "bos_token": tokenizer.id_to_token(bos), "eos_token": tokenizer.id_to_token(eos),
+            "bos_token_id": bos, "eos_token_id": eos, "pad_token": None, "add_bos_token": True,
+            "model_max_length": n_positions, "max_model_len": n_positions, "vocab_size": vocab_size}  # fmt: skip
 
 
 # -- responses ---------------------------------------------------------------------------------

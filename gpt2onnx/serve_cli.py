@@ -63,6 +63,14 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         default=30.0,
         help="seconds running requests get to finish on SIGTERM or Ctrl-C before they are cancelled",
     )
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a whole request (headers and body) from its first byte; "
+                        "then 408 and the connection is closed")  # fmt: skip
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="seconds an idle connection stays open between requests")  # fmt: skip
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="connections served at once; past it a request gets 503 (default: 256, or twice "
+                        "--max-batch + --max-queue when that is more)")  # fmt: skip
     ray = p.add_argument_group("replicas on Ray Serve (the [ray] extra)")
     ray.add_argument("--ray", action="store_true", help="serve replicas on a Ray cluster behind one endpoint")
     ray.add_argument("--ray-address", default=None,
@@ -92,6 +100,12 @@ def check_flags(args: argparse.Namespace) -> None:
         )
         inputs.Count(0, 65535, "a port number from 0 to 65535")("--port", args.port)
         inputs.Real(0.0, 86400.0, "seconds from 0 to 86400")("--drain-timeout", args.drain_timeout)
+        seconds = inputs.Real(0.0, 86400.0, "seconds above 0, at most 86400", low_open=True)
+        seconds("--read-timeout", args.read_timeout)
+        seconds("--timeout-keep-alive", args.timeout_keep_alive)
+        inputs.Count(1, 1 << 20, "an integer from 1 to 1048576", optional=True)(
+            "--max-connections", args.max_connections
+        )
         if args.ray:
             args.scaling = scaling(args)
             inputs.Real(0.01, 1024.0, "a number of CPUs from 0.01 to 1024")(
@@ -164,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         check_shared(engine.manifest, engine.folder)
         name = args.served_model_name or engine.manifest.source.checkpoint
         announce(sock, name, f"max batch {args.max_batch}, max queue {args.max_queue}")
-        server.serve(engine, sock, name, args.drain_timeout, log_level(args))
+        limits = server.Limits(args.read_timeout, args.timeout_keep_alive, args.max_connections)
+        server.serve(engine, sock, name, args.drain_timeout, log_level(args), limits)
     return 0
 
 

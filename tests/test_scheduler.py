@@ -113,12 +113,15 @@ def test_a_cancelled_request_frees_its_slot_and_the_others_go_on(engine):
 
 
 def test_a_full_queue_refuses_at_once(tiny_shared):
+    """Waiting requests take the free slots first: only those beyond them count against max_queue,
+    however far the loop has got in moving them in."""
     engine = Engine.load(tiny_shared, provider="cpu", max_batch=1, max_queue=2)
     with engine._lock:  # the scheduler cannot start: submissions stay queued
-        held = [engine.submit("Hello", max_new_tokens=2) for _ in range(2)]
+        held = [engine.submit("Hello", max_new_tokens=2) for _ in range(3)]  # 1 slot + 2 places
+        assert engine.stats()["room"] == 0
         with pytest.raises(QueueFullError, match="max_queue 2"):
             engine.submit("Hello", max_new_tokens=2)
-        assert engine.stats()["queue_depth"] == 2
+        assert engine.stats()["queue_depth"] == 3
     assert all(h.result(timeout=30).token_ids for h in held)
     engine.submit("Hello", max_new_tokens=2).result(timeout=30)  # room again
 

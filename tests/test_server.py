@@ -54,14 +54,16 @@ def load(folder, max_batch=4, max_queue=64, step_s=0.0) -> Engine:
 
 # -- servers started and stopped by the tests ----------------------------------------------------
 @contextlib.contextmanager
-def running(engine, drain_timeout: float = 5.0, app_out: list | None = None):
-    """The app on 127.0.0.1 (a free port) in a thread; yields its base URL (and appends the app to
-    app_out); stopped on exit, which closes the engine."""
+def running(engine, drain_timeout: float = 5.0, app_out: list | None = None, limits=None,
+            log_level: str = "warning"):  # fmt: skip
+    """The app on 127.0.0.1 (a free port) in a thread, with the settings `gpt2-onnx serve` gives
+    uvicorn; yields its base URL (and appends the app to app_out); stopped on exit, which closes
+    the engine."""
     app = server.create_app(engine, MODEL, drain_timeout)
     if app_out is not None:
         app_out.append(app)
     sock = serve_cli.bind("127.0.0.1", 0)
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout + 5))
+    uv = uvicorn.Server(server.config(app, engine, drain_timeout, log_level, limits or server.Limits()))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -282,7 +284,7 @@ BAD_BODIES = [
     (b"{not json", 400, None, "not valid JSON"),
     (b"[1, 2]", 400, None, "JSON object"),
     (b"\xff\xfe", 400, None, "not valid JSON"),
-    ({"prompt": "x"}, 400, "model", "model must be"),
+    ({"model": 5, "prompt": "x"}, 400, "model", "model must be"),
     ({"model": "gpt-4", "prompt": "x"}, 404, "model", "does not exist"),
     ({"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "unknown parameter 'frobnicate'; /v1/completions takes"),
     ({"prompt": "x", "stream_options": 5}, 400, "stream_options", "include_usage"),
@@ -291,7 +293,8 @@ BAD_BODIES = [
     ({"prompt": "x", "temperature": "hot"}, 400, "temperature", "temperature must be"),
     ({"prompt": "x", "temperature": 1e999}, 400, "temperature", "temperature must be"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p", "top_p must be"),
-    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "max_tokens must be"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "max_tokens 0 generates nothing"),
+    ({"prompt": "x", "max_tokens": -1, "echo": True}, 400, "max_tokens", "max_tokens must be"),
     ({"prompt": "x", "max_tokens": 2.5}, 400, "max_tokens", "max_tokens must be"),
     ({"prompt": "x", "max_tokens": 128}, 400, "max_tokens", "no room"),
     ({"prompt": "x", "n": 0}, 400, "n", "n must be"),
@@ -408,14 +411,23 @@ def test_metrics_count_requests_and_tokens(client, base_url):
 
 # -- load: queue full, disconnects ---------------------------------------------------------------
 def test_a_full_queue_is_429_and_submits_nothing(tiny_shared):
-    engine = load(tiny_shared, max_batch=1, max_queue=1, step_s=0.01)
+    engine, gate = load(tiny_shared, max_batch=1, max_queue=1), threading.Event()
+    engine.scheduler.on_step = lambda: gate.wait(T)  # closed: the running request holds its slot
+    gate.set()
     with running(engine) as url:
         with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=T) as c:
-            with pytest.raises(openai.RateLimitError, match="queue is full") as caught:
-                c.completions.create(model=MODEL, prompt="Hi", max_tokens=100, n=3)  # 1 slot + 1 waiting
-            assert caught.value.body["code"] == "queue_full"
-            wait_for(lambda: engine.stats()["active_slots"] + engine.stats()["queue_depth"] == 0,
-                     "the refused request's other choices to be cancelled", 5)  # fmt: skip
+            two = c.completions.create(model=MODEL, prompt="Hi", max_tokens=2, n=2)
+            assert len(two.choices) == 2  # an idle server: 1 slot and 1 queue place
+            gate.clear()
+            body = {"model": MODEL, "prompt": "Hi", "max_tokens": 20, "stream": True, "logit_bias": NO_EOS}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=T) as running_one:
+                assert next(running_one.iter_lines()).startswith("data: {")  # the slot is taken
+                with pytest.raises(openai.RateLimitError, match="room for 1 more requests now") as caught:
+                    c.completions.create(model=MODEL, prompt="Hi", max_tokens=2, n=2)  # 1 queue place
+                assert caught.value.body["code"] == "queue_full"
+                assert engine.stats()["queue_depth"] == 0, "a refused request submitted choices"
+                gate.set()
+            wait_for(lambda: engine.stats()["active_slots"] == 0, "the stream's slot to be freed", 5)
             assert c.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text
         assert 'gpt2onnx_requests_total{code="429"} 1' in httpx.get(url + "/metrics").text
 
