@@ -7,15 +7,45 @@
 Packages, each importing only those below it: `gpt2onnx.engine` (the model folder contract, the
 session, sampling, tokenization, the decode loop, `Engine`), `gpt2onnx.export` (checkpoint ->
 model folder), `gpt2onnx.benchmarks`, and at the top the `gpt2-onnx` command (gpt2onnx/cli.py).
+
+The names below are imported on first use (PEP 562): every `gpt2onnx.*` import runs this file
+first, the command's included, and the command must take Ctrl-C over before numpy and
+onnxruntime load (gpt2onnx/cli.py).
 """
 
-from gpt2onnx.engine.contract import InputError, ModelFolderError, UserError
-from gpt2onnx.engine.engine import Completion, Engine, EngineBusyError, Generation, Score
-from gpt2onnx.engine.runtime import ProviderError
-from gpt2onnx.engine.sampling import SamplingConfig
-from gpt2onnx.engine.session import SessionConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gpt2onnx.engine.contract import InputError, ModelFolderError, UserError
+    from gpt2onnx.engine.engine import Completion, Engine, EngineBusyError, Generation, Score
+    from gpt2onnx.engine.runtime import ProviderError
+    from gpt2onnx.engine.sampling import SamplingConfig
+    from gpt2onnx.engine.session import SessionConfig
+
+# public name -> its module in gpt2onnx.engine
+_HOME = {
+    "InputError": "contract", "ModelFolderError": "contract", "UserError": "contract",
+    "Completion": "engine", "Engine": "engine", "EngineBusyError": "engine", "Generation": "engine",
+    "Score": "engine", "ProviderError": "runtime", "SamplingConfig": "sampling", "SessionConfig": "session",
+}  # fmt: skip
 
 __all__ = [
     "Completion", "Engine", "EngineBusyError", "Generation", "InputError", "ModelFolderError",
     "ProviderError", "SamplingConfig", "Score", "SessionConfig", "UserError",
 ]  # fmt: skip
+
+
+def __getattr__(name: str):
+    """A public name, imported from its module the first time it is asked for."""
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"gpt2onnx.engine.{_HOME[name]}"), name)
+    globals()[name] = value  # later lookups find it without this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
