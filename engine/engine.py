@@ -8,6 +8,7 @@ between the scheduler's bursts (they wait for it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -204,9 +205,13 @@ class Engine:
         Raises InputError (bad arguments, a prompt that does not fit), QueueFullError (no room:
         the free slots are claimed and max_queue requests wait beyond them), EngineClosedError
         (after close)."""
-        request = self._request("submit", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
-        logprobs = inputs.check("logprobs", logprobs)
         prompt_logprobs = inputs.check("logprobs", prompt_logprobs, "prompt_logprobs")
+        score_only = max_new_tokens == 0 and prompt_logprobs is not None
+        request = self._request("submit", 1 if score_only else max_new_tokens, stop, prepend_bos, truncate,
+                                ignore_eos, sampling)  # fmt: skip
+        if score_only:  # the prompt's logprobs alone: one pass, no slot, no new token
+            request = dataclasses.replace(request, max_new_tokens=0)
+        logprobs = inputs.check("logprobs", logprobs)
         prompt = inputs.prompt("prompt", prompt, self.vocab_size)
         stream = inputs.check("stream", stream)
         return self.scheduler.submit(

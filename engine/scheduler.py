@@ -390,6 +390,14 @@ class Scheduler:
         admitted = False
         with self._cond:
             self._drop_waiting_cancelled()
+            scoring = []  # requests for their prompt's logprobs alone: no slot, one pass each
+            while self.waiting and self.waiting[0].request.max_new_tokens == 0:
+                scoring.append(self.waiting.popleft())
+                self._drop_waiting_cancelled()
+        for handle in scoring:
+            self._score(handle)
+            self._end(handle, Row(handle.request.prompt_ids, None, ()), "length")
+        with self._cond:
             if not self.waiting:
                 return False
             empty = not any(self.slots)
@@ -490,11 +498,13 @@ class Scheduler:
     def _score_prompt(self, slot: Slot) -> None:
         """The prompt's logprobs, when its request asks for them (echo): one more pass over the
         prompt, outside the cache, with the logits of every position."""
-        handle = slot.handle
+        self._score(slot.handle)
+
+    def _score(self, handle: RequestHandle) -> None:
         k = handle.request.prompt_logprobs
         if k is None:
             return
-        prompt = slot.row.prompt_ids
+        prompt = handle.request.prompt_ids
         logits = self.session.full_logits(np.array([prompt], np.int64))[0]
         scored, tops = token_logprobs(logits[:-1], prompt[1:], k)  # position i predicts token i + 1
         handle.prompt_logprobs = [None] + scored.tolist()

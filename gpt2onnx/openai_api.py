@@ -98,11 +98,12 @@ class CompletionRequest:
     def submissions(self) -> list[tuple[str | list[int], dict]]:
         """(prompt, Engine.submit keywords) for every choice, in choice order."""
         keywords = dict(
-            max_new_tokens=max(self.max_tokens, 1),  # scoring: one step, its token dropped
+            max_new_tokens=self.max_tokens,  # 0 with echo: the prompt scored alone (Engine.submit)
             stop=self.stop,
             truncate=self.truncate,
             logprobs=self.logprobs,
-            prompt_logprobs=self.logprobs if self.echo else None,  # echo: the prompt's tokens' too
+            # echo: the prompt's tokens' too; scoring asks for them always (one pass, no new token)
+            prompt_logprobs=(self.logprobs or 0) if self.scoring else self.logprobs if self.echo else None,
             ignore_eos=self.ignore_eos,
             stream=self.stream,
         )

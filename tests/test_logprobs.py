@@ -36,3 +36,24 @@ def test_a_row_sure_of_its_token_gives_zero_and_one_row_works():
     (lp,), (top,) = token_logprobs(logits, [3], 3)
     assert lp == pytest.approx(0.0, abs=1e-12)
     assert list(top)[0] == 3 and len(top) == 3
+
+
+def test_scoring_a_prompt_alone_is_one_pass_and_takes_no_slot(tiny_shared):
+    """submit(prompt, 0, prompt_logprobs=k): what `echo` with `max_tokens: 0` asks for (scoring
+    harnesses): one pass over the prompt, no prefill, no slot, no new token; the logprobs are
+    Engine.score's."""
+    from gpt2onnx.engine.engine import Engine
+
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=2)
+    session, runs = engine.session, []
+    for name in ("full_logits", "prefill", "prefill_slot", "decode"):
+        real = getattr(session, name)
+        setattr(session, name, lambda *a, _n=name, _r=real, **k: (runs.append(_n), _r(*a, **k))[1])
+    handle = engine.submit("The quick brown fox", 0, prompt_logprobs=1)
+    done = handle.result(30)
+    assert done.token_ids == [] and done.finish_reason == "length" and runs == ["full_logits"]
+    want = engine.score("The quick brown fox").logprobs
+    np.testing.assert_allclose(handle.prompt_logprobs[1:], want, atol=1e-5)
+    assert all(len(top) == 1 for top in handle.prompt_top_logprobs[1:])
+    with pytest.raises(Exception, match="max_new_tokens"):
+        engine.submit("x", 0)  # no new token and nothing scored: still refused

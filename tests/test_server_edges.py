@@ -292,7 +292,13 @@ def test_echo_with_truncate_left_echoes_what_was_scored(client, engine):
     assert lp.token_logprobs[0] is None and all(x is not None for x in lp.token_logprobs[1:])
     scored = client.completions.create(model=MODEL, prompt=long, max_tokens=0, echo=True, logprobs=0,
                                        extra_body={"truncate": "left"}).choices[0]  # fmt: skip
-    assert scored.text == engine.to_string(engine.submit(long, 1, truncate="left").result(T).prompt_token_ids)
+    whole = engine.submit(long, 0, prompt_logprobs=0, truncate="left").result(
+        T
+    )  # scored alone: the whole context
+    assert (
+        scored.text == engine.to_string(whole.prompt_token_ids)
+        and len(whole.prompt_token_ids) == engine.n_positions
+    )
     short = client.completions.create(model=MODEL, prompt="Hello", max_tokens=0, echo=True, logprobs=0,
                                       extra_body={"truncate": "left"}).choices[0]  # fmt: skip
     assert short.text == "Hello" and short.logprobs.tokens == ["Hello"]  # not cut: the BOS is not listed
