@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -25,6 +26,13 @@ pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
 NO_EOS = {"50256": -100}
 
 
+def health_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_serve_exports_a_checkpoint_with_the_shared_cache_on_first_use_and_answers(hf_folder, tmp_path):
     models = tmp_path / "models"
     proc = subprocess.Popen(
@@ -38,6 +46,10 @@ def test_serve_exports_a_checkpoint_with_the_shared_cache_on_first_use_and_answe
             lines.append(proc.stderr.readline())
             assert lines[-1], f"the server ended before serving:\n{''.join(lines)}"
         url = lines[-1].split(" on ", 1)[1].split()[0]
+        deadline = time.monotonic() + 60  # the line can come a moment before uvicorn accepts
+        while not health_ok(url.removesuffix("/v1") + "/health"):
+            assert time.monotonic() < deadline and proc.poll() is None, "the server never answered /health"
+            time.sleep(0.05)
         body = {"model": "tiny", "prompt": "Hello", "max_tokens": 8, "temperature": 0, "logit_bias": NO_EOS}
         got = httpx.post(url + "/completions", json=body, timeout=60)
     finally:
