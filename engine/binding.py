@@ -5,9 +5,10 @@ place (same device, type, shape and address), so a step rebinds only what change
 has to remember to invalidate anything. One exception, kept here: host memory whose values
 changed (`host_values`). The CPU provider reads it where it is, but a GPU provider copies a host
 input to the device when it is bound and keeps that copy (onnxruntime's IOBinding::BindInput;
-onnxruntime #11133, #29782), so there new values reach the device only through a new bind. `HostOutputs` holds the logits and ids of a step on the
-host, bound by pointer, and the sampling graph's device-side buffers; the CUDA-graph cache has its own
-per batch bucket (cuda_graphs.Bucket), with the same attributes.
+onnxruntime #11133, #29782), so there new values reach the device only through a new bind.
+`HostOutputs` holds the logits and ids of a step on the host, bound by pointer, and the sampling
+graph's device-side buffers; the CUDA-graph cache has its own per batch bucket
+(cuda_graphs.Bucket), with the same attributes.
 """
 
 from __future__ import annotations

@@ -461,7 +461,7 @@ class Scheduler:
         """Whole prompts into slots r0, r0 + 1, ... in one run, and their first tokens."""
         for r, slot in enumerate(group, r0):
             self._admit_settings(r, slot)
-            self._score_prompt(slot)
+            self._score(slot.handle)
         self._refresh_picker()
         run0 = self._clock.run_s
         tokens = self.session.prefill([slot.row.prompt_ids for slot in group], first=r0).tolist()
@@ -478,7 +478,7 @@ class Scheduler:
         """The next chunk of a slot's prompt; after the last one, its first token."""
         r, prompt = self.slots.index(slot), slot.row.prompt_ids
         if not slot.prefilled:
-            self._score_prompt(slot)
+            self._score(slot.handle)
         chunk = prompt[slot.prefilled : slot.prefilled + self.chunk]
         last = slot.prefilled + len(chunk) == len(prompt)
         if last:
@@ -495,12 +495,9 @@ class Scheduler:
             self.stats.new_tokens += 1
             self._take(r, slot, token, 0, time.perf_counter())
 
-    def _score_prompt(self, slot: Slot) -> None:
-        """The prompt's logprobs, when its request asks for them (echo): one more pass over the
-        prompt, outside the cache, with the logits of every position."""
-        self._score(slot.handle)
-
     def _score(self, handle: RequestHandle) -> None:
+        """The prompt's logprobs, when its request asks for them (echo): a pass over the prompt,
+        outside the cache, with the logits of every position."""
         k = handle.request.prompt_logprobs
         if k is None:
             return
