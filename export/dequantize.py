@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from .weights import Weights, array_of
 
 QUANTIZED_SUFFIXES = ("_Q4", "_Q8")  # onnxruntime's quantizer renames a weight W to W_Q4 / W_Q8
 
@@ -24,8 +25,8 @@ def _attrs(node: onnx.NodeProto) -> dict[str, int]:
 def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     """uint8 bytes -> one value per 4 or 8 bits along the last axis, low nibble first."""
     if bits == 8:
-        return packed.astype(np.int32)
-    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1).astype(np.int32)
+        return packed.astype(np.int16)
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1).astype(np.int16)
 
 
 def matmul_nbits_weight(node: onnx.NodeProto, tensors: dict[str, np.ndarray]) -> np.ndarray:
@@ -34,13 +35,17 @@ def matmul_nbits_weight(node: onnx.NodeProto, tensors: dict[str, np.ndarray]) ->
     K, N, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
     blocks = -(-K // block)
     q = _unpack(tensors[node.input[1]], bits).reshape(N, blocks * block)
-    scales = tensors[node.input[2]].astype(np.float64).reshape(N, blocks)
+    scales = (
+        tensors[node.input[2]].astype(np.float32).reshape(N, blocks)
+    )  # as the kernel: exact small ints x scale
     if len(node.input) > 3 and node.input[3]:
         zero = _unpack(tensors[node.input[3]], bits).reshape(N, -1)[:, :blocks]
     else:
-        zero = np.full((N, blocks), 1 << (bits - 1), np.int32)
-    w = (q.reshape(N, blocks, block) - zero[..., None]) * scales[..., None]
-    return w.reshape(N, blocks * block)[:, :K].T.astype(np.float32)
+        zero = np.full((N, blocks), 1 << (bits - 1), np.int16)
+    w = q.reshape(N, blocks, block).astype(np.float32)  # in place from here: one float copy
+    w -= zero[..., None]
+    w *= scales[..., None]
+    return w.reshape(N, blocks * block)[:, :K].T
 
 
 def gather_table(
@@ -51,20 +56,23 @@ def gather_table(
     name = node.input[0]
     while name not in tensors:  # the Reshape of the head's MatMulNBits weight
         name = made_by[name].input[0]
-    data, scales = tensors[name], tensors[node.input[2]].astype(np.float64)
+    data, scales = tensors[name], tensors[node.input[2]].astype(np.float32)
     rows = data.shape[0]  # vocab (the head's bytes are (vocab, blocks, block))
-    q = data.reshape(rows, -1).astype(np.int32)
+    q = data.reshape(rows, -1).astype(np.int16)
     block = q.shape[1] // scales.reshape(rows, -1).shape[1]
-    w = (q.reshape(rows, -1, block) - 128) * scales.reshape(rows, -1, 1)
-    return w.reshape(rows, -1).astype(np.float32)
+    w = q.reshape(rows, -1, block).astype(np.float32)
+    w -= 128
+    w *= scales.reshape(rows, -1, 1)
+    return w.reshape(rows, -1)
 
 
-def dequantized_weights(proto: onnx.ModelProto) -> Iterator[tuple[str, np.ndarray, int]]:
+def dequantized_weights(proto: onnx.ModelProto, weights: Weights) -> Iterator[tuple[str, np.ndarray, int]]:
     """(parameter name as traced, the float weight the graph really uses, its bits) for every
     MatMulNBits weight and the token table (`wte`) of a GatherBlockQuantized lookup, one at a
-    time (a caller that uses each and lets it go holds one weight in float, not the model)."""
+    time (a caller that uses each and lets it go holds one weight in float, not the model).
+    `weights`: the arrays of the graph's placeholders (export/weights.py)."""
     tensors = {t.name: t for t in proto.graph.initializer}
-    arrays = _Arrays(tensors)
+    arrays = _Arrays(tensors, weights)
     made_by = {out: node for node in proto.graph.node for out in node.output}
     for node in proto.graph.node:
         if node.op_type == "MatMulNBits":
@@ -79,12 +87,12 @@ def dequantized_weights(proto: onnx.ModelProto) -> Iterator[tuple[str, np.ndarra
 class _Arrays(dict):
     """Initializers as numpy arrays, converted when first asked for."""
 
-    def __init__(self, tensors: dict[str, onnx.TensorProto]):
+    def __init__(self, tensors: dict[str, onnx.TensorProto], weights: Weights):
         super().__init__()
-        self.tensors = tensors
+        self.tensors, self.weights = tensors, weights
 
     def __contains__(self, name) -> bool:
         return name in self.tensors
 
     def __missing__(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.tensors[name])
+        return array_of(self.tensors[name], self.weights)

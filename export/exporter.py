@@ -14,9 +14,6 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import onnx
-import onnxruntime as ort
-
 from gpt2onnx.engine import atomic_folder
 from gpt2onnx.engine.contract import (
     DTYPES,
@@ -27,19 +24,23 @@ from gpt2onnx.engine.contract import (
     UserError,
     io_spec,
 )
+from gpt2onnx.engine.runtime import create_session
 from gpt2onnx.engine.session import Session, SessionConfig
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, random_checkpoint
 from .dequantize import dequantized_weights
 from .graph import EXTERNAL_DATA_THRESHOLD, OPSET, build_module, export_graph
+from .memory import release_memory
 from .quantize import QUANTIZED, check_quantizer_available
 from .tokenizer_files import find_tokenizer, write_tokenizer
 from .verify import (
     STORED,
+    Case,
     CheckReport,
     check_and_load_stored_weights,
     check_export,
     check_shared_export,
+    expected_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -120,33 +121,16 @@ def export(cfg: ExportConfig) -> Manifest:
         raise CheckpointError(
             f"--kv-cache shared needs a head size that is a multiple of 8 (GroupQueryAttention); this model's is {ckpt.config.head_dim}: use --kv-cache concat"
         )
+    release_memory()  # what loading left behind, before tracing adds its own
     tokenizer_src = find_tokenizer(cfg.tokenizer, ckpt.folder, hub_fallback="gpt2")  # the family shares one
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_folder.partial_folder(out)
     try:
         write_tokenizer(tokenizer_src, tmp, ckpt.config)
-        reference = build_module(ckpt.config, ckpt.state_dict, "fp32")
-        graph_module = (
-            reference
-            if cfg.dtype == "fp32"
-            else build_module(ckpt.config, {k: v.clone() for k, v in ckpt.state_dict.items()}, cfg.dtype)
-        )
-        log.info(
-            "tracing %d-layer GPT-2 (%.1fM parameters) to ONNX in %s",
-            ckpt.config.n_layer,
-            ckpt.config.n_params / 1e6,
-            cfg.dtype,
-        )
-        external = export_graph(
-            graph_module,
-            cfg.dtype,
-            tmp / MODEL_FILE,
-            cfg.external_data_threshold,
-            optimize=cfg.optimize,
-            kv_cache=cfg.kv_cache,
-        )
-        del graph_module
+        external, expected = _write_graph(cfg, ckpt, tmp / MODEL_FILE)
+        ckpt = dataclasses.replace(ckpt, state_dict={})  # the weights' last owner
+        release_memory()
         atomic_folder.fault_point("weights-written")
         manifest = Manifest(
             config=ckpt.config,
@@ -159,7 +143,7 @@ def export(cfg: ExportConfig) -> Manifest:
             optimized=cfg.optimize,  # __post_init__ refuses the shared cache without it
             kv_cache=cfg.kv_cache,
         )
-        report = _check(tmp, manifest, reference)
+        report = _check(tmp, manifest, expected)
         log.info("export check passed: %s", report)
         atomic_folder.fault_point("checked")
         manifest = dataclasses.replace(manifest, check=dataclasses.asdict(report))
@@ -174,31 +158,61 @@ def export(cfg: ExportConfig) -> Manifest:
     return manifest
 
 
-def _check(folder: Path, manifest: Manifest, reference) -> CheckReport:
-    """The graph against PyTorch on the CPU: directly for the concat cache; through the
-    engine's own session for the shared cache, whose steps only make sense in sequence. A
-    quantized graph also has its stored weights checked against the checkpoint's, then is run
-    against a reference holding them (export/verify.py); the reference is left holding them."""
+@dataclass
+class Expected:
+    """What the written graph must compute (export/verify.py): the reference's outputs with the
+    checkpoint's weights and, for a quantized graph, with the weights it stores (dequantized),
+    and how far those stored weights are from the checkpoint's, in quantization steps."""
+
+    cases: list[Case]
+    stored: list[Case] | None = None
+    weight_steps: float | None = None
+
+
+def _write_graph(cfg: ExportConfig, ckpt: Checkpoint, path: Path) -> tuple[str | None, Expected]:
+    """Trace, write and read back the graph, then run the PyTorch reference on the check's cases.
+    Every copy of the weights made here is gone when it returns, so the check's onnxruntime
+    session is the only one in memory when it runs (with the caller's checkpoint let go)."""
+    reference = build_module(ckpt.config, ckpt.state_dict, "fp32")
+    # the same tensors (fp16: converted copies); tracing leaves the module as it came
+    graph_module = reference if cfg.dtype == "fp32" else build_module(ckpt.config, ckpt.state_dict, cfg.dtype)
+    log.info("tracing %d-layer GPT-2 (%.1fM parameters) to ONNX in %s",
+             ckpt.config.n_layer, ckpt.config.n_params / 1e6, cfg.dtype)  # fmt: skip
+    external, graph, weights = export_graph(
+        graph_module,
+        cfg.dtype,
+        path,
+        cfg.external_data_threshold,
+        optimize=cfg.optimize,
+        kv_cache=cfg.kv_cache,
+    )
+    del graph_module  # fp16: `weights` holds its tensors until the stored weights are checked
+    log.info("running the PyTorch reference on the check's inputs")
+    expected = Expected(expected_outputs(reference, cfg.dtype, cfg.kv_cache))
+    if cfg.dtype in QUANTIZED:
+        log.info("checking the quantized weights against the checkpoint's")
+        expected.weight_steps = check_and_load_stored_weights(reference, dequantized_weights(graph, weights))
+        expected.stored = expected_outputs(reference, cfg.dtype, cfg.kv_cache)
+    return external, expected
+
+
+def _check(folder: Path, manifest: Manifest, expected: Expected) -> CheckReport:
+    """The written graph against the reference's outputs on the CPU: directly for the concat
+    cache; through the engine's own session for the shared cache, whose steps only make sense in
+    sequence. A quantized graph is judged against the checkpoint's outputs (QUANTIZED_BOUNDS) and,
+    closely, against those of the weights it stores (STORED)."""
     if manifest.kv_cache == "shared":
-        session = Session(
-            folder,
-            manifest,
-            SessionConfig(provider="cpu", max_batch=4, max_seq=min(64, manifest.config.n_positions)),
-        )
-        check = check_shared_export
+        config = SessionConfig(provider="cpu", max_batch=4, max_seq=min(64, manifest.config.n_positions))
+        session, check = Session(folder, manifest, config), check_shared_export
     else:
-        session = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
-        check = check_export
-    report = check(session, reference, manifest.dtype)
-    if manifest.dtype in QUANTIZED:
-        log.info("checking the quantized weights against the checkpoint's, then the graph against them")
-        steps = check_and_load_stored_weights(
-            reference, dequantized_weights(onnx.load(str(folder / MODEL_FILE)))
-        )
-        stored = check(session, reference, manifest.dtype, tol=STORED)
+        session, check = create_session(folder / MODEL_FILE, "cpu", None)[0], check_export
+    report = check(session, expected.cases, manifest.dtype)
+    if expected.stored is not None:
+        log.info("checking the quantized graph against the weights it stores")
+        stored = check(session, expected.stored, manifest.dtype, tol=STORED)
         report = dataclasses.replace(
             report,
-            weight_steps=steps,
+            weight_steps=expected.weight_steps,
             stored_rel_logits=stored.rel_logits,
             stored_rel_present=stored.rel_present,
         )

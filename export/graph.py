@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from gpt2onnx.engine.contract import (
 from .fusion import fuse
 from .model import GPT2, SharedCacheGraph
 from .quantize import QUANTIZED, quantize
+from .weights import Weights, check_written, parameters_to_placeholders, weight_bytes, write
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,10 @@ TORCH_DTYPES = {
     "int8": torch.float32,
     "int4": torch.float32,
 }  # int8: traced in fp32, then quantized
-EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # protobuf's 2 GiB limit, less headroom for the graph itself
+# Weights past this many bytes go to an external data file, written a tensor at a time; under it
+# (test models) they are inline, in one model file. Every GPT-2 size is past it: a model file
+# with its weights inline costs copies of them to write and to load, and protobuf stops at 2 GiB.
+EXTERNAL_DATA_THRESHOLD = 2**26
 
 
 def build_module(config: GPT2Config, state_dict: dict[str, torch.Tensor], dtype: str = "fp32") -> GPT2:
@@ -82,24 +87,19 @@ def example_inputs(config: GPT2Config, dtype: torch.dtype, kv_cache: str) -> tup
     )
 
 
-def export_graph(
-    model: GPT2,
-    dtype: str,
-    path: Path,
-    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-    optimize: bool = False,
-    kv_cache: str = "concat",
-) -> str | None:
-    """Write `path` (and `path`.data when the weights pass the threshold). Returns the external data file name.
-    optimize: fused attention and onnxruntime's fusions, with their counts checked (the shared
-    cache needs it: ExportConfig refuses kv_cache="shared" without it)."""
+def trace(
+    model: GPT2, dtype: str, optimize: bool = False, kv_cache: str = "concat"
+) -> tuple[onnx.ModelProto, Weights]:
+    """The graph of `model` with placeholder weights (export/weights.py): traced without its
+    parameters, fused when `optimize` (the shared cache needs it: ExportConfig refuses
+    kv_cache="shared" without it), quantized for int8/int4. Returns the graph and the weights'
+    arrays (views of `model`'s parameters where they are written as they are)."""
     n_layer = model.config.n_layer
-    scratch = path.parent / "trace"
-    scratch.mkdir()
     model.use_attention("gqa" if kv_cache == "shared" else "mha" if optimize else "plain")
     if dtype in QUANTIZED:
         model.untie_embedding()  # the lm_head quantized, the Gather's table 8-bit (quantize.embedding_from_8bit)
     traced = SharedCacheGraph(model) if kv_cache == "shared" else model
+    buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter(
             "ignore"
@@ -107,8 +107,9 @@ def export_graph(
         torch.onnx.export(
             traced,
             example_inputs(model.config, TORCH_DTYPES[dtype], kv_cache),
-            str(scratch / "model.onnx"),
+            buffer,
             dynamo=False,
+            export_params=False,  # the parameters become inputs: no copy of the weights in the protobuf
             opset_version=OPSET,
             input_names=input_names(n_layer, kv_cache),
             output_names=output_names(n_layer, kv_cache),
@@ -116,30 +117,34 @@ def export_graph(
             do_constant_folding=True,
             custom_opsets={"com.microsoft": 1},
         )
+    proto = onnx.load_from_string(buffer.getvalue())
+    weights = parameters_to_placeholders(proto, traced)
     model.use_attention("plain")
-    model.wte = None  # tied again: the module is left as it came
-    proto = onnx.load(str(scratch / "model.onnx"))  # also pulls in any external data the tracer wrote
+    model.wte = None  # tied again: the module is left as it came (`weights` keeps the untied table)
     if optimize:
         proto = fuse(proto, model.config, kv_cache)
     if dtype in QUANTIZED:
-        proto = quantize(proto, n_layer, dtype)
-    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
-    external = f"{path.name}.data" if weight_bytes > external_data_threshold else None
-    log.info(
-        "writing %s (%.1f MB of weights%s)",
-        path.name,
-        weight_bytes / 1e6,
-        f", external data in {external}" if external else "",
-    )
-    onnx.save_model(
-        proto,
-        str(path),
-        save_as_external_data=bool(external),
-        all_tensors_to_one_file=True,
-        location=external,
-        size_threshold=1024,
-    )
-    for f in scratch.iterdir():
-        f.unlink()
-    scratch.rmdir()
-    return external
+        proto = quantize(proto, weights, n_layer, dtype)
+    return proto, weights
+
+
+def export_graph(
+    model: GPT2,
+    dtype: str,
+    path: Path,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    optimize: bool = False,
+    kv_cache: str = "concat",
+) -> tuple[str | None, onnx.ModelProto, Weights]:
+    """Write `path` (and `path`.data when the weights pass the threshold). Returns the external
+    data file's name (None: one file), and the written graph with its weights' arrays (the
+    external ones read back and found equal: weights.check_written)."""
+    proto, weights = trace(model, dtype, optimize, kv_cache)
+    size = weight_bytes(proto, weights)
+    external = f"{path.name}.data" if size > external_data_threshold else None
+    log.info("writing %s (%.1f MB of weights%s)", path.name, size / 1e6,
+             f", external data in {external}" if external else "")  # fmt: skip
+    write(proto, weights, path, external)
+    if external:
+        check_written(proto, weights, path.parent)
+    return external, proto, weights

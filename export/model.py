@@ -9,7 +9,7 @@ every dim the graph needs stays symbolic.
 Weights follow the checkpoint's layout (GPT-2's Conv1D stores (in, out)), so they load
 without transposes. The tied embedding is stored once, as `wte_t` (n_embd, vocab): the
 lm_head is a plain MatMul on it and the token embedding is a Gather along its axis 1 (int8
-exports give the Gather a row-major float copy: see untie_embedding).
+exports give the Gather a row-major 8-bit table: see untie_embedding).
 
 fp16 safety: LayerNorm statistics (ONNX stash_type=1), the attention softmax and the final
 logits run in float32; the mask is a finite large negative (a fully masked row, such as a
@@ -199,7 +199,7 @@ class GPT2(nn.Module):
         super().__init__()
         self.config = config
         self.wte_t = nn.Parameter(torch.empty(config.n_embd, config.vocab_size))  # tied, (C, V)
-        self.wte = None  # a row-major copy for the Gather, int8 only (untie_embedding)
+        self.wte = None  # the Gather's own (vocab, C) table, quantized graphs only (untie_embedding)
         self.wpe = nn.Parameter(torch.empty(config.n_positions, config.n_embd))
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
@@ -238,10 +238,11 @@ class GPT2(nn.Module):
         return (x @ self.wte_t).float()  # (B, kept, vocab)
 
     def untie_embedding(self) -> None:
-        """Give the token Gather its own (vocab, C) table. For int8 only: the lm_head's wte_t becomes
-        int8 blocks there, so the float table is a second copy anyway, and row-major its Gather
-        reads one contiguous row instead of n_embd values a vocab apart (86 -> 27 us a step on our CPU)."""
-        self.wte = nn.Parameter(self.wte_t.detach().t().contiguous())
+        """Give the token Gather its own (vocab, C) table, for tracing a quantized graph: the
+        lm_head's wte_t becomes low-bit blocks there, and the Gather reads 8-bit rows of its own
+        (quantize.embedding_from_8bit), one contiguous row a token instead of n_embd values a vocab
+        apart (86 -> 27 us a step on our CPU). Here a view of wte_t: tracing needs no copy."""
+        self.wte = nn.Parameter(self.wte_t.detach().t())
 
     def use_attention(self, kind: str) -> None:
         """How attention is traced: one of ATTENTION_KINDS."""

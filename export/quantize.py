@@ -25,6 +25,8 @@ from onnx import helper, numpy_helper
 
 from gpt2onnx.engine.extras import check_installed, require
 
+from .weights import Weights, array_of, placeholder
+
 log = logging.getLogger(__name__)
 
 
@@ -61,12 +63,13 @@ def check_quantizer_available(dtype: str) -> None:
 
 
 def quantize(
-    proto: onnx.ModelProto, n_layer: int, dtype: str, layout: Layout | None = None
+    proto: onnx.ModelProto, weights: Weights, n_layer: int, dtype: str, layout: Layout | None = None
 ) -> onnx.ModelProto:
     """Replace every MatMul with a constant weight, the tied lm_head included, by MatMulNBits in
-    `layout` (LAYOUTS[dtype]); check that all were."""
-    proto = _quantize(proto, layout or LAYOUTS[dtype], dtype)
-    embedding_from_8bit(proto.graph)
+    `layout` (LAYOUTS[dtype]), one weight at a time: its blocks go into `weights` (placeholders,
+    export/weights.py) and the float weight leaves them. Checks that all were replaced."""
+    _quantize(proto, weights, layout or LAYOUTS[dtype], dtype)
+    embedding_from_8bit(proto.graph, weights)
     counts = Counter(node.op_type for node in proto.graph.node)
     expected = 4 * n_layer + 1  # c_attn, attn c_proj, c_fc, mlp c_proj per layer, and lm_head
     if counts["MatMulNBits"] != expected:
@@ -77,21 +80,53 @@ def quantize(
     return proto
 
 
-def _quantize(proto: onnx.ModelProto, layout: Layout, dtype: str) -> onnx.ModelProto:
+def _quantize(proto: onnx.ModelProto, weights: Weights, layout: Layout, dtype: str) -> None:
+    """onnxruntime's blockwise quantizer (its C++ kernel, as MatMulNBitsQuantizer calls it) on
+    each weight, with the node and initializers laid out as that class writes them (W -> W_Q8,
+    W_scales, W_zero_points). Its own graph pass is not used: it reads every weight from the
+    protobuf, which here holds none."""
     # onnxruntime's quantizer imports onnx_ir, which the [export] extra installs
     nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "export", f"--dtype {dtype}")
     log.info("quantizing weights to %s (%d-bit MatMulNBits, block %d, %s)", dtype, layout.bits, layout.block,
              "symmetric" if layout.symmetric else "with zero points")  # fmt: skip
-    quantizer = nbits.MatMulNBitsQuantizer(
-        proto,
-        bits=layout.bits,
+    config = nbits.DefaultWeightOnlyQuantConfig(
         block_size=layout.block,
         is_symmetric=layout.symmetric,
         accuracy_level=ACCURACY_LEVEL,
-        op_types_to_quantize=("MatMul",),
+        bits=layout.bits,
     )
-    quantizer.process()
-    return quantizer.model.model
+    blocks = nbits.DefaultWeightOnlyQuantizer(config)
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    for at, node in enumerate(graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2:
+            continue
+        name = node.input[1]
+        w = np.ascontiguousarray(array_of(inits[name], weights), dtype=np.float32)  # (K, N)
+        packed, scales, zero_points = blocks.qbits_block_quant(w)
+        made = {f"{name}_Q{layout.bits}": packed, f"{name}_scales": scales}
+        if not layout.symmetric:
+            made[f"{name}_zero_points"] = zero_points
+        for made_name, array in made.items():
+            weights[made_name] = array
+            graph.initializer.append(placeholder(made_name, array))
+        graph.node[at].CopyFrom(
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], *made],
+                list(node.output),
+                name=f"{node.name}_Q{layout.bits}",
+                domain="com.microsoft",
+                K=w.shape[0],
+                N=w.shape[1],
+                bits=layout.bits,
+                block_size=layout.block,
+                accuracy_level=ACCURACY_LEVEL,
+            )  # fmt: skip
+        )
+        if not any(name in n.input for n in graph.node):
+            graph.initializer.remove(inits.pop(name))
+            weights.pop(name, None)
 
 
 # The token table in 8 bits, measured on the trained fixture (perplexity of heldout.txt, stride 64,
@@ -106,7 +141,7 @@ def _attr(node: onnx.NodeProto, name: str) -> int:
     return next(a.i for a in node.attribute if a.name == name)
 
 
-def embedding_from_8bit(graph: onnx.GraphProto) -> None:
+def embedding_from_8bit(graph: onnx.GraphProto, weights: Weights) -> None:
     """Replace the token embedding's Gather over its float table (the `input_ids` one) by
     GatherBlockQuantized over 8-bit blocks: the tied lm_head's MatMulNBits weight when it is 8-bit
     and unpadded (its blocks are the table's rows, MatMulNBits' zero point 128 included), else an
@@ -134,9 +169,10 @@ def embedding_from_8bit(graph: onnx.GraphProto) -> None:
                 width,
             )
             return
-        q, scale = quantize_rows_8bit(numpy_helper.to_array(inits[table]), block)
+        q, scale = quantize_rows_8bit(array_of(inits[table], weights), block)
         data, scales, nodes = f"{table}_q8", f"{table}_q8_scales", []
-        added = [numpy_helper.from_array(q, data), numpy_helper.from_array(scale, scales)]
+        weights |= {data: q, scales: scale}
+        added = [placeholder(data, q), placeholder(scales, scale)]
     nodes.append(helper.make_node("GatherBlockQuantized", [data, "input_ids", scales], list(gather.output),
                                   name="/embedding/GatherBlockQuantized", domain="com.microsoft", gather_axis=0,
                                   quantize_axis=1, block_size=block, bits=8))  # fmt: skip
@@ -147,13 +183,14 @@ def embedding_from_8bit(graph: onnx.GraphProto) -> None:
     graph.initializer.extend(added)
     if not any(table in n.input for n in graph.node):
         graph.initializer.remove(inits[table])
+        weights.pop(table, None)
 
 
 def quantize_rows_8bit(table: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """(vocab, width) float -> uint8 blocks along each row with MatMulNBits' zero point 128, and
     one float32 scale per block (max |w| / 127, symmetric)."""
     vocab, width = table.shape
-    blocks = table.astype(np.float32).reshape(vocab, width // block, block)
+    blocks = np.ascontiguousarray(table, dtype=np.float32).reshape(vocab, width // block, block)
     scale = np.abs(blocks).max(-1) / 127
     scale[scale == 0] = 1.0  # an all-zero block: any scale gives zeros
     q = np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128

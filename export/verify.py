@@ -141,39 +141,59 @@ def random_inputs(
     return feeds
 
 
-def check_export(session, reference: GPT2, dtype: str, seed: int = 0, tol=None) -> CheckReport:
-    """Compare `session` (onnxruntime) with the fp32 `reference` module; raise ExportCheckError on a
-    miss. tol: how (default judge(dtype))."""
+@dataclass
+class Case:
+    """One check: the graph's inputs and what the reference module computed from them.
+    Concat cache: `feeds` in the contract's names, `want` every output (logits, then the
+    presents). Shared cache: `prompts` and the `new` tokens decoded after them, `want` the
+    logits of the last prompt position and of each decode step."""
+
+    feeds: dict[str, np.ndarray] | None = None
+    prompts: list[list[int]] | None = None
+    new: np.ndarray | None = None
+    want: list[np.ndarray] | None = None
+
+
+def expected_outputs(reference: GPT2, dtype: str, kv_cache: str, seed: int = 0) -> list[Case]:
+    """The reference module's outputs on every check case, so that the module can be let go
+    before onnxruntime loads the graph (the export holds one copy of the weights at a time)."""
+    config, gen = reference.config, np.random.default_rng(seed)
+    cases = []
+    with torch.no_grad():
+        if kv_cache == "shared":
+            for lengths, steps in SHARED_CHECKS:
+                prompts = [gen.integers(0, config.vocab_size, n).tolist() for n in lengths]
+                new = gen.integers(0, config.vocab_size, (len(lengths), steps))
+                ids, mask, pos = left_pad([p + n.tolist() for p, n in zip(prompts, new)])
+                past = [torch.zeros(len(lengths), config.n_head, 0, config.head_dim)] * (2 * config.n_layer)
+                logits = reference(*map(torch.from_numpy, (ids, pos, mask, np.array(steps + 1))), *past)[0]
+                cases.append(Case(prompts=prompts, new=new, want=[logits.numpy()]))
+            return cases
+        np_dtype = KV_DTYPES[dtype]
+        for shape in CHECK_SHAPES:
+            feeds = random_inputs(config, *shape, gen=gen, np_dtype=np_dtype)
+            args = (
+                torch.from_numpy(v).float() if v.dtype == np_dtype else torch.from_numpy(v)
+                for v in feeds.values()
+            )
+            cases.append(Case(feeds=feeds, want=[t.numpy() for t in reference(*args)]))
+    return cases
+
+
+def check_export(session, cases: list[Case], dtype: str, tol=None) -> CheckReport:
+    """Compare `session` (onnxruntime) with the fp32 reference's outputs (expected_outputs); raise
+    ExportCheckError on a miss. tol: how (default judge(dtype))."""
     tol = tol or judge(dtype)
-    config = reference.config
-    gen = np.random.default_rng(seed)
-    np_dtype = KV_DTYPES[dtype]
     report = CheckReport(0.0, 0.0, 0.0, 0)
-    for i, shape in enumerate(CHECK_SHAPES):
-        log.info(
-            "checking against PyTorch: shape %d/%d (batch, seq, past, keep, pad) = %s",
-            i + 1,
-            len(CHECK_SHAPES),
-            shape,
-        )
-        feeds = random_inputs(config, *shape, gen=gen, np_dtype=np_dtype)
-        got = session.run(None, feeds)
-        with torch.no_grad():
-            want = [
-                t.numpy()
-                for t in reference(
-                    *(
-                        torch.from_numpy(v).float() if v.dtype == np_dtype else torch.from_numpy(v)
-                        for v in feeds.values()
-                    )
-                )
-            ]
+    for shape, case in zip(CHECK_SHAPES, cases):
+        log.info("checking against PyTorch: (batch, seq, past, keep, pad) = %s", shape)
+        got, feeds = session.run(None, case.feeds), case.feeds
         # Outputs at padding positions are unspecified (a padded query attends to nothing real),
         # so only real query positions and real cache slots are compared.
         mask = feeds["attention_mask"].astype(bool)
         real_query = mask[:, -feeds["input_ids"].shape[1] :][:, -got[0].shape[1] :, None]
-        _compare(report, "logits", got[0], want[0], real_query, tol, shape)
-        for j, (g, w) in enumerate(zip(got[1:], want[1:])):
+        _compare(report, "logits", got[0], case.want[0], real_query, tol, shape)
+        for j, (g, w) in enumerate(zip(got[1:], case.want[1:])):
             _compare(report, f"present {j}", g, w, mask[:, None, :, None], tol, shape)
     return report
 
@@ -182,42 +202,27 @@ def check_export(session, reference: GPT2, dtype: str, seed: int = 0, tol=None) 
 SHARED_CHECKS = [([1], 3), ([7], 2), ([5, 2, 4], 3)]
 
 
-def check_shared_export(session, reference: GPT2, dtype: str, seed: int = 0, tol=None) -> CheckReport:
+def check_shared_export(session, cases: list[Case], dtype: str, tol=None) -> CheckReport:
     """The shared-cache graph through the engine's own session (prefill, then decode steps that
-    update the cache in place), against the reference module run over the whole sequences."""
+    update the cache in place), against the reference's outputs over the whole sequences."""
     tol = tol or judge(dtype)
-    config, gen = reference.config, np.random.default_rng(seed)
     report = CheckReport(0.0, None, 0.0, 0)
-    for lengths, steps in SHARED_CHECKS:
-        log.info("checking the shared cache against PyTorch: prompts %s, %d decode steps", lengths, steps)
-        prompts = [gen.integers(0, config.vocab_size, n).tolist() for n in lengths]
-        new = gen.integers(0, config.vocab_size, (len(lengths), steps))
-        B, rng = len(lengths), np.random.default_rng(0)
-        session.start(
-            B,
-            max(lengths) + steps,
-            HostPicker(SlotSampling.for_batch(prompts, SamplingConfig(), rng, config.vocab_size)),
-            Clock(),
-        )
-        session.prefill(prompts)
+    for case in cases:
+        B, steps = len(case.prompts), case.new.shape[1]
+        log.info("checking the shared cache against PyTorch: prompts %s, %d decode steps",
+                 [len(p) for p in case.prompts], steps)  # fmt: skip
+        vocab, rng = case.want[0].shape[-1], np.random.default_rng(0)
+        picker = HostPicker(SlotSampling.for_batch(case.prompts, SamplingConfig(), rng, vocab))
+        session.start(B, max(map(len, case.prompts)) + steps, picker, Clock())
+        session.prefill(case.prompts)
         got = [session.last_logits(B).copy()]
         for i in range(steps):
-            session.decode(new[:, i])
+            session.decode(case.new[:, i])
             got.append(session.last_logits(B).copy())
-        full_ids, full_mask, full_pos = left_pad([p + n.tolist() for p, n in zip(prompts, new)])
-        with torch.no_grad():
-            want = reference(
-                *map(torch.from_numpy, (full_ids, full_pos, full_mask, np.array(steps + 1))),
-                *[torch.zeros(len(lengths), config.n_head, 0, config.head_dim)] * (2 * config.n_layer),
-            )[0].numpy()
+        want = case.want[0]
+        valid = np.ones(want.shape[:2] + (1,), bool)
         _compare(
-            report,
-            "logits",
-            np.stack(got, axis=1),
-            want,
-            np.ones(want.shape[:2] + (1,), bool),
-            tol,
-            (lengths, steps),
+            report, "logits", np.stack(got, axis=1), want, valid, tol, ([len(p) for p in case.prompts], steps)
         )
     return report
 
@@ -313,13 +318,14 @@ def check_and_load_stored_weights(reference: GPT2, weights) -> float:
     ExportCheckError naming the weight and where."""
     worst = 0.0
     for name, stored, bits in weights:
-        if name == "wte" and reference.wte is None:
-            reference.untie_embedding()  # the graph looks tokens up in a table of its own
-        param = dict(reference.named_parameters())[name]
+        table = name == "wte"  # the graph looks tokens up in a table of its own, from the head's
+        param = reference.wte_t.t() if table else dict(reference.named_parameters())[name]
         want = param.detach().numpy()
         axis = 1 if name == "wte" else 0  # a MatMulNBits weight (K, N) is quantized along K
         step = np.maximum(np.ptp(want, axis=axis, keepdims=True), 1e-30) / ((1 << (bits - 1)) - 1)
-        steps = np.abs(stored - want) / step
+        steps = np.subtract(stored, want)  # in place from here: one float copy beside the weight
+        np.abs(steps, out=steps)
+        steps /= step
         worst = max(worst, float(steps.max()))
         if steps.max() > 1.0:
             where = tuple(int(i) for i in np.unravel_index(steps.argmax(), steps.shape))
@@ -328,7 +334,10 @@ def check_and_load_stored_weights(reference: GPT2, weights) -> float:
                 f"steps at {where} (a correct {bits}-bit weight stays within one): the quantized weights are corrupt"
             )
         with torch.no_grad():
-            param.copy_(torch.from_numpy(stored))
+            if table:
+                reference.wte = torch.nn.Parameter(torch.from_numpy(stored))
+            else:
+                param.copy_(torch.from_numpy(stored))
     return worst
 
 

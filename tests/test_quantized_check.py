@@ -6,7 +6,6 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 
 from conftest import SHARED_TOKENIZER, export_folder, make_hf_model, save_hf_folder
 from gpt2onnx.engine.model_folder import read_manifest
@@ -54,39 +53,35 @@ def test_the_trained_fixture_passes_with_room(tmp_path, dtype):
 
 
 def corrupting(monkeypatch, corrupt) -> None:
-    """The exporter's quantize step, followed by `corrupt(proto)`: a fault the check must catch."""
+    """The exporter's quantize step, followed by `corrupt(proto, weights)`: a fault the check
+    must catch (the weights' bytes are kept beside the graph until written: export/weights.py)."""
     real = graph_module.quantize
 
-    def quantize(proto, n_layer, dtype):
-        proto = real(proto, n_layer, dtype)
-        corrupt(proto)
+    def quantize(proto, weights, n_layer, dtype):
+        proto = real(proto, weights, n_layer, dtype)
+        corrupt(proto, weights)
         return proto
 
     monkeypatch.setattr(graph_module, "quantize", quantize)
-
-
-def initializer(proto: onnx.ModelProto, name: str) -> onnx.TensorProto:
-    return next(t for t in proto.graph.initializer if t.name == name)
 
 
 def nbits_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
 
 
-def scale_one_block(proto: onnx.ModelProto) -> None:
+def scale_one_block(proto: onnx.ModelProto, weights: dict) -> None:
     """One block of the first layer's first quantized weight reads 20x too large: a bad scale."""
-    scales = initializer(proto, nbits_nodes(proto)[0].input[2])
-    values = numpy_helper.to_array(scales).copy()
-    values.flat[0] *= 20.0
-    scales.CopyFrom(numpy_helper.from_array(values, scales.name))
+    name = nbits_nodes(proto)[0].input[2]
+    weights[name] = weights[name].copy()
+    weights[name].flat[0] *= 20.0
 
 
-def swap_two_layers(proto: onnx.ModelProto) -> None:
+def swap_two_layers(proto: onnx.ModelProto, weights: dict) -> None:
     """Layer 0's and layer 1's first quantized weights (with their scales) trade places."""
     first, second = [n for n in nbits_nodes(proto)][:: len(nbits_nodes(proto)) // 4][:2]
     for i in (1, 2):
-        a, b = initializer(proto, first.input[i]), initializer(proto, second.input[i])
-        a.raw_data, b.raw_data = b.raw_data, a.raw_data
+        a, b = first.input[i], second.input[i]
+        weights[a], weights[b] = weights[b], weights[a]
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
