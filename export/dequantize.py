@@ -25,7 +25,7 @@ def _attrs(node: onnx.NodeProto) -> dict[str, int]:
 def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     """uint8 bytes -> one value per 4 or 8 bits along the last axis, low nibble first."""
     if bits == 8:
-        return packed.astype(np.int16)
+        return packed  # uint8: read as it is
     return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1).astype(np.int16)
 
 
@@ -43,24 +43,19 @@ def matmul_nbits_weight(node: onnx.NodeProto, tensors: dict[str, np.ndarray]) ->
     else:
         zero = np.full((N, blocks), 1 << (bits - 1), np.int16)
     w = q.reshape(N, blocks, block).astype(np.float32)  # in place from here: one float copy
+    del q
     w -= zero[..., None]
     w *= scales[..., None]
     return w.reshape(N, blocks * block)[:, :K].T
 
 
-def gather_table(
-    node: onnx.NodeProto, tensors: dict[str, np.ndarray], made_by: dict[str, onnx.NodeProto]
-) -> np.ndarray:
-    """The float (vocab, width) table a GatherBlockQuantized node (8-bit, zero point 128) reads:
-    its own initializer, or the lm_head's bytes through a Reshape (quantize.embedding_from_8bit)."""
-    name = node.input[0]
-    while name not in tensors:  # the Reshape of the head's MatMulNBits weight
-        name = made_by[name].input[0]
-    data, scales = tensors[name], tensors[node.input[2]].astype(np.float32)
-    rows = data.shape[0]  # vocab (the head's bytes are (vocab, blocks, block))
-    q = data.reshape(rows, -1).astype(np.int16)
-    block = q.shape[1] // scales.reshape(rows, -1).shape[1]
-    w = q.reshape(rows, -1, block).astype(np.float32)
+def gather_table(node: onnx.NodeProto, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """The float (vocab, width) table a GatherBlockQuantized node (8-bit, zero point 128) reads
+    from an initializer of its own (quantize.embedding_from_8bit)."""
+    data, scales = tensors[node.input[0]], tensors[node.input[2]].astype(np.float32)
+    rows = data.shape[0]  # vocab
+    block = data.size // rows // scales.reshape(rows, -1).shape[1]
+    w = data.reshape(rows, -1, block).astype(np.float32)
     w -= 128
     w *= scales.reshape(rows, -1, 1)
     return w.reshape(rows, -1)
@@ -68,20 +63,20 @@ def gather_table(
 
 def dequantized_weights(proto: onnx.ModelProto, weights: Weights) -> Iterator[tuple[str, np.ndarray, int]]:
     """(parameter name as traced, the float weight the graph really uses, its bits) for every
-    MatMulNBits weight and the token table (`wte`) of a GatherBlockQuantized lookup, one at a
-    time (a caller that uses each and lets it go holds one weight in float, not the model).
+    MatMulNBits weight and the token table (`wte`) of a GatherBlockQuantized lookup that has
+    one of its own (an 8-bit head's blocks are the table: checked as the head), one at a time (a caller that uses each and lets it go holds one weight in float, not the model).
     `weights`: the arrays of the graph's placeholders (export/weights.py)."""
     tensors = {t.name: t for t in proto.graph.initializer}
     arrays = _Arrays(tensors, weights)
-    made_by = {out: node for node in proto.graph.node for out in node.output}
     for node in proto.graph.node:
         if node.op_type == "MatMulNBits":
             name = node.input[1]
             for suffix in QUANTIZED_SUFFIXES:
                 name = name.removesuffix(suffix)
             yield name.removeprefix("model."), matmul_nbits_weight(node, arrays), _attrs(node)["bits"]
-        elif node.op_type == "GatherBlockQuantized":
-            yield "wte", gather_table(node, arrays, made_by), 8
+        elif node.op_type == "GatherBlockQuantized" and node.input[0] in tensors:
+            yield "wte", gather_table(node, arrays), 8
+        # else the lm_head's own 8-bit blocks (tied, as in the checkpoint): checked as the head
 
 
 class _Arrays(dict):
