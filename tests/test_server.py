@@ -420,8 +420,13 @@ def test_metrics_count_requests_and_tokens(client, base_url):
 
 # -- load: queue full, disconnects ---------------------------------------------------------------
 def test_a_full_queue_is_429_and_submits_nothing(tiny_shared):
-    engine, gate = load(tiny_shared, max_batch=1, max_queue=1), threading.Event()
-    engine.scheduler.on_step = lambda: gate.wait(T)  # closed: the running request holds its slot
+    engine, gate, stepping = load(tiny_shared, max_batch=1, max_queue=1), threading.Event(), threading.Event()
+
+    def on_step():  # closed: the running request holds its slot, the loop waits here
+        stepping.set()
+        gate.wait(T)
+
+    engine.scheduler.on_step = on_step
     gate.set()
     with running(engine) as url, reopened(gate):
         with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=T) as c:
@@ -430,19 +435,17 @@ def test_a_full_queue_is_429_and_submits_nothing(tiny_shared):
             # the answer can come before the loop's last on_step: close the gate once it rests
             wait_for(lambda: not engine.scheduler.holds_lock, "the scheduler to rest", 5)
             gate.clear()
-            body = {"model": MODEL, "prompt": "Hi", "max_tokens": 20, "stream": True, "logit_bias": NO_EOS}
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=T) as running_one:
-                assert next(running_one.iter_lines()).startswith("data: {")  # the slot is taken
-                # a new connection (seen once in ~15 runs under two CPU hogs: a request on the
-                # client's pooled connection never reached the app here; see the closing note of
-                # 2026-12-04's second session)
-                with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=T) as fresh:
-                    with pytest.raises(openai.RateLimitError, match="room for 1 more requests now") as caught:
-                        fresh.completions.create(model=MODEL, prompt="Hi", max_tokens=2, n=2)  # 1 queue place
-                assert caught.value.body["code"] == "queue_full"
-                assert engine.stats()["queue_depth"] == 0, "a refused request submitted choices"
-                gate.set()
-            wait_for(lambda: engine.stats()["active_slots"] == 0, "the stream's slot to be freed", 5)
+            stepping.clear()
+            holder = engine.submit("Hi", 20, ignore_eos=True)  # takes the slot, then waits at the gate
+            wait_for(
+                lambda: stepping.is_set() and engine.stats()["active_slots"] == 1, "the slot to be taken"
+            )
+            with pytest.raises(openai.RateLimitError, match="room for 1 more requests now") as caught:
+                c.completions.create(model=MODEL, prompt="Hi", max_tokens=2, n=2)  # 1 queue place
+            assert caught.value.body["code"] == "queue_full"
+            assert engine.stats()["queue_depth"] == 0, "a refused request submitted choices"
+            gate.set()
+            assert len(holder.result(T).token_ids) == 20
             assert c.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text
         assert 'gpt2onnx_requests_total{code="429"} 1' in httpx.get(url + "/metrics").text
 
