@@ -26,8 +26,8 @@ RUNNERS = {  # runner -> (what it is, its peer)
 BASELINES = "gpt2-onnx-fp32,llama.cpp-q8_0,llama.cpp-f32"
 
 
-def bench(size: str, out: Path, models: Path, new_tokens: int, repeats: int) -> dict:
-    cmd = [sys.executable, "-m", "gpt2onnx", "bench", "--random-init", size, "--dtype", "int8",
+def bench(size: str, out: Path, models: Path, new_tokens: int, repeats: int, kv_cache: str) -> dict:
+    cmd = [sys.executable, "-m", "gpt2onnx", "bench", "--random-init", size, "--dtype", "int8", "--kv-cache", kv_cache,
            "--baselines", BASELINES, "--batches", "1", "--prompt-lens", "32", "--new-tokens", str(new_tokens),
            "--repeats", str(repeats), "--warmup", "1", "--provider", "cpu", "--models-dir", str(models),
            "--out", str(out)]  # fmt: skip
@@ -106,11 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", type=Path, default=Path("models"), help="where exported models are kept")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per runner (after one warm-up)")
+    p.add_argument(
+        "--kv-cache", default="shared", help="our cache layout (shared: export's default, fastest)"
+    )
     args = p.parse_args(argv)
     results = {}
     for size in args.sizes.split(","):
         size = canonical_size(size)
-        results[size] = bench(size, args.out / size, args.models_dir, args.new_tokens, args.repeats)
+        results[size] = bench(
+            size, args.out / size, args.models_dir, args.new_tokens, args.repeats, args.kv_cache
+        )
     rows = rows_of(results)
     machine = next(iter(results.values()))["machine"]
     (args.out / "sizes.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
