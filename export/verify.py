@@ -321,7 +321,7 @@ def check_and_load_stored_weights(reference: GPT2, weights) -> float:
         table = name == "wte"  # the graph looks tokens up in a table of its own, from the head's
         param = reference.wte_t.t() if table else dict(reference.named_parameters())[name]
         want = param.detach().numpy()
-        axis = 1 if name == "wte" else 0  # a MatMulNBits weight (K, N) is quantized along K
+        axis = 1 if table else 0  # a MatMulNBits weight (K, N) is quantized along K
         step = np.maximum(np.ptp(want, axis=axis, keepdims=True), 1e-30) / ((1 << (bits - 1)) - 1)
         worst_here, where = _most_steps(stored, want, step)
         worst = max(worst, worst_here)
