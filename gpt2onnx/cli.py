@@ -16,7 +16,7 @@ Ctrl-C ends the process at once, clean-up done or not (what a kill leaves, the n
 recovers). SIGTERM and SIGHUP end it the same way, `gpt2-onnx: terminated (SIGTERM); ...`, exit
 128 + the signal. A closed stdout (`| head`) ends it quietly, exit 141, as SIGPIPE would.
 `serve` stops on Ctrl-C as on SIGTERM: while it serves, the server's own handler drains the
-requests and the command exits 0 (gpt2onnx/server.py); a Ctrl-C before it serves (imports, the
+requests and the command exits 0 (serve/server.py); a Ctrl-C before it serves (imports, the
 model's export or load) is an interrupt like any other: one line, 130.
 """
 
@@ -60,10 +60,11 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's parser. Imports the subcommands, and with them numpy and onnxruntime."""
-    from gpt2onnx import generate_cli, score_cli, serve_cli
+    from gpt2onnx import generate_cli, score_cli
     from gpt2onnx.benchmarks import cli as bench_cli
     from gpt2onnx.benchmarks import serve_bench
     from gpt2onnx.export import cli as export_cli
+    from gpt2onnx.serve import cli as serve_cli
 
     parser = Parser(prog="gpt2-onnx", description="Export and run GPT-2 models on ONNX Runtime.")
     add_log_flags(parser, False)

@@ -17,6 +17,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = REPO.parent / "shared" / "gpt2-tokenizer"
+# The walkthrough's golden tokens: GPT-2's tokenizer on its sentence (TransformerLens's to_tokens).
+REFERENCE_TEXT = "I am an amazing autoregressive, decoder-only, GPT-2 style transformer. One day I will exceed human level intelligence and take over the world!"
+REFERENCE_TOKENS = [
+    int(t)
+    for t in "50256 40 716 281 4998 1960 382 19741 11 875 12342 12 8807 11 402 11571 12 17 3918 47385 13 1881 1110 314 481 7074 1692 1241 4430 290 1011 625 262 995 0".split()
+]
 TINY = dict(n_layer=2, n_head=4, n_embd=32, n_positions=128)
 
 
@@ -111,62 +117,38 @@ def varied_hf_folder(vocab, tokenizer_dir, tmp_path_factory) -> Path:
     return save_hf_folder(make_varied_model(vocab), tmp_path_factory.mktemp("varied") / "hf", tokenizer_dir)
 
 
-@pytest.fixture(scope="session")
-def varied_fp32(varied_hf_folder, tmp_path_factory) -> Path:
-    return export_folder(varied_hf_folder, tmp_path_factory.mktemp("export") / "varied-fp32")
+# The session's exported folders, each made once on first use: fixture name -> (the source folder's
+# fixture, export options). tiny_* come from `hf_folder`, varied_* from `varied_hf_folder`.
+EXPORTS = {
+    "tiny_fp32": ("hf_folder", {}),
+    "tiny_fp16": ("hf_folder", {"dtype": "fp16"}),
+    "tiny_fp32_plain": ("hf_folder", {"optimize": False}),  # the unfused graph: standard ONNX ops only
+    "tiny_shared": (
+        "hf_folder",
+        {"kv_cache": "shared"},
+    ),  # fixed-size, updated in place (GroupQueryAttention)
+    "tiny_fp16_shared": ("hf_folder", {"dtype": "fp16", "kv_cache": "shared"}),  # the GPU's default
+    "tiny_int8": ("hf_folder", {"dtype": "int8"}),
+    "tiny_int8_shared": ("hf_folder", {"dtype": "int8", "kv_cache": "shared"}),
+    "tiny_int4": ("hf_folder", {"dtype": "int4"}),
+    "tiny_int4_shared": ("hf_folder", {"dtype": "int4", "kv_cache": "shared"}),
+    "varied_fp32": ("varied_hf_folder", {}),
+    "varied_shared": ("varied_hf_folder", {"kv_cache": "shared"}),
+}
 
 
-@pytest.fixture(scope="session")
-def varied_shared(varied_hf_folder, tmp_path_factory) -> Path:
-    return export_folder(
-        varied_hf_folder, tmp_path_factory.mktemp("export") / "varied-shared", kv_cache="shared"
-    )
+def _exported(name: str, source: str, options: dict):
+    @pytest.fixture(scope="session", name=name)
+    def fixture(request, tmp_path_factory) -> Path:
+        return export_folder(
+            request.getfixturevalue(source), tmp_path_factory.mktemp("export") / name, **options
+        )
+
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def tiny_fp32(hf_folder, tmp_path_factory) -> Path:
-    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-fp32")
-
-
-@pytest.fixture(scope="session")
-def tiny_fp16(hf_folder, tmp_path_factory) -> Path:
-    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-fp16", dtype="fp16")
-
-
-@pytest.fixture(scope="session")
-def tiny_fp32_plain(hf_folder, tmp_path_factory) -> Path:
-    """The unfused graph: standard ONNX ops only."""
-    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-fp32-plain", optimize=False)
-
-
-@pytest.fixture(scope="session")
-def tiny_shared(hf_folder, tmp_path_factory) -> Path:
-    """The shared cache: fixed-size, updated in place (GroupQueryAttention)."""
-    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-shared", kv_cache="shared")
-
-
-@pytest.fixture(scope="session")
-def tiny_int8(hf_folder, tmp_path_factory) -> Path:
-    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-int8", dtype="int8")
-
-
-@pytest.fixture(scope="session")
-def tiny_int8_shared(hf_folder, tmp_path_factory) -> Path:
-    return export_folder(
-        hf_folder, tmp_path_factory.mktemp("export") / "tiny-int8-shared", dtype="int8", kv_cache="shared"
-    )
-
-
-@pytest.fixture(scope="session")
-def tiny_int4(hf_folder, tmp_path_factory) -> Path:
-    return export_folder(hf_folder, tmp_path_factory.mktemp("export") / "tiny-int4", dtype="int4")
-
-
-@pytest.fixture(scope="session")
-def tiny_int4_shared(hf_folder, tmp_path_factory) -> Path:
-    return export_folder(
-        hf_folder, tmp_path_factory.mktemp("export") / "tiny-int4-shared", dtype="int4", kv_cache="shared"
-    )
+for _name, (_source, _options) in EXPORTS.items():
+    globals()[_name] = _exported(_name, _source, _options)
 
 
 def hf_forward(model, ids, mask, positions, cache=None):
@@ -197,14 +179,6 @@ def left_padded(lengths: list[int], gen: np.random.Generator, vocab_size: int):
         mask[row, width - n :] = 1
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     return ids, mask, positions
-
-
-@pytest.fixture(scope="session")
-def tiny_fp16_shared(hf_folder, tmp_path_factory) -> Path:
-    """The GPU's default: fp16 with the shared cache (GroupQueryAttention runs fp16 only on CUDA)."""
-    return export_folder(
-        hf_folder, tmp_path_factory.mktemp("export") / "tiny-fp16-shared", dtype="fp16", kv_cache="shared"
-    )
 
 
 def run_flags(capsys, *argv) -> tuple[int, str]:

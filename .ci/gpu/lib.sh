@@ -93,7 +93,7 @@ start_phase() {  # start_phase N: the project's links (the gate uses the engine)
 
 # The 124M shape in fp16 with the shared cache, exported once per machine into $MODELS under the
 # name `gpt2-onnx bench/generate --random-init gpt2 --seed 0 --dtype fp16 --kv-cache shared
-# --models-dir $MODELS` look for (export/model_source.py resolve_model; tests/test_gpu_sequence.py pins it),
+# --models-dir $MODELS` look for (export/model_source.py resolve_model; tests/ci/test_gpu_sequence.py pins it),
 # so that the benchmarks and the CLI reuse it. It cannot travel (about 250 MB): a fresh machine
 # exports it again, inside the same command as the work that needs it.
 FP16_124M=$MODELS/random-gpt2-seed0-fp16-shared

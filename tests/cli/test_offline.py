@@ -8,9 +8,8 @@ import sys
 
 import pytest
 from test_export_cli import assert_nothing_left, assert_one_line_error, run_cli
-from test_tokenizer import REFERENCE_TEXT, REFERENCE_TOKENS
 
-from conftest import SHARED_TOKENIZER, make_hf_model, save_hf_folder
+from conftest import REFERENCE_TEXT, REFERENCE_TOKENS, SHARED_TOKENIZER, make_hf_model, save_hf_folder
 from gpt2onnx.engine.contract import GPT2Config
 from gpt2onnx.engine.extras import MissingExtraError, needs_extra, require
 from gpt2onnx.export.checkpoint import CheckpointError

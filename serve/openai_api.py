@@ -3,7 +3,7 @@ response, stream chunk, usage and error objects shaped the way OpenAI's clients 
 the tokenizer routes that OpenAI-compatible servers add (vLLM's /tokenize, /detokenize and
 /tokenizer_info), which evaluation harnesses use.
 
-Plain functions over dicts, no web framework: gpt2onnx/server.py does the HTTP. Every parameter
+Plain functions over dicts, no web framework: serve/server.py does the HTTP. Every parameter
 goes through the engine's own input gate (engine/inputs.py) under its OpenAI name, so a bad
 value is an ApiError (400) whose message names the parameter; nothing unchecked reaches the
 engine, and nothing a client sends can end in a 500.

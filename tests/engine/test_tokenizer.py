@@ -7,13 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REFERENCE_TEXT, REFERENCE_TOKENS
 from gpt2onnx.engine.tokenizer import Tokenizer
 
-REFERENCE_TEXT = "I am an amazing autoregressive, decoder-only, GPT-2 style transformer. One day I will exceed human level intelligence and take over the world!"
-REFERENCE_TOKENS = [
-    int(t)
-    for t in "50256 40 716 281 4998 1960 382 19741 11 875 12342 12 8807 11 402 11571 12 17 3918 47385 13 1881 1110 314 481 7074 1692 1241 4430 290 1011 625 262 995 0".split()
-]
 REFERENCE_CONTINUATION = [314, 716, 257, 845, 12356, 290, 12356, 1048, 11, 290]
 REAL_MODEL_ENV = "GPT2_ONNX_REAL_GPT2"  # a folder with the real GPT-2 weights (HF checkpoint or exported)
 
@@ -81,7 +77,7 @@ def test_walkthrough_example_runs(tiny_fp32):
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
         [sys.executable, str(root / "examples" / "walkthrough.py"), "--model", str(tiny_fp32)],
         capture_output=True,

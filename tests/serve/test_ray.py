@@ -257,7 +257,7 @@ def test_bad_ray_flags_are_one_line_before_anything_starts(capsys, tiny_shared, 
 
 
 def test_autoscaling_flags_become_ray_serve_settings():
-    from gpt2onnx.ray_serve import Scaling
+    from gpt2onnx.serve.ray_serve import Scaling
 
     assert Scaling(replicas=3).options() == {"num_replicas": 3}
     auto = Scaling(None, 1, 4, 8.0).options()["autoscaling_config"]
@@ -331,7 +331,7 @@ def died():
 
 
 def test_a_request_whose_replica_died_before_answering_goes_to_another():
-    from gpt2onnx.ray_serve import Front
+    from gpt2onnx.serve.ray_serve import Front
 
     replicas = Replicas([died()], [[SSE_START], died()], [[JSON_START], [body(b'{"ok": 1}')]])
     response = post(Front(replicas, drain_timeout=1))
@@ -339,7 +339,7 @@ def test_a_request_whose_replica_died_before_answering_goes_to_another():
 
 
 def test_when_every_try_died_the_answer_is_a_503_error_object_with_retry_after():
-    from gpt2onnx.ray_serve import RETRIES, Front
+    from gpt2onnx.serve.ray_serve import RETRIES, Front
 
     replicas = Replicas(*[[died()] for _ in range(RETRIES + 1)])
     response = post(Front(replicas, drain_timeout=1))
@@ -350,7 +350,7 @@ def test_when_every_try_died_the_answer_is_a_503_error_object_with_retry_after()
 
 
 def test_a_stream_cut_by_its_replica_ends_with_an_error_event_and_done():
-    from gpt2onnx.ray_serve import Front
+    from gpt2onnx.serve.ray_serve import Front
 
     replicas = Replicas([[SSE_START, body(b'data: {"choices": []}\n\n', True)], died()], [])
     response = post(Front(replicas, drain_timeout=1))
@@ -361,15 +361,15 @@ def test_a_stream_cut_by_its_replica_ends_with_an_error_event_and_done():
 
 
 def test_a_bug_behind_the_endpoint_is_a_500_error_object_not_plain_text():
-    from gpt2onnx.ray_serve import Front
+    from gpt2onnx.serve.ray_serve import Front
 
     response = post(Front(Replicas([RuntimeError("boom")]), drain_timeout=1))
     assert response.status_code == 500 and "boom" in response.json()["error"]["message"]
 
 
 def test_the_endpoint_refuses_a_body_over_the_limit_and_new_requests_while_draining(monkeypatch):
-    from gpt2onnx import server
-    from gpt2onnx.ray_serve import Front
+    from gpt2onnx.serve import server
+    from gpt2onnx.serve.ray_serve import Front
 
     monkeypatch.setattr(server, "MAX_BODY_BYTES", 10)
     front = Front(Replicas(), drain_timeout=1)
@@ -382,7 +382,7 @@ def test_the_endpoint_refuses_a_body_over_the_limit_and_new_requests_while_drain
 def test_a_cancelled_replica_call_is_a_client_disconnect_to_the_app():
     """Run in the replica: leaving the messages early (the endpoint's client went away) makes the
     app's receive() say http.disconnect, as uvicorn's would, so the engine's work is cancelled."""
-    from gpt2onnx.ray_serve import run_app
+    from gpt2onnx.serve.ray_serve import run_app
 
     seen = []
 
@@ -421,7 +421,7 @@ class Endless(Response):
 
 
 def test_a_stream_still_running_at_the_drain_timeout_ends_with_an_error_event_and_done():
-    from gpt2onnx.ray_serve import Front
+    from gpt2onnx.serve.ray_serve import Front
 
     replicas = Replicas()
     replicas.remote = lambda scope, body: Endless()

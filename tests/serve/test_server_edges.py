@@ -2,7 +2,7 @@
 as evaluation harnesses send them, the tokenizer routes, and clients that stall or leave.
 
 Servers run in-process on 127.0.0.1 (a free port, stopped by each test) with the settings
-`gpt2-onnx serve` gives uvicorn (tests/test_server.py's `running`); every load is bounded in
+`gpt2-onnx serve` gives uvicorn (tests/serve/test_server.py's `running`); every load is bounded in
 count and time. The server's log is captured: no input may leave a traceback there.
 """
 
@@ -29,7 +29,7 @@ openai = pytest.importorskip(
 
 from test_server import MODEL, NO_EOS, T, load, running, wait_for  # noqa: E402
 
-from gpt2onnx import server  # noqa: E402
+from gpt2onnx.serve import server  # noqa: E402
 
 
 class Records(logging.Handler):

@@ -1,5 +1,5 @@
 """`gpt2-onnx serve`: flags in, the port bound, the model found (or exported on first use) and
-loaded, then gpt2onnx/server.py serves (gpt2onnx/ray_serve.py with --ray).
+loaded, then serve/server.py serves (serve/ray_serve.py with --ray).
 
 `--model` / `--random-init` take what `generate` takes: a model folder, or a checkpoint exported
 once into --models-dir with the shared cache, the one the server batches in (export/model_source.py).
@@ -121,7 +121,7 @@ RAY_FLAGS = ("--ray-address", "--replicas", "--min-replicas", "--max-replicas", 
 
 def scaling(args: argparse.Namespace):
     """--replicas, or the autoscaling flags (not both), checked."""
-    from gpt2onnx.ray_serve import Scaling  # only with --ray: it imports ray
+    from gpt2onnx.serve.ray_serve import Scaling  # only with --ray: it imports ray
 
     count = inputs.Count(1, 1024, "an integer from 1 to 1024")
     auto = [args.min_replicas, args.max_replicas, args.target_ongoing_requests]
@@ -162,10 +162,10 @@ def bind(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     if args.ray:
         with needs_extra("ray", "gpt2-onnx serve --ray"):
-            from gpt2onnx import ray_serve  # noqa: F401  (ray, and the server's own imports)
+            from gpt2onnx.serve import ray_serve  # noqa: F401  (ray, and the server's own imports)
     check_flags(args)
     with needs_extra("serve", "gpt2-onnx serve"):
-        from gpt2onnx import server
+        from gpt2onnx.serve import server
     sock = bind(args.host, args.port)
     with sock:
         folder = resolve_model(args.model, args.random_init, args.seed, first_use_dtype(args), args.tokenizer,
@@ -224,9 +224,9 @@ def log_level(args: argparse.Namespace) -> str:
 
 
 def run_on_ray(args: argparse.Namespace, sock: socket.socket, folder: Path) -> int:
-    """Replicas on a Ray cluster behind this process's endpoint (gpt2onnx/ray_serve.py) until
+    """Replicas on a Ray cluster behind this process's endpoint (serve/ray_serve.py) until
     SIGTERM or Ctrl-C, then drained and taken down."""
-    from gpt2onnx import ray_serve
+    from gpt2onnx.serve import ray_serve
 
     folder = folder.resolve()  # replicas run elsewhere: an absolute path (the same on every node)
     manifest = read_manifest(folder)

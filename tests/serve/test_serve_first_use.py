@@ -85,7 +85,7 @@ def serve_args(*argv: str) -> argparse.Namespace:
     ],
 )
 def test_a_first_use_export_takes_the_dtype_of_where_the_server_runs(argv, dtype):
-    from gpt2onnx.serve_cli import first_use_dtype
+    from gpt2onnx.serve.cli import first_use_dtype
 
     assert first_use_dtype(serve_args(*argv)) == dtype
 

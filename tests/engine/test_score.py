@@ -16,7 +16,7 @@ from conftest import export_folder, run_flags
 from gpt2onnx import Engine, quality
 from gpt2onnx.cli import main
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pydocs-gpt2-4l"
+FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "pydocs-gpt2-4l"
 TEXT = " ".join(
     f"Line {i}: the quick brown fox jumps over the lazy dog number {i * 7 % 13}." for i in range(40)
 )

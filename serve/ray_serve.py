@@ -40,9 +40,9 @@ from ray import serve
 from ray.exceptions import RayActorError, WorkerCrashedError
 from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
 
-from gpt2onnx import openai_api as api
-from gpt2onnx import server
 from gpt2onnx.engine.engine import Engine
+from gpt2onnx.serve import openai_api as api
+from gpt2onnx.serve import server
 
 log = logging.getLogger("gpt2onnx")
 
@@ -113,7 +113,7 @@ class Replica:
 def keep_serve_grpc_on_loopback() -> None:
     """Ray Serve starts each replica's inter-deployment gRPC server on every interface ("[::]:0")
     whatever the node's address; on a loopback-only node (the cluster `connect` starts) bind it to
-    loopback as well. Ray's private name: tests/test_ray.py lists every listening socket of the
+    loopback as well. Ray's private name: tests/serve/test_ray.py lists every listening socket of the
     cluster, so a Ray that renames it fails there, not silently."""
     from ray.serve._private import replica as serve_replica
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"engine": "gpt2onnx.engine", "export": "gpt2onnx.export", "benchmarks": "gpt2onnx.benchmarks",
-            "gpt2onnx": "gpt2onnx"}  # fmt: skip
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = {"engine": "gpt2onnx.engine", "export": "gpt2onnx.export", "serve": "gpt2onnx.serve",
+            "benchmarks": "gpt2onnx.benchmarks", "gpt2onnx": "gpt2onnx"}  # fmt: skip
 # Each package imports only those before it.
-LAYERS = ["gpt2onnx.engine", "gpt2onnx.export", "gpt2onnx.benchmarks", "gpt2onnx"]
+LAYERS = ["gpt2onnx.engine", "gpt2onnx.export", "gpt2onnx.serve", "gpt2onnx.benchmarks", "gpt2onnx"]
 SCRIPTS = {
     "gpt2onnx.benchmarks.worker",
     "gpt2onnx.benchmarks.hf_runners",

@@ -1,7 +1,7 @@
 """The HTTP server of `gpt2-onnx serve`: OpenAI's completions API over one Engine, on FastAPI
 and uvicorn.
 
-    POST /v1/completions        OpenAI's completions (gpt2onnx/openai_api.py checks and shapes)
+    POST /v1/completions        OpenAI's completions (serve/openai_api.py checks and shapes)
     POST /v1/chat/completions   400: GPT-2 has no chat template
     GET  /v1/models             the one model served
     POST /tokenize, /detokenize vLLM's tokenizer routes; GET /tokenizer_info its tokenizer's settings
@@ -43,10 +43,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from gpt2onnx import openai_api as api
 from gpt2onnx.engine.contract import InputError
 from gpt2onnx.engine.scheduler import EngineClosedError, QueueFullError
-from gpt2onnx.metrics import Metrics
+from gpt2onnx.serve import openai_api as api
+from gpt2onnx.serve.metrics import Metrics
 
 log = logging.getLogger("gpt2onnx")
 

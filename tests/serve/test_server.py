@@ -36,7 +36,9 @@ openai = pytest.importorskip(
     "openai", reason="client tests need the openai package: pip install -e '.[test]'"
 )
 
-from gpt2onnx import Engine, serve_cli, server  # noqa: E402
+from gpt2onnx import Engine  # noqa: E402
+from gpt2onnx.serve import cli as serve_cli  # noqa: E402
+from gpt2onnx.serve import server  # noqa: E402
 
 MODEL = "tiny-test"
 T = 30  # seconds any one wait may take before the test fails
@@ -524,7 +526,7 @@ def test_without_the_serve_extra_the_error_says_what_to_install(capsys, tmp_path
     import gpt2onnx
 
     monkeypatch.delattr(gpt2onnx, "server")  # as if never imported, and fastapi not installed
-    monkeypatch.delitem(sys.modules, "gpt2onnx.server")
+    monkeypatch.delitem(sys.modules, "gpt2onnx.serve.server")
     monkeypatch.setitem(sys.modules, "fastapi", None)
     code, err = run_flags(capsys, "serve", "--model", tmp_path)
     assert code == 2 and "needs fastapi" in err and "pip install 'gpt2-onnx[serve]'" in err, err
