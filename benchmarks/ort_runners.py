@@ -26,7 +26,9 @@ class EngineRunner:
     def __call__(self, prompts: np.ndarray, new_tokens: int) -> Run:
         rows = [row.tolist() for row in prompts]
         result = self.engine.generate(rows, max_new_tokens=new_tokens, ignore_eos=True)
-        t = result.timing  # its clocks cover the decode loop; t.text_s (ids -> text after it) is left out, as no baseline makes text
+        t = (
+            result.timing
+        )  # its clocks cover the decode loop, not the text made after it (no baseline makes text)
         return Run(
             t.first_token_s, list(t.step_s), [c.token_ids for c in result.completions], t.python_overhead_ms()
         )
@@ -41,7 +43,7 @@ def ours(folder: Path, provider: str, max_batch: int, fast_gpu_path: bool | None
     (the "gpt2-onnx-eager" baseline: what those two are worth on a GPU)."""
     engine = Engine.load(folder, provider=provider, max_batch=max_batch,
                          cuda_graphs=fast_gpu_path, device_sampling=fast_gpu_path)  # fmt: skip
-    return EngineRunner(engine), engine.provider
+    return EngineRunner(engine), engine.device
 
 
 def _plain(folder: Path, provider: str):

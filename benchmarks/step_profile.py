@@ -20,7 +20,6 @@ import time
 
 from gpt2onnx.engine.clock import Clock
 from gpt2onnx.engine.engine import Engine
-from gpt2onnx.engine.pickers import ArgmaxPicker
 
 
 def median_us(fn, n: int) -> float:
@@ -36,7 +35,7 @@ def profile(folder: str, provider: str, batch: int, max_seq: int, graphs: bool, 
     engine = Engine.load(folder, provider=provider, max_batch=batch, max_seq=max_seq, cuda_graphs=graphs)
     session = engine.session
     prompts = [list(range(100, 132))] * batch
-    session.start(batch, max_seq, ArgmaxPicker(), Clock())
+    session.start(batch, max_seq, Clock())  # every row greedy: the graph's own argmax picks
     tokens = session.prefill(prompts)
     for _ in range(8):  # warm-up; captures the bucket's graph
         tokens = session.decode(tokens)

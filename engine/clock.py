@@ -17,7 +17,6 @@ class Clock:
     first_token_s: float = 0.0  # prefill + the first token's pick: time to first token
     step_s: list[float] = field(default_factory=list)
     decode_run_s: float = 0.0  # inside onnxruntime during decode steps
-    text_s: float = 0.0  # rows' text made after the loop (generate without stop strings)
     new_tokens: int = 0
     run_s: float = 0.0  # inside onnxruntime, all of it
     _start: float = field(default=0.0, init=False, repr=False)
@@ -60,7 +59,7 @@ class Clock:
         return sum(self.step_s)
 
     def as_dict(self) -> dict[str, float]:
-        total = self.first_token_s + self.decode_s + self.text_s
+        total = self.first_token_s + self.decode_s
         steps = len(self.step_s)
         return {
             "prefill_ms": 1e3 * self.prefill_s,
@@ -71,3 +70,21 @@ class Clock:
     def python_overhead_ms(self) -> float:
         """Per decode step, everything outside onnxruntime's run."""
         return 1e3 * (self.decode_s - self.decode_run_s) / len(self.step_s) if self.step_s else 0.0
+
+
+def charge(clocks: list[Clock | None], run_s: float, run: str) -> None:
+    """A run's time inside onnxruntime, to the calls (Engine.generate's clocks) whose rows it was
+    for, once per call; `clocks` has one entry per row (None: no call's). `run` is a "decode"
+    step, a "prefill" (first tokens) or a "chunk" of a prompt (no tokens yet)."""
+    rows: dict[int, list] = {}  # id(clock) -> [clock, its rows]
+    for clock in clocks:
+        if clock is not None:
+            rows.setdefault(id(clock), [clock, 0])[1] += 1
+    for clock, n in rows.values():
+        if run == "chunk" or run == "prefill" and clock.has_tokens:
+            clock.prefill_run(run_s)  # a prompt's chunk, or a later row's prompt: not a step
+        else:
+            clock.ran(run_s)
+            clock.tokens()
+        if run != "chunk":
+            clock.new_tokens += n

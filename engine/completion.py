@@ -1,4 +1,4 @@
-"""A request's progress and its result: `Row` takes each new token (text held back while it may
+"""A request's new tokens and its result: `Continuation` takes each new token (text held back while it may
 be the start of a stop string; the reason it ends), `Completion` is what the caller gets.
 The decode loop that feeds them is the scheduler's (scheduler.py)."""
 
@@ -19,12 +19,12 @@ class Completion:
 
 
 @dataclass
-class Row:
-    """One prompt's progress. `push` holds back text that might be the start of a stop string.
-    A row without a decoder (nobody streams it, no stop strings) only collects token ids: its
-    text is made in one call once they are all in (Tokenizer.completion_text)."""
+class Continuation:
+    """What a request has generated so far. `push` holds back text that might be the start of a
+    stop string. A continuation without a decoder (nobody streams it, no stop strings) only
+    collects token ids: its text is made in one call once they are all in
+    (Tokenizer.completion_text)."""
 
-    prompt_ids: list[int]
     decoder: StreamDecoder | None
     stop: tuple[str, ...]
     token_ids: list[int] = field(default_factory=list)

@@ -17,7 +17,7 @@ step touches keeps its shape and its address from step to step and from call to 
 - a capture can fail where a plain run works (an operator that synchronizes or allocates inside
   the graph). The first run of a bucket's graph is where it happens, so a failure there turns
   graphs off for that graph (decode or sampling) for the session, is logged once, is recorded in
-  `CudaGraphs.on` and `CudaGraphs.fallback`, and the same step runs again without a graph.
+  `GraphRunner.on` and `GraphRunner.fallback`, and the same step runs again without a graph.
   Idempotence makes that safe: onnxruntime ends the failed capture before raising, the step's
   inputs are still in their buffers and nothing was written but the step's own K/V. A failure of
   a graph that has already run is not a capture problem and is raised as is.
@@ -59,7 +59,7 @@ def run_options(graph_id: int) -> ort.RunOptions:
     return options
 
 
-class CudaGraphs:
+class GraphRunner:
     """Runs of the decode and sampling graphs: per batch bucket a captured graph while `on` says
     so, without one otherwise (prefill, a session without graphs). Empty `buckets`: plain runs."""
 
@@ -145,6 +145,7 @@ class CudaGraphCache:
     decode steps of one shape per batch bucket at fixed addresses (see the module docstring)."""
 
     kv_cache = "shared"
+    has_slots = True
 
     def __init__(
         self, manifest: contract.Manifest, device: str, max_batch: int, max_seq: int, sampling: bool
@@ -165,8 +166,8 @@ class CudaGraphCache:
         return self.shared.batch
 
     @property
-    def slots(self):
-        return self.shared.slots
+    def row_lengths(self):
+        return self.shared.row_lengths
 
     def start(self, batch: int, seq: int) -> None:
         self.shared.start(batch, seq)  # allocates nothing: only checks the limits
@@ -197,10 +198,10 @@ class CudaGraphCache:
         same every step in that bucket). Returns the bucket, whose graph runs the step."""
         B = len(tokens)
         bucket = self.outputs = self._buckets[next(b for b in self.buckets if b >= B)]
-        host, slots, b = bucket.host, self.shared.slots, bucket.batch
+        host, rows, b = bucket.host, self.shared.row_lengths, bucket.batch
         host["input_ids"][:B, 0], host["input_ids"][B:] = tokens, 0  # rows past B: out of the step
-        host["position_ids"][:, 0] = slots.lengths[:b]  # before the step
-        host["seqlens_k"][:] = slots.step(b)[0]  # rows past B are not used: a dummy token, kept as they are
+        host["position_ids"][:, 0] = rows.lengths[:b]  # before the step
+        host["seqlens_k"][:] = rows.step(b)[0]  # rows past B are not used: a dummy token, kept as they are
         bucket.upload("input_ids", "position_ids", "seqlens_k")
         for name, (dtype, _) in STEP_INPUTS.items():
             binding.input(name, self.device, dtype, bucket.shapes[name], bucket.dev_ptrs[name])

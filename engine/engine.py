@@ -20,22 +20,16 @@ import numpy as np
 from . import atomic_folder, inputs
 from .clock import Clock
 from .completion import Completion
-from .contract import InputError, ModelFolderError, UserError
+from .contract import InputError, ModelFolderError
 from .logprobs import token_logprobs
 from .model_folder import check_tokenizer, read_manifest
+from .requests import Request, RequestHandle
 from .sampling import SamplingConfig
-from .scheduler import Request as SchedulerRequest
-from .scheduler import RequestHandle, Scheduler
+from .scheduler import Scheduler
 from .session import Session, SessionConfig
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-class EngineBusyError(UserError, RuntimeError):
-    """No longer raised: every method of an Engine may be called from any thread (generate and
-    stream go through the scheduler; logits and score wait for it). Kept so that code that
-    catches it still imports."""
 
 
 @dataclass
@@ -55,8 +49,8 @@ class Score:
 
 
 @dataclass(frozen=True)
-class Request:
-    """One generate/stream call's settings, checked by the input gate."""
+class CallOptions:
+    """One generate/stream/submit call's settings, checked by the input gate."""
 
     max_new_tokens: int
     stop: tuple[str, ...]
@@ -125,7 +119,8 @@ class Engine:
         return cls(folder, config)
 
     @property
-    def provider(self) -> str:
+    def device(self) -> str:
+        """Where the graph runs: "cuda" or "cpu" (what provider="auto" resolved to)."""
         return self.session.device
 
     @property
@@ -164,10 +159,10 @@ class Engine:
         Raises InputError (a ValueError) naming the argument for any bad argument, an empty
         prompt without BOS, or a prompt that does not fit the context (unless truncate="left"
         drops its oldest tokens)."""
-        request = self._request("generate", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
+        options = self._options("generate", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
         prompts = inputs.prompts(prompts, self.vocab_size)
         clock = Clock()
-        requests = [self._submission(p, request, stream=False, clock=clock, pieces=False) for p in prompts]
+        requests = [self._submission(p, options, stream=False, clock=clock, pieces=False) for p in prompts]
         clock.begin()
         handles = self.scheduler.submit_all(requests, bounded=False)
         try:
@@ -183,9 +178,9 @@ class Engine:
         """Yield the completion's text piece by piece; breaking out of the loop (or closing the
         iterator) cancels the request. The arguments are checked (InputError) and the request
         submitted here, before the first piece is asked for."""
-        request = self._request("stream", max_new_tokens, stop, prepend_bos, truncate, False, sampling)
+        options = self._options("stream", max_new_tokens, stop, prepend_bos, truncate, False, sampling)
         prompt = inputs.prompt("prompt", prompt, self.vocab_size)
-        handle = self.scheduler.submit(self._submission(prompt, request, stream=True))
+        handle = self.scheduler.submit(self._submission(prompt, options, stream=True))
         return _texts(handle)
 
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 16, *, stop: str | Sequence[str] = (),
@@ -207,27 +202,27 @@ class Engine:
         (after close)."""
         prompt_logprobs = inputs.check("logprobs", prompt_logprobs, "prompt_logprobs")
         score_only = max_new_tokens == 0 and prompt_logprobs is not None
-        request = self._request("submit", 1 if score_only else max_new_tokens, stop, prepend_bos, truncate,
+        options = self._options("submit", 1 if score_only else max_new_tokens, stop, prepend_bos, truncate,
                                 ignore_eos, sampling)  # fmt: skip
         if score_only:  # the prompt's logprobs alone: one pass, no slot, no new token
-            request = dataclasses.replace(request, max_new_tokens=0)
+            options = dataclasses.replace(options, max_new_tokens=0)
         logprobs = inputs.check("logprobs", logprobs)
         prompt = inputs.prompt("prompt", prompt, self.vocab_size)
         stream = inputs.check("stream", stream)
         return self.scheduler.submit(
             self._submission(
-                prompt, request, logprobs=logprobs, prompt_logprobs=prompt_logprobs, stream=stream
+                prompt, options, logprobs=logprobs, prompt_logprobs=prompt_logprobs, stream=stream
             )
         )
 
-    def _submission(self, prompt: str | list[int], request: Request, **extra) -> SchedulerRequest:
+    def _submission(self, prompt: str | list[int], options: CallOptions, **extra) -> Request:
         """A checked prompt and a call's settings as one request for the scheduler; `extra`:
-        the scheduler Request's own (logprobs, stream, clock, pieces, prompt_logprobs)."""
-        ids = self._prompt_tokens(prompt, request)
+        the Request's own (logprobs, stream, clock, pieces, prompt_logprobs)."""
+        ids = self._prompt_tokens(prompt, options)
         text = prompt if isinstance(prompt, str) else self.tokenizer.to_string(ids)
         extra.setdefault("logprobs", None)
-        return SchedulerRequest(text, ids, request.max_new_tokens, request.stop, request.sampling,
-                                self._eos(request), **extra)  # fmt: skip
+        return Request(text, ids, options.max_new_tokens, options.stop, options.sampling, self._eos(options),
+                       **extra)  # fmt: skip
 
     def stats(self) -> dict[str, int]:
         """The scheduler's figures now: queue_depth, active_slots, max_batch, max_queue, and room
@@ -246,11 +241,11 @@ class Engine:
         the rest, and return when the scheduler has stopped."""
         self.scheduler.close(timeout)
 
-    def _eos(self, request: Request) -> int:
-        return -1 if request.ignore_eos else self.manifest.config.eos_token_id
+    def _eos(self, options: CallOptions) -> int:
+        return -1 if options.ignore_eos else self.manifest.config.eos_token_id
 
-    def _request(self, method: str, max_new_tokens, stop, prepend_bos, truncate, ignore_eos,
-                 sampling: dict) -> Request:  # fmt: skip
+    def _options(self, method: str, max_new_tokens, stop, prepend_bos, truncate, ignore_eos,
+                 sampling: dict) -> CallOptions:  # fmt: skip
         """One call's settings through the input gate, before any prompt is looked at."""
         inputs.known_keywords(method, sampling, SAMPLING_KEYWORDS)
         cfg = SamplingConfig(**sampling)
@@ -263,14 +258,14 @@ class Engine:
             )  # fmt: skip
         flags = dict(prepend_bos=prepend_bos, truncate=truncate, ignore_eos=ignore_eos)
         flags = {name: inputs.check(name, value) for name, value in flags.items()}
-        return Request(n, inputs.stop_strings(stop), **flags, sampling=cfg)
+        return CallOptions(n, inputs.stop_strings(stop), **flags, sampling=cfg)
 
-    def _prompt_tokens(self, prompt: str | list[int], request: Request) -> list[int]:
+    def _prompt_tokens(self, prompt: str | list[int], options: CallOptions) -> list[int]:
         """A checked prompt's ids, within the room the context leaves it: text is tokenized (BOS
         first unless prepend_bos=False), ids are taken as they are."""
-        room = self.n_positions - request.max_new_tokens
-        left = request.truncate == "left"
-        ids = self._text_tokens(prompt, request, room) if isinstance(prompt, str) else prompt
+        room = self.n_positions - options.max_new_tokens
+        left = options.truncate == "left"
+        ids = self._text_tokens(prompt, options, room) if isinstance(prompt, str) else prompt
         if not ids:
             raise InputError(
                 "the prompt is empty; pass some text, or keep the BOS token (prepend_bos=True, no --no-bos) "
@@ -278,16 +273,16 @@ class Engine:
             )  # fmt: skip
         if len(ids) > room:
             if not left:
-                raise InputError(self._too_long(str(len(ids)), request.max_new_tokens))
+                raise InputError(self._too_long(str(len(ids)), options.max_new_tokens))
             ids = ids[len(ids) - room :]
         return ids
 
-    def _text_tokens(self, text: str, request: Request, room: int) -> list[int]:
+    def _text_tokens(self, text: str, options: CallOptions, room: int) -> list[int]:
         """A text's ids without tokenizing more than can fit: a text that surely has more tokens
         than `room` is refused unread; with truncate="left" only a tail of it is tokenized (the
         same last tokens as the whole text's, see Tokenizer.last_tokens). The caller trims."""
-        bos = [self.tokenizer.bos_token_id] if request.prepend_bos else []
-        if request.truncate == "left":
+        bos = [self.tokenizer.bos_token_id] if options.prepend_bos else []
+        if options.truncate == "left":
             tail = self.tokenizer.last_tokens(text, room, MAX_WHOLE_PROMPT_CHARS)
             if tail is None:
                 raise InputError(
@@ -298,8 +293,8 @@ class Engine:
             return bos + tail
         at_least = self.tokenizer.min_tokens(text) + len(bos)
         if at_least > room:
-            raise InputError(self._too_long(f"at least {at_least}", request.max_new_tokens))
-        return self.tokenizer.to_tokens(text, request.prepend_bos)
+            raise InputError(self._too_long(f"at least {at_least}", options.max_new_tokens))
+        return self.tokenizer.to_tokens(text, options.prepend_bos)
 
     def _too_long(self, tokens: str, max_new_tokens: int) -> str:
         return (

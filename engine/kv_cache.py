@@ -17,11 +17,13 @@ max_batch x max_seq. The manifest's `kv_cache` picks the layout:
 
 Each cache binds a step's inputs and its own buffers (`bind_prefill`, `bind_decode`) and holds
 where the step's outputs land (`outputs`); the session runs the step and its picker reads them.
+What every cache offers is written down once, in `KVCache`.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -148,10 +150,44 @@ class HostInputs:
             binding.host_values(name, buf.dtype.type, arr.shape, self.ptrs[name])
 
 
+class KVCache(Protocol):
+    """What the session asks of a cache (ConcatCache, SharedCache, cuda_graphs.CudaGraphCache)."""
+
+    kv_cache: str  # the manifest's layout: "concat" or "shared"
+    has_slots: bool  # rows are filled and freed one at a time (prefill_slot, free); else static batches
+    kv: KVBuffers
+    outputs: HostOutputs  # where a step's outputs land, for the picker
+
+    @property
+    def rows(self) -> int:
+        """Rows the last decode step bound."""
+
+    def start(self, batch: int, seq: int) -> None:
+        """Begin a batch of `batch` rows that need up to `seq` positions each."""
+
+    def bind_prefill(self, binding: Binding, prompts: list[list[int]], first: int = 0) -> None:
+        """Bind whole prompts into rows first, first + 1, ..."""
+
+    def bind_prefill_slot(self, binding: Binding, slot: int, tokens: list[int], past: int = 0,
+                          decoding: bool = True) -> None:  # fmt: skip
+        """Bind prompt tokens into one row after the `past` ones it holds (slots only)."""
+
+    def bind_decode(self, binding: Binding, tokens: np.ndarray) -> int | None:
+        """Bind one new token for each of the first len(tokens) rows; returns the batch bucket
+        whose CUDA graph runs the step (None: no graph)."""
+
+    def free(self, slot: int) -> None:
+        """A row's request ended."""
+
+    def full_feeds(self, ids: np.ndarray, first_position: int = 0) -> dict[str, np.ndarray]:
+        """Inputs of one pass over ids (batch, seq) with a cache of its own, logits at every position."""
+
+
 class ConcatCache:
     """The concat graph's cache: present = past + new, alternating between two sets of buffers."""
 
     kv_cache = "concat"
+    has_slots = False
 
     def __init__(self, manifest: Manifest, device: str, max_batch: int, max_seq: int, sampling: bool):
         self.kv = KVBuffers(manifest, device, 2, max_batch, max_seq)
@@ -187,9 +223,12 @@ class ConcatCache:
         self._bind(binding, ids, positions)
 
     def bind_decode(self, binding: Binding, tokens: np.ndarray) -> None:
-        """Bind one new token per row (returns the batch bucket: None, no CUDA graph)."""
-        assert len(tokens) == self.batch, "the concat cache decodes its whole batch (no slots)"
-        self._bind(binding, tokens[:, None], self.next_position)
+        """Bind one new token per row, the whole batch: rows past len(tokens) (ended) decode a
+        dummy token. Returns the batch bucket: None, no CUDA graph."""
+        assert len(tokens) <= self.batch, f"a decode step of {len(tokens)} rows after start({self.batch})"
+        ids = np.zeros((self.batch, 1), np.int64)
+        ids[: len(tokens), 0] = tokens
+        self._bind(binding, ids, self.next_position)
         self.next_position += 1
 
     def _bind(self, binding: Binding, ids: np.ndarray, positions: np.ndarray) -> None:
@@ -208,7 +247,7 @@ class ConcatCache:
         raise ValueError("slots need the shared cache: export the model with --kv-cache shared")
 
     def free(self, slot: int) -> None:
-        raise ValueError("slots need the shared cache: export the model with --kv-cache shared")
+        """Nothing: a static batch keeps its rows until it ends (an ended row decodes a dummy token)."""
 
     def full_feeds(self, ids: np.ndarray, first_position: int = 0) -> dict[str, np.ndarray]:
         """Inputs of one pass over ids (batch, seq) with an empty past, logits at every position."""
@@ -223,7 +262,7 @@ class ConcatCache:
         }
 
 
-class Slots:
+class RowLengths:
     """The shared cache's per-row state, in one place: how many tokens each row (slot) holds and
     whether it takes part in decode steps. A row that does not (free, or its prompt still going
     in by chunks) writes a dummy token at its next position in a decode step and stays as it
@@ -253,12 +292,13 @@ class SharedCache:
     """The shared graph's cache: one buffer per layer, updated in place, one slot per row."""
 
     kv_cache = "shared"
+    has_slots = True
 
     def __init__(self, manifest: Manifest, device: str, max_batch: int, max_seq: int, sampling: bool):
         self.kv = KVBuffers(manifest, device, 1, max_batch, max_seq)
         self.inputs = HostInputs("shared")
         self.outputs = HostOutputs(manifest.config.vocab_size, device, sampling)
-        self.slots, self.batch, self.rows = Slots(0), 0, 0
+        self.row_lengths, self.batch, self.rows = RowLengths(0), 0, 0
         self.decode_index = np.zeros((0, 1), np.int64)
 
     def start(self, batch: int, seq: int) -> None:
@@ -266,7 +306,7 @@ class SharedCache:
         self.kv.reserve(batch, seq)
         self.inputs.reserve(self.kv.cap_batch * self.kv.cap_seq)
         self.outputs.reserve(self.kv.cap_batch)
-        self.slots = Slots(self.kv.cap_batch)  # rows past the batch stay free
+        self.row_lengths = RowLengths(self.kv.cap_batch)  # rows past the batch stay free
         self.batch, self.rows = batch, batch  # rows: of the last decode step
         self.decode_index = np.zeros((batch, 1), np.int64)  # a decode step's only position
 
@@ -282,7 +322,7 @@ class SharedCache:
         for r, p in enumerate(prompts):
             ids[r, : len(p)], positions[r, : len(p)] = p, np.arange(len(p))
         self._bind(binding, ids, positions, lengths, width, first)
-        self.slots.fill(slice(first, first + B), lengths)
+        self.row_lengths.fill(slice(first, first + B), lengths)
 
     def bind_prefill_slot(self, binding: Binding, slot: int, tokens: list[int], past: int = 0,
                           decoding: bool = True) -> None:  # fmt: skip
@@ -295,7 +335,7 @@ class SharedCache:
         assert n <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, the prompt needs {n}"
         ids, positions = np.array([tokens], np.int64), np.arange(past, n, dtype=np.int64)[None]
         self._bind(binding, ids, positions, np.array([n]), n, slot, logits_at=np.array([[len(tokens) - 1]]))
-        self.slots.fill(slot, n, decoding)
+        self.row_lengths.fill(slot, n, decoding)
 
     def _bind(self, binding, ids, positions, lengths, total: int, first: int, logits_at=None) -> None:
         """A prompt pass over rows first.. of the cache, each holding `lengths` tokens after it;
@@ -310,9 +350,9 @@ class SharedCache:
     def bind_decode(self, binding: Binding, tokens: np.ndarray) -> None:
         """Bind one new token per row (returns the batch bucket: None, no CUDA graph)."""
         B = self.rows = len(tokens)
-        positions = self.slots.lengths[:B, None]  # before the step
+        positions = self.row_lengths.lengths[:B, None]  # before the step
         self.inputs.feed(binding, input_ids=tokens[:, None], position_ids=positions)
-        seqlens, total = self.slots.step(B)
+        seqlens, total = self.row_lengths.step(B)
         assert total <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, step needs {total}"
         self.inputs.feed(binding, seqlens_k=seqlens, total_sequence_length=np.array(total, np.int32),
                          logits_index=self.decode_index[:B])  # fmt: skip
@@ -321,7 +361,7 @@ class SharedCache:
 
     def free(self, slot: int) -> None:
         """Give up a slot: its row decodes a dummy token from now on, until a prompt fills it."""
-        self.slots.free(slot)
+        self.row_lengths.free(slot)
 
     def full_feeds(self, ids: np.ndarray, first_position: int = 0) -> dict[str, np.ndarray]:
         """Inputs of one pass over ids (batch, seq) with a cache of its own, logits at every position."""

@@ -16,46 +16,39 @@ import numpy as np
 import onnxruntime as ort
 
 from .binding import Binding
-from .cuda_graphs import CudaGraphs
+from .cuda_graphs import GraphRunner
 from .device_sampling import matches_host, row_params
 from .sampling import SamplingConfig, sample_rows
 
 
-class SlotSampling:
-    """Each slot's sampling settings and random generator, the sampling graph's row of `params`,
-    and the token history that penalties need: filled when a prompt enters a slot (`admit`)."""
+class RowSampling:
+    """Each row's sampling settings and random generator, the sampling graph's row of `params`,
+    and the token history that penalties need: filled when a prompt enters a row (`admit`)."""
 
     def __init__(self, batch: int, vocab: int):
         self.vocab = vocab
         self.configs = [GREEDY] * batch
         self.rngs: list[np.random.Generator | None] = [None] * batch
-        self.params = np.zeros((batch, 4), dtype=np.float32)  # device_sampling.row_params per slot
+        self.params = np.zeros((batch, 4), dtype=np.float32)  # device_sampling.row_params per row
         self.seen: np.ndarray | None = None  # (batch, vocab): tokens in the prompt or made so far
         self.counts: np.ndarray | None = None  # (batch, vocab): tokens made so far
         self.version = 0  # changes with every admit: the sampling graph's params are uploaded again
 
-    @classmethod
-    def for_batch(cls, prompts: list[list[int]], cfg: SamplingConfig, rng: np.random.Generator,
-                  vocab: int) -> SlotSampling:  # fmt: skip
-        """One call's rows: the same settings, and one generator drawn from row after row."""
-        slots = cls(len(prompts), vocab)
-        for r, prompt in enumerate(prompts):
-            slots.admit(r, prompt, cfg, rng)
-        return slots
-
-    def admit(self, slot: int, prompt: list[int], cfg: SamplingConfig, rng: np.random.Generator) -> None:
-        self.configs[slot], self.rngs[slot] = cfg, rng
-        self.params[slot] = row_params(cfg, 1)[0]
+    def admit(
+        self, row: int, prompt: list[int], cfg: SamplingConfig, rng: np.random.Generator | None
+    ) -> None:
+        self.configs[row], self.rngs[row] = cfg, rng
+        self.params[row] = row_params(cfg, 1)[0]
         if cfg.uses_history and self.seen is None:
             self.seen = np.zeros((len(self.configs), self.vocab), dtype=bool)
             self.counts = np.zeros((len(self.configs), self.vocab), dtype=np.int32)
         if self.seen is not None:
-            self.seen[slot], self.counts[slot] = False, 0
-            self.seen[slot, prompt] = True
+            self.seen[row], self.counts[row] = False, 0
+            self.seen[row, prompt] = True
         self.version += 1
 
-    def free(self, slot: int) -> None:
-        self.admit(slot, [], GREEDY, None)
+    def free(self, row: int) -> None:
+        self.admit(row, [], GREEDY, None)
 
     def record(self, rows: slice, tokens: np.ndarray) -> None:
         """The tokens just picked for `rows`, into their history."""
@@ -68,18 +61,18 @@ GREEDY = SamplingConfig()
 
 
 class HostPicker:
-    def __init__(self, slots: SlotSampling):
-        self.slots = slots
+    def __init__(self, sampling: RowSampling):
+        self.sampling = sampling
 
     def bind(self, binding: Binding, outputs, rows: int, first: int = 0) -> None:
         outputs.bind(binding, "logits", rows)
 
     def pick(self, outputs, n: int, first: int = 0, bucket: int | None = None) -> np.ndarray:
         logits = outputs.read("logits", n)[:, 0]  # (n, vocab)
-        rows, slots = slice(first, first + n), self.slots
-        seen, counts = (None, None) if slots.seen is None else (slots.seen[rows], slots.counts[rows])
-        tokens = sample_rows(logits, slots.configs[rows], slots.rngs[rows], seen, counts)
-        slots.record(rows, tokens)
+        rows, sampling = slice(first, first + n), self.sampling
+        seen, counts = (None, None) if sampling.seen is None else (sampling.seen[rows], sampling.counts[rows])
+        tokens = sample_rows(logits, sampling.configs[rows], sampling.rngs[rows], seen, counts)
+        sampling.record(rows, tokens)
         return tokens
 
 
@@ -93,24 +86,24 @@ class ArgmaxPicker:
 
 class DeviceSamplingPicker:
     """Runs the sampling graph (its own onnxruntime session, on the model's device) after each
-    step, with each slot's row of `params` and a uniform draw per sampled row from its generator."""
+    step, with each row's `params` and a uniform draw per sampled row from its generator."""
 
     def __init__(
-        self, session: ort.InferenceSession, binding: Binding, graphs: CudaGraphs, slots: SlotSampling
+        self, session: ort.InferenceSession, binding: Binding, graphs: GraphRunner, sampling: RowSampling
     ):
-        self.session, self.binding, self.graphs, self.slots = session, binding, graphs, slots
+        self.session, self.binding, self.graphs, self.sampling = session, binding, graphs, sampling
         self._uploaded: tuple | None = None  # (outputs, rows, first, settings version) on the device
 
     def bind(self, binding: Binding, outputs, rows: int, first: int = 0) -> None:
         """The model's logits stay on the device, where the sampling graph reads them."""
         outputs.bind(binding, "logits", rows, on_device=True)
         dev, host, ptrs, device = outputs.dev, outputs.host, outputs.dev_ptrs, outputs.device
-        if self._uploaded != (outputs, rows, first, self.slots.version):
-            params = self.slots.params[first : first + rows]
+        if self._uploaded != (outputs, rows, first, self.sampling.version):
+            params = self.sampling.params[first : first + rows]
             host["params"][:rows] = 0  # padding rows of a bucket: greedy
             host["params"][: len(params)] = params
             dev["params"].update_inplace(host["params"])
-            self._uploaded = (outputs, rows, first, self.slots.version)
+            self._uploaded = (outputs, rows, first, self.sampling.version)
         s = self.binding
         s.input("logits", device, np.float32, (rows, outputs.vocab_size), ptrs["logits"])
         s.input("params", device, np.float32, (rows, 4), ptrs["params"])
@@ -121,7 +114,7 @@ class DeviceSamplingPicker:
             s.output("token", "cpu", np.int64, (rows,), outputs.host_ptrs["token"])
 
     def pick(self, outputs, n: int, first: int = 0, bucket: int | None = None) -> np.ndarray:
-        configs, rngs = self.slots.configs, self.slots.rngs
+        configs, rngs = self.sampling.configs, self.sampling.rngs
         uniform = outputs.host["uniform"]
         for i, r in enumerate(range(first, first + n)):
             uniform[i] = 0.0 if configs[r].greedy else rngs[r].random()
@@ -130,16 +123,16 @@ class DeviceSamplingPicker:
         return outputs.read("token", n)
 
 
-def choose_picker(session, slots: SlotSampling, rows: int):
-    """Who picks for the first `rows` slots: the graph's argmax when every one is plain greedy and
+def choose_picker(session, sampling: RowSampling, rows: int):
+    """Who picks for the first `rows` rows: the graph's argmax when every one is plain greedy and
     the graph has one; the sampling graph when the session has it and it picks exactly what the
     host would for every row (device_sampling.matches_host); numpy otherwise."""
-    configs = slots.configs[:rows]
+    configs = sampling.configs[:rows]
     if all(matches_host(cfg) for cfg in configs):
         if all(cfg.greedy for cfg in configs) and session.has_argmax:
             return ArgmaxPicker()
-        if session.sampling_graph is not None:
+        if session.sampling_session is not None:
             return DeviceSamplingPicker(
-                session.sampling_graph, session.sampling_binding, session.graphs, slots
+                session.sampling_session, session.sampling_binding, session.graphs, sampling
             )
-    return HostPicker(slots)
+    return HostPicker(sampling)

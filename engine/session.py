@@ -1,4 +1,5 @@
-"""`Session`: one owner for the onnxruntime session, its IO binding, a KV cache and a token picker.
+"""`Session`: one owner for the onnxruntime session, its IO binding, a KV cache, each row's
+sampling state and the token picker.
 
 The parts are chosen once, when the session opens, from the manifest and the device:
 
@@ -7,10 +8,13 @@ The parts are chosen once, when the session opens, from the manifest and the dev
   shapes, captured as CUDA graphs;
 - the sampling graph (device_sampling.py), on the GPU by default.
 
-A token picker (pickers.py) is chosen per batch, from its sampling settings. `prefill` and
-`decode` bind the step (the cache), bind the outputs the picker needs, run, and return token ids:
+Each row has its sampling settings and generator (`admit`; greedy until then). The token picker
+(pickers.py) is chosen here, again whenever a row's settings change: the graph's argmax, the
+sampling graph or numpy. `prefill` and `decode` bind the step (the cache), bind the outputs the
+picker needs, run, and return token ids:
 
-    session.start(batch, seq, picker, clock)
+    session.start(batch, seq, clock)
+    for row, prompt in enumerate(prompts): session.admit(row, prompt, sampling)
     tokens = session.prefill(prompts)
     while ...: tokens = session.decode(tokens)
 
@@ -32,11 +36,12 @@ from . import inputs
 from .binding import Binding
 from .clock import Clock
 from .contract import Manifest
-from .cuda_graphs import CudaGraphCache, CudaGraphs
+from .cuda_graphs import CudaGraphCache, GraphRunner
 from .device_sampling import build_sampling_graph
-from .kv_cache import ConcatCache, SharedCache
+from .kv_cache import ConcatCache, KVCache, SharedCache
+from .logprobs import token_logprobs
 from .model_folder import check_graph
-from .pickers import SlotSampling, choose_picker
+from .pickers import HostPicker, RowSampling, choose_picker
 from .runtime import create_session, device_of, resolve_device
 from .sampling import SamplingConfig
 
@@ -78,69 +83,86 @@ class Session:
         outputs = self.ort_session.get_outputs()
         check_graph(self.ort_session.get_inputs(), outputs, manifest, model)
         self.has_argmax = any(o.name == "next_token" for o in outputs)  # the graph's own greedy argmax
-        self.sampling_graph, self.sampling_binding, sampling_captured = None, None, False
+        self.sampling_session, self.sampling_binding, sampling_captured = None, None, False
         if self.device == "cuda" if config.device_sampling is None else config.device_sampling:
             # on the model's device, so it reads the logits where the model wrote them
             graph = build_sampling_graph(c.vocab_size).SerializeToString()
-            self.sampling_graph, sampling_captured = create_session(
+            self.sampling_session, sampling_captured = create_session(
                 graph, self.device, config.threads, fixed, strict
             )
-            self.sampling_binding = Binding(self.sampling_graph)
+            self.sampling_binding = Binding(self.sampling_session)
         cache = CudaGraphCache if fixed else SharedCache if shared else ConcatCache
-        self.cache = cache(
-            manifest, self.device, self.max_batch, self.max_seq, self.sampling_graph is not None
+        self.cache: KVCache = cache(
+            manifest, self.device, self.max_batch, self.max_seq, self.sampling_session is not None
         )
-        self.graphs = CudaGraphs()
+        self.graphs = GraphRunner()
         if fixed:
-            asked = ("decode", "sampling") if self.sampling_graph else ("decode",)
+            asked = ("decode", "sampling") if self.sampling_session else ("decode",)
             captured = {"decode": decode_captured, "sampling": sampling_captured}
-            self.graphs = CudaGraphs(self.cache.buckets, captured, asked if self.device == "cuda" else ())
+            self.graphs = GraphRunner(self.cache.buckets, captured, asked if self.device == "cuda" else ())
         self.binding = Binding(self.ort_session)
-        self.picker, self.clock = None, Clock()
+        self.sampling = RowSampling(self.max_batch, self.vocab_size)
+        self.logits_rows: set[int] = set()  # rows whose log-probabilities are read: logits to the host
+        self.picker, self._picker_stale, self.clock = None, True, Clock()
 
     @property
     def cuda_graphs(self) -> bool:
         """Whether decode steps run as captured CUDA graphs now."""
         return self.graphs.on["decode"]
 
-    def picker_for(self, sampling: SamplingConfig, rng: np.random.Generator, prompts: list[list[int]]):
-        """The picker of one batch of prompts with the same settings (one generator for all rows)."""
-        slots = SlotSampling.for_batch(prompts, sampling, rng, self.vocab_size)
-        return choose_picker(self, slots, len(prompts))
-
-    def start(self, batch: int, seq: int, picker, clock: Clock) -> None:
-        """Begin a batch of `batch` rows (slots) of up to `seq` positions each, its tokens picked
-        by `picker`."""
+    def start(self, batch: int, seq: int, clock: Clock) -> None:
+        """Begin a batch of `batch` rows (slots) of up to `seq` positions each, every row greedy
+        until `admit` says otherwise; the runs are timed on `clock`."""
         self.cache.start(batch, seq)
-        self.use(picker)
-        self.clock = clock
+        self.sampling = RowSampling(self.max_batch, self.vocab_size)
+        self.logits_rows.clear()
+        self._picker_stale, self.clock = True, clock
 
-    def use(self, picker) -> None:
-        """Pick with `picker` from the next step on (another kind binds other outputs)."""
-        if type(picker) is not type(self.picker):
-            self.binding.clear_outputs()
-        self.picker = picker
+    def admit(self, row: int, prompt: list[int], sampling: SamplingConfig, rng: np.random.Generator | None = None,
+              logits: bool = False) -> None:  # fmt: skip
+        """A row's sampling settings and random generator (default: seeded with sampling.seed),
+        from its next pick on; `prompt` starts the history that penalties read. logits=True: the
+        row's log-probabilities are read (`token_logprobs`), so its logits come to the host."""
+        rng = np.random.default_rng(sampling.seed) if rng is None else rng
+        self.sampling.admit(row, prompt, sampling, rng)
+        (self.logits_rows.add if logits else self.logits_rows.discard)(row)
+        self._picker_stale = True
+
+    def _pick_with(self):
+        """The picker for every row's settings now (pickers.choose_picker), chosen again after
+        rows came or went; another kind binds other outputs."""
+        if self._picker_stale:
+            if self.logits_rows:
+                picker = HostPicker(self.sampling)
+            else:
+                picker = choose_picker(self, self.sampling, self.max_batch)  # free rows: greedy
+            if type(picker) is not type(self.picker):
+                self.binding.clear_outputs()
+            self.picker, self._picker_stale = picker, False
+        return self.picker
 
     def prefill(self, prompts: list[list[int]], first: int = 0) -> np.ndarray:
         """New prompts into rows first, first + 1, ... -> each row's first new token (len(prompts),).
         The concat cache takes its whole batch at once (first 0); the shared cache takes prompts
         into free slots of a running batch too, whose other rows keep their state."""
+        picker = self._pick_with()  # first: a new kind of picker clears the bound outputs
         self.cache.bind_prefill(self.binding, prompts, first)
-        self.picker.bind(self.binding, self.cache.outputs, len(prompts), first=first)
+        picker.bind(self.binding, self.cache.outputs, len(prompts), first=first)
         t0 = time.perf_counter()
         self.graphs.run("decode", self.ort_session, self.binding, None)
-        ids = self.picker.pick(self.cache.outputs, len(prompts), first=first)
+        ids = picker.pick(self.cache.outputs, len(prompts), first=first)
         self.clock.ran(time.perf_counter() - t0)
         return ids
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """One new token for each of the first len(tokens) rows -> the next one for each. Rows past
         them must be free (the shared cache: a running batch shrinks to its last slot in use)."""
+        picker = self._pick_with()
         bucket = self.cache.bind_decode(self.binding, tokens)
-        self.picker.bind(self.binding, self.cache.outputs, self.cache.rows)
+        picker.bind(self.binding, self.cache.outputs, self.cache.rows)
         t0 = time.perf_counter()
         self.graphs.run("decode", self.ort_session, self.binding, bucket)
-        ids = self.picker.pick(self.cache.outputs, len(tokens), bucket=bucket)
+        ids = picker.pick(self.cache.outputs, len(tokens), bucket=bucket)
         self.clock.ran(time.perf_counter() - t0)
         return ids
 
@@ -148,24 +170,43 @@ class Session:
         """Prompt tokens into one row (slot) of the running batch -> the token after them. The other
         rows keep their cache; the next `decode` continues them all. `past`: tokens of this prompt
         already in the slot (a long prompt goes in chunks: 0, then the length so far); pick=False
-        for a chunk before the last (no token, no draw; the row stays out of decode steps). The slot's sampling settings are admitted
-        first (pickers.SlotSampling). Shared cache only."""
-        self.picker.bind(self.binding, self.cache.outputs, 1, first=slot)
+        for a chunk before the last (no token, no draw; the row stays out of decode steps). The
+        slot's sampling settings are admitted first (`admit`). Shared cache only."""
+        picker = self._pick_with()
+        picker.bind(self.binding, self.cache.outputs, 1, first=slot)
         self.cache.bind_prefill_slot(self.binding, slot, tokens, past, decoding=pick)
         t0 = time.perf_counter()
         self.graphs.run("decode", self.ort_session, self.binding, None)
-        token = int(self.picker.pick(self.cache.outputs, 1, first=slot)[0]) if pick else None
+        token = int(picker.pick(self.cache.outputs, 1, first=slot)[0]) if pick else None
         self.clock.ran(time.perf_counter() - t0)
         return token
 
     def last_logits(self, rows: int) -> np.ndarray:
         """The last step's logits (rows, vocab) for its first `rows` rows, when its picker had them
-        come back (HostPicker): for checks against a reference."""
+        come back (rows admitted with logits=True, or any row picked on the host)."""
         return self.cache.outputs.read("logits", rows)[:, 0]
 
+    def token_logprobs(self, row: int, token: int, top: int) -> tuple[float, dict[int, float]]:
+        """The log-probability of `token` at row `row` of the last run, and the `top` most likely
+        tokens' (the row was admitted with logits=True)."""
+        logits = self.last_logits(row + 1)[row : row + 1]
+        (logprob,), (tops,) = token_logprobs(logits, [token], top)
+        return float(logprob), tops
+
+    def prompt_logprobs(self, ids: list[int], top: int) -> tuple[list[float], list[dict[int, float]]]:
+        """Each token's log-probability after the ones before it (from the second token on) and the
+        `top` most likely tokens' there: one pass over the prompt outside the cache."""
+        logits = self.full_logits(np.array([ids], np.int64))[0]
+        scored, tops = token_logprobs(logits[:-1], ids[1:], top)  # position i predicts token i + 1
+        return scored.tolist(), tops
+
     def free(self, slot: int) -> None:
-        """Give a row up (its request ended); `prefill_slot` reuses it. Shared cache only."""
+        """Give a row up (its request ended): it picks greedily from now on and, with slots (the
+        shared cache), `prefill_slot` reuses it."""
         self.cache.free(slot)
+        self.sampling.free(slot)
+        self.logits_rows.discard(slot)
+        self._picker_stale = True
 
     def full_logits(self, ids: np.ndarray, first_position: int = 0) -> np.ndarray:
         """Logits at every position of ids (batch, seq), no cache kept: for scoring.

@@ -30,7 +30,6 @@ import torch
 from gpt2onnx.engine.clock import Clock
 from gpt2onnx.engine.contract import GPT2Config, UserError, past_names
 from gpt2onnx.engine.kv_cache import KV_DTYPES, left_pad
-from gpt2onnx.engine.pickers import HostPicker, SlotSampling
 from gpt2onnx.engine.sampling import SamplingConfig
 
 from .model import GPT2
@@ -211,9 +210,9 @@ def check_shared_export(session, cases: list[Case], dtype: str, tol=None) -> Che
         B, steps = len(case.prompts), case.new.shape[1]
         log.info("checking the shared cache against PyTorch: prompts %s, %d decode steps",
                  [len(p) for p in case.prompts], steps)  # fmt: skip
-        vocab, rng = case.want[0].shape[-1], np.random.default_rng(0)
-        picker = HostPicker(SlotSampling.for_batch(case.prompts, SamplingConfig(), rng, vocab))
-        session.start(B, max(map(len, case.prompts)) + steps, picker, Clock())
+        session.start(B, max(map(len, case.prompts)) + steps, Clock())
+        for row, prompt in enumerate(case.prompts):  # logits=True: they come to the host, for the check
+            session.admit(row, prompt, SamplingConfig(), logits=True)
         session.prefill(case.prompts)
         got = [session.last_logits(B).copy()]
         for i in range(steps):

@@ -6,7 +6,8 @@
 
 Packages, each importing only those below it: `gpt2onnx.engine` (the model folder contract, the
 session, sampling, tokenization, the decode loop, `Engine`), `gpt2onnx.export` (checkpoint ->
-model folder), `gpt2onnx.benchmarks`, and at the top the `gpt2-onnx` command (gpt2onnx/cli.py).
+model folder), `gpt2onnx.serve` (the OpenAI-compatible server), `gpt2onnx.benchmarks`, and at the
+top the `gpt2-onnx` commands (gpt2onnx/cli.py).
 
 The names below are imported on first use (PEP 562): every `gpt2onnx.*` import runs this file
 first, the command's included, and the command must take Ctrl-C over before numpy and
@@ -20,7 +21,14 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gpt2onnx.engine.contract import InputError, ModelFolderError, UserError
-    from gpt2onnx.engine.engine import Completion, Engine, EngineBusyError, Generation, Score
+    from gpt2onnx.engine.engine import Completion, Engine, Generation, Score
+    from gpt2onnx.engine.requests import (
+        EngineClosedError,
+        Piece,
+        QueueFullError,
+        RequestFailedError,
+        RequestHandle,
+    )
     from gpt2onnx.engine.runtime import ProviderError
     from gpt2onnx.engine.sampling import SamplingConfig
     from gpt2onnx.engine.session import SessionConfig
@@ -28,13 +36,16 @@ if TYPE_CHECKING:
 # public name -> its module in gpt2onnx.engine
 _HOME = {
     "InputError": "contract", "ModelFolderError": "contract", "UserError": "contract",
-    "Completion": "engine", "Engine": "engine", "EngineBusyError": "engine", "Generation": "engine",
-    "Score": "engine", "ProviderError": "runtime", "SamplingConfig": "sampling", "SessionConfig": "session",
+    "Completion": "engine", "Engine": "engine", "Generation": "engine", "Score": "engine",
+    "EngineClosedError": "requests", "Piece": "requests", "QueueFullError": "requests",
+    "RequestFailedError": "requests", "RequestHandle": "requests",
+    "ProviderError": "runtime", "SamplingConfig": "sampling", "SessionConfig": "session",
 }  # fmt: skip
 
 __all__ = [
-    "Completion", "Engine", "EngineBusyError", "Generation", "InputError", "ModelFolderError",
-    "ProviderError", "SamplingConfig", "Score", "SessionConfig", "UserError",
+    "Completion", "Engine", "EngineClosedError", "Generation", "InputError", "ModelFolderError", "Piece",
+    "ProviderError", "QueueFullError", "RequestFailedError", "RequestHandle", "SamplingConfig", "Score",
+    "SessionConfig", "UserError",
 ]  # fmt: skip
 
 

@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
             "model": source.checkpoint,
             "model_folder": str(engine.folder),
             "random_init": source.random_init,
-            "provider": engine.provider,
+            "provider": engine.device,
             "completions": [dataclasses.asdict(c) for c in result.completions],
             "timing": result.timing.as_dict(),
         }

@@ -44,7 +44,7 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from gpt2onnx.engine.contract import InputError
-from gpt2onnx.engine.scheduler import EngineClosedError, QueueFullError
+from gpt2onnx.engine.requests import EngineClosedError, QueueFullError
 from gpt2onnx.serve import openai_api as api
 from gpt2onnx.serve.metrics import Metrics
 

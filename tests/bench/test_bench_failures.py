@@ -15,7 +15,7 @@ import pytest
 from gpt2onnx.benchmarks import bench, machine
 from gpt2onnx.benchmarks.ort_runners import EngineRunner
 from gpt2onnx.cli import main
-from gpt2onnx.engine.cuda_graphs import CudaGraphs
+from gpt2onnx.engine.cuda_graphs import GraphRunner
 
 PROTOBUF_LIMIT = 2**31  # bytes: protobuf cannot serialize a message this large
 CUDA_ERROR = "CUDA failure 700: an illegal memory access was encountered"
@@ -159,7 +159,7 @@ def test_a_worker_killed_by_a_signal_says_so_with_its_last_line(tmp_path, monkey
 
 
 def test_engine_runner_reports_whether_cuda_graphs_really_ran():
-    graphs = CudaGraphs((1, 2), {"decode": True, "sampling": True})
+    graphs = GraphRunner((1, 2), {"decode": True, "sampling": True})
     runner = EngineRunner(SimpleNamespace(session=SimpleNamespace(graphs=graphs)))
     assert runner.graph_state() == {"cuda_graphs": True, "cuda_graphs_fallback": None}
     graphs.turn_off("decode", "capture failed at the first replay")

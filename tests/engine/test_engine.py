@@ -14,7 +14,7 @@ from gpt2onnx.engine.clock import Clock
 from gpt2onnx.engine.contract import ModelFolderError
 from gpt2onnx.engine.cuda_graphs import CudaGraphCache
 from gpt2onnx.engine.engine import Engine
-from gpt2onnx.engine.pickers import ArgmaxPicker, DeviceSamplingPicker, HostPicker, SlotSampling
+from gpt2onnx.engine.pickers import ArgmaxPicker, DeviceSamplingPicker, HostPicker
 from gpt2onnx.engine.runtime import ProviderError, cuda_device_count
 from gpt2onnx.engine.sampling import SamplingConfig
 
@@ -143,12 +143,9 @@ def test_kv_cache_lives_in_the_preallocated_buffers(engine):
     session, pointers = engine.session, engine.session.kv_pointers
     c = engine.manifest.config
     prompts = [[1, 2], [4]]
-    session.start(
-        2,
-        8,
-        HostPicker(SlotSampling.for_batch(prompts, SamplingConfig(), np.random.default_rng(0), c.vocab_size)),
-        Clock(),
-    )
+    session.start(2, 8, Clock())
+    for row, prompt in enumerate(prompts):
+        session.admit(row, prompt, SamplingConfig(), logits=True)
     session.prefill(prompts)
     session.binding.io = counting = CountingBinding(session.binding.io)
     for step in range(4):
@@ -323,7 +320,7 @@ def test_explicit_cuda_without_a_gpu_is_a_clear_error(tiny_fp32):
 
 def test_auto_provider_is_quiet_on_a_cpu_machine(tiny_fp32, capfd):
     engine = Engine.load(tiny_fp32, provider="auto")
-    assert engine.provider == ("cuda" if cuda_device_count() else "cpu")
+    assert engine.device == ("cuda" if cuda_device_count() else "cpu")
     assert "CUDAExecutionProvider" not in capfd.readouterr().err
 
 

@@ -18,7 +18,6 @@ from conftest import export_folder, hf_cache_arrays, make_hf_model, make_varied_
 from gpt2onnx.engine.clock import Clock
 from gpt2onnx.engine.device_sampling import build_sampling_graph, row_params
 from gpt2onnx.engine.engine import Engine
-from gpt2onnx.engine.pickers import HostPicker, SlotSampling
 from gpt2onnx.engine.runtime import cuda_device_count
 from gpt2onnx.engine.sampling import SamplingConfig, next_tokens
 from gpt2onnx.export.verify import TOLERANCES, top1_agreement
@@ -42,7 +41,7 @@ PROMPTS = [
 
 def on_cuda(engine: Engine) -> Engine:
     assert (
-        engine.provider == "cuda" and engine.session.ort_session.get_providers()[0] == "CUDAExecutionProvider"
+        engine.device == "cuda" and engine.session.ort_session.get_providers()[0] == "CUDAExecutionProvider"
     )
     return engine
 
@@ -144,9 +143,9 @@ def test_each_row_of_the_shared_cache_holds_its_own_keys_and_values(varied_hf, v
     engine = on_cuda(Engine.load(varied_folders["shared"], provider="cuda", max_batch=4, cuda_graphs=graphs))
     session = engine.session
     prompts = [engine.to_tokens(p) for p in PROMPTS]
-    picker = HostPicker(SlotSampling.for_batch(prompts, SamplingConfig(), np.random.default_rng(0),
-                                               engine.vocab_size))  # fmt: skip
-    session.start(len(prompts), 64, picker, Clock())
+    session.start(len(prompts), 64, Clock())
+    for row, prompt in enumerate(prompts):  # logits=True: the logits come to the host, for the checks
+        session.admit(row, prompt, SamplingConfig(), logits=True)
     rows = [list(p) for p in prompts]
     tokens = session.prefill(prompts)
     for _ in range(5):
@@ -157,7 +156,7 @@ def test_each_row_of_the_shared_cache_holds_its_own_keys_and_values(varied_hf, v
     for r, row in enumerate(rows):
         with torch.no_grad():
             want = hf_cache_arrays(varied_hf(torch.tensor([row]), use_cache=True).past_key_values)
-        assert session.cache.slots.lengths[r] == len(row)
+        assert session.cache.row_lengths.lengths[r] == len(row)
         for i, w in enumerate(want):  # (1, H, len(row), D)
             g = got[i][r, :, : len(row)].astype(np.float32)
             err = np.abs(g - w[0]).max()

@@ -15,12 +15,12 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 from gpt2onnx.engine import cuda_libs
 from gpt2onnx.engine import runtime as runtime_module
 from gpt2onnx.engine import session as session_module
-from gpt2onnx.engine.cuda_graphs import CudaGraphs
+from gpt2onnx.engine.cuda_graphs import GraphRunner
 from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.kv_cache import SharedCache
 from gpt2onnx.engine.pickers import DeviceSamplingPicker
+from gpt2onnx.engine.requests import RequestFailedError
 from gpt2onnx.engine.runtime import ProviderError
-from gpt2onnx.engine.scheduler import RequestFailedError
 
 PROMPTS = [
     "Hello",
@@ -172,7 +172,7 @@ def test_auto_with_a_missing_library_runs_on_the_cpu(tiny_fp32, tmp_path, monkey
     monkeypatch.setattr(runtime_module.ort, "InferenceSession", recording)
     with caplog.at_level(logging.WARNING, logger="gpt2onnx"):
         engine = Engine.load(tiny_fp32, provider="auto")
-    assert engine.provider == "cpu" and created and all(p == ["CPUExecutionProvider"] for p in created)
+    assert engine.device == "cpu" and created and all(p == ["CPUExecutionProvider"] for p in created)
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "libcublasLt.so.13" in warning and "running on the CPU" in warning and "\n" not in warning
     assert len(engine.generate("Hello", max_new_tokens=3).completions[0].token_ids) == 3
@@ -182,7 +182,7 @@ def test_auto_with_a_missing_library_runs_on_the_cpu(tiny_fp32, tmp_path, monkey
 def test_nothing_is_loaded_on_the_cpu_path(tiny_fp32, tmp_path, monkeypatch, loader, provider, gpus):
     only_on_path(monkeypatch, nvidia_site(tmp_path, {"cu13": CU13, "cudnn": ["libcudnn.so.9"]}))
     monkeypatch.setattr(runtime_module, "cuda_device_count", lambda: gpus)
-    assert Engine.load(tiny_fp32, provider=provider).provider == "cpu"
+    assert Engine.load(tiny_fp32, provider=provider).device == "cpu"
     assert loader.calls == []
 
 
@@ -211,9 +211,7 @@ def test_auto_runs_a_non_fp16_shared_cache_on_the_cpu(tiny_shared, monkeypatch, 
     monkeypatch.setattr(session_module, "create_session", recording)
     with caplog.at_level(logging.WARNING, logger="gpt2onnx"):
         engine = Engine.load(tiny_shared, provider="auto")
-    assert (
-        engine.provider == "cpu" and providers == ["cpu"] and loader.calls == []
-    )  # no CUDA session attempted
+    assert engine.device == "cpu" and providers == ["cpu"] and loader.calls == []  # no CUDA session attempted
     assert type(engine.session.cache) is SharedCache  # no fixed decode shapes without capture
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "fp32" in warning and "--dtype fp16 --kv-cache shared" in warning and "\n" not in warning
@@ -342,7 +340,7 @@ def test_a_failed_first_capture_of_the_sampling_graph_falls_back_too(tiny_shared
     want = Engine.load(tiny_shared, provider="cpu", max_batch=4, cuda_graphs=True, device_sampling=True)
     engine = graphs_on(tiny_shared, device_sampling=True)
     session = engine.session
-    session.sampling_graph = FailingCapture(session.sampling_graph, ran=True)
+    session.sampling_session = FailingCapture(session.sampling_session, ran=True)
     with caplog.at_level(logging.WARNING, logger="gpt2onnx"):
         got = engine.generate(PROMPTS, **settings)
     assert isinstance(session.picker, DeviceSamplingPicker)
@@ -360,8 +358,8 @@ def test_sessions_that_never_failed_say_so(tiny_shared, tiny_fp32):
 
 
 def test_a_capture_refused_at_session_creation_is_recorded():
-    graphs = CudaGraphs((1, 2), {"decode": True, "sampling": False}, asked=("decode", "sampling"))
+    graphs = GraphRunner((1, 2), {"decode": True, "sampling": False}, asked=("decode", "sampling"))
     assert graphs.fallback == "onnxruntime refused to capture the sampling graph at session creation"
     assert graphs.on == {"decode": True, "sampling": False}
-    assert CudaGraphs((1, 2), {"decode": True}, asked=("decode",)).fallback is None
-    assert CudaGraphs((1, 2), {}, asked=()).fallback is None  # the CPU: nothing asked, nothing refused
+    assert GraphRunner((1, 2), {"decode": True}, asked=("decode",)).fallback is None
+    assert GraphRunner((1, 2), {}, asked=()).fallback is None  # the CPU: nothing asked, nothing refused

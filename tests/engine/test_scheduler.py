@@ -12,7 +12,7 @@ import pytest
 
 from gpt2onnx.engine.contract import InputError
 from gpt2onnx.engine.engine import Engine
-from gpt2onnx.engine.scheduler import EngineClosedError, QueueFullError
+from gpt2onnx.engine.requests import EngineClosedError, QueueFullError
 
 PROMPTS = [
     "Hello",
@@ -205,7 +205,7 @@ def test_a_long_prompt_goes_in_chunks_between_decode_steps(tiny_shared):
 
 def test_generate_joins_the_running_batch(tiny_shared):
     """generate() while submitted requests run takes free slots in their batch (no waiting for
-    them, no EngineBusyError) and gets the tokens it gets alone."""
+    them) and gets the tokens it gets alone."""
     engine = Engine.load(tiny_shared, provider="cpu", max_batch=3)
     want = alone(engine, PROMPTS[0], 5)
     engine.scheduler.on_step = lambda: time.sleep(0.002)  # long enough to be caught running

@@ -8,7 +8,7 @@ import pytest
 
 from gpt2onnx.engine.clock import Clock
 from gpt2onnx.engine.engine import Engine
-from gpt2onnx.engine.pickers import ArgmaxPicker, HostPicker, SlotSampling
+from gpt2onnx.engine.pickers import ArgmaxPicker
 from gpt2onnx.engine.sampling import SamplingConfig
 
 TEXTS = ["Hello there", "The quick brown fox jumps over the lazy", "a"]
@@ -21,10 +21,9 @@ def engine(request, tiny_shared):
 
 
 def start(engine: Engine, prompts: list[list[int]], seq: int = 64) -> None:
-    picker = HostPicker(
-        SlotSampling.for_batch(prompts, SamplingConfig(), np.random.default_rng(0), engine.vocab_size)
-    )
-    engine.session.start(len(prompts), seq, picker, Clock())
+    engine.session.start(len(prompts), seq, Clock())
+    for row, prompt in enumerate(prompts):  # logits=True: the logits come to the host, for the checks
+        engine.session.admit(row, prompt, SamplingConfig(), logits=True)
 
 
 def recomputed(engine: Engine, ids: list[int]) -> np.ndarray:
@@ -61,7 +60,7 @@ def test_a_prompt_prefilled_into_a_slot_joins_a_running_batch(engine):
             seqs[r].append(int(tokens[r]))
         tokens = session.decode(tokens)
         check_rows(engine, seqs, 3, f"decode step {step} with slot 1 free")
-    assert session.cache.slots.lengths[1] == 0, "a free slot grew"
+    assert session.cache.row_lengths.lengths[1] == 0, "a free slot grew"
 
     new = engine.to_tokens(NEW)
     first = session.prefill_slot(1, new)
@@ -106,18 +105,22 @@ def test_slots_work_with_the_graphs_own_argmax(engine):
     """A greedy picker that reads only the ids (no logits come back) fills a slot too."""
     session = engine.session
     prompts = [engine.to_tokens(t) for t in TEXTS]
-    session.start(3, 64, ArgmaxPicker(), Clock())
+    session.start(3, 64, Clock())  # every row greedy: the graph's argmax picks
     tokens = session.prefill(prompts)
+    assert isinstance(session.picker, ArgmaxPicker)
     tokens = session.decode(tokens)
     new = engine.to_tokens(NEW)
     assert session.prefill_slot(0, new) == int(np.argmax(recomputed(engine, new)))
 
 
-def test_slots_need_the_shared_cache(tiny_fp32):
+def test_slots_need_the_shared_cache_and_a_static_batch_keeps_its_rows(tiny_fp32):
+    """The concat cache has no slots: a prompt cannot join its batch, and a freed row stays in
+    it (decoding a dummy token) until the batch ends, the other rows unchanged."""
     engine = Engine.load(tiny_fp32, provider="cpu")
-    start(engine, [[1, 2, 3]])
-    engine.session.prefill([[1, 2, 3]])
+    start(engine, [[1, 2, 3], [4, 5]])
+    first = engine.session.prefill([[1, 2, 3], [4, 5]])
     with pytest.raises(ValueError, match="--kv-cache shared"):
         engine.session.prefill_slot(0, [4, 5])
-    with pytest.raises(ValueError, match="--kv-cache shared"):
-        engine.session.free(0)
+    engine.session.free(1)
+    (token,) = engine.session.decode(first[:1])  # row 1 ended: the step still runs both rows
+    assert token == int(np.argmax(recomputed(engine, [1, 2, 3, int(first[0])])))
