@@ -65,7 +65,12 @@ class UsageError(UserError):
 
 
 class InputError(UserError, ValueError):
-    """A bad argument to a public method of the engine; the message names the argument."""
+    """A bad argument to a public method of the engine; the message names the argument, and
+    `param` is its name (None where no one argument is at fault)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ModelFolderError(UserError, ValueError):

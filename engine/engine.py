@@ -254,8 +254,9 @@ class Engine:
         if n >= self.n_positions:
             raise InputError(
                 f"max_new_tokens {n} leaves no room for a prompt in the {self.n_positions}-token context; "
-                "ask for fewer"
-            )  # fmt: skip
+                "ask for fewer",
+                param="max_new_tokens",
+            )
         flags = dict(prepend_bos=prepend_bos, truncate=truncate, ignore_eos=ignore_eos)
         flags = {name: inputs.check(name, value) for name, value in flags.items()}
         return CallOptions(n, inputs.stop_strings(stop), **flags, sampling=cfg)
@@ -269,11 +270,12 @@ class Engine:
         if not ids:
             raise InputError(
                 "the prompt is empty; pass some text, or keep the BOS token (prepend_bos=True, no --no-bos) "
-                "to generate from nothing"
-            )  # fmt: skip
+                "to generate from nothing",
+                param="prompt",
+            )
         if len(ids) > room:
             if not left:
-                raise InputError(self._too_long(str(len(ids)), options.max_new_tokens))
+                raise InputError(self._too_long(str(len(ids)), options.max_new_tokens), param="prompt")
             ids = ids[len(ids) - room :]
         return ids
 
@@ -288,12 +290,13 @@ class Engine:
                 raise InputError(
                     f"the prompt ({len(text)} characters) has no space or newline after other text in its "
                     f"last {MAX_WHOLE_PROMPT_CHARS} characters, so truncate='left' would have to tokenize all of "
-                    "it; pass a shorter tail of it"
-                )  # fmt: skip
+                    "it; pass a shorter tail of it",
+                    param="prompt",
+                )
             return bos + tail
         at_least = self.tokenizer.min_tokens(text) + len(bos)
         if at_least > room:
-            raise InputError(self._too_long(f"at least {at_least}", options.max_new_tokens))
+            raise InputError(self._too_long(f"at least {at_least}", options.max_new_tokens), param="prompt")
         return self.tokenizer.to_tokens(text, options.prepend_bos)
 
     def _too_long(self, tokens: str, max_new_tokens: int) -> str:
@@ -312,12 +315,14 @@ class Engine:
         batch, seq = len(rows), len(rows[0])
         if seq > self.n_positions:
             raise InputError(
-                f"tokens has {seq} ids a row, past the {self.n_positions}-token context; pass fewer"
+                f"tokens has {seq} ids a row, past the {self.n_positions}-token context; pass fewer",
+                param="tokens",
             )
         if batch * seq * self.vocab_size > MAX_LOGITS:
             gib = batch * seq * self.vocab_size * 4 / 2**30
             raise InputError(
-                f"tokens of {batch} x {seq} ids would return {gib:.1f} GiB of logits; pass fewer rows"
+                f"tokens of {batch} x {seq} ids would return {gib:.1f} GiB of logits; pass fewer rows",
+                param="tokens",
             )
         with self._lock:  # between the scheduler's bursts: the session is one
             return self.session.full_logits(np.array(rows, dtype=np.int64))
@@ -339,7 +344,9 @@ class Engine:
         )
         ids = self.tokenizer.to_tokens(text, prepend_bos)
         if len(ids) < 2:
-            raise InputError("scoring needs at least two tokens; pass a longer text (or keep the BOS)")
+            raise InputError(
+                "scoring needs at least two tokens; pass a longer text (or keep the BOS)", param="text"
+            )
         logprobs, scored, begin = np.full(len(ids) - 1, np.nan), 0, 0  # scored: tokens [0, scored) are done
         while scored < len(ids):
             end = min(begin + window, len(ids))

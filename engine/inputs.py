@@ -69,7 +69,7 @@ class Count:
         if value is None and self.optional:
             return None
         if not is_int(value) or not self.low <= value <= self.high:
-            raise InputError(f"{label} must be {self.want}, got {shown(value)}")
+            raise InputError(f"{label} must be {self.want}, got {shown(value)}", param=param_of(label))
         return int(value)
 
 
@@ -91,7 +91,7 @@ class Real:
         x = _finite(value)
         low_ok = x is not None and (x > self.low or x == self.low and not self.low_open)
         if not low_ok or x > self.high or 0 < x < self.floor:
-            raise InputError(f"{label} must be {self.want}, got {shown(value)}")
+            raise InputError(f"{label} must be {self.want}, got {shown(value)}", param=param_of(label))
         return x
 
 
@@ -117,7 +117,7 @@ class Flag:
             return None
         if not isinstance(value, (bool, np.bool_)):
             either = "True, False or None" if self.optional else "True or False"
-            raise InputError(f"{label} must be {either}, got {shown(value)}")
+            raise InputError(f"{label} must be {either}, got {shown(value)}", param=param_of(label))
         return bool(value)
 
 
@@ -130,9 +130,9 @@ class Choice:
     def __call__(self, label: str, value):
         if not (value is None or isinstance(value, str)) or value not in self.choices:
             raise InputError(
-                f"{label} must be one of {', '.join(map(repr, self.choices))}, "
-                f"got {shown(value)}"
-            )  # fmt: skip
+                f"{label} must be one of {', '.join(map(repr, self.choices))}, got {shown(value)}",
+                param=param_of(label),
+            )
         return value
 
 
@@ -174,7 +174,16 @@ RULES: dict[str, Callable] = {
 def check(name: str, value, label: str | None = None):
     """`value` of the argument `name`, checked by its rule and returned as a plain Python value.
     label: what messages call it (a CLI flag such as --top-p); the name by default."""
-    return RULES[name](label or name, value)
+    try:
+        return RULES[name](label or name, value)
+    except InputError as e:
+        e.param = name
+        raise
+
+
+def param_of(label: str) -> str:
+    """The parameter a message's label names: "prompts[3]" is one of `prompts`."""
+    return label.split("[", 1)[0]
 
 
 def known_keywords(method: str, given: Mapping, allowed: tuple[str, ...]) -> None:
@@ -183,26 +192,30 @@ def known_keywords(method: str, given: Mapping, allowed: tuple[str, ...]) -> Non
     if unknown:
         raise InputError(
             f"{method}() got an unknown keyword {unknown[0]!r}; "
-            f"its sampling keywords are {', '.join(allowed)}"
-        )  # fmt: skip
+            f"its sampling keywords are {', '.join(allowed)}",
+            param=str(unknown[0]),
+        )
 
 
 def text(label: str, value) -> str:
     if not isinstance(value, str):
-        raise InputError(f"{label} must be a str, got {shown(value)}")
+        raise InputError(f"{label} must be a str, got {shown(value)}", param=param_of(label))
     return value
 
 
 def folder_path(value) -> Path:
     """Engine.load's path: a str or os.PathLike naming a folder."""
     if not isinstance(value, (str, os.PathLike)):
-        raise InputError(f"path must be a str or pathlib.Path naming a model folder, got {shown(value)}")
+        raise InputError(
+            f"path must be a str or pathlib.Path naming a model folder, got {shown(value)}", param="path"
+        )
     path = os.fspath(value)
     if not isinstance(path, str) or not path or "\x00" in path or len(path) > MAX_PATH_CHARS:
         raise InputError(
             f"path must name a model folder (at most {MAX_PATH_CHARS} characters, no NUL), "
-            f"got {shown(value)}"
-        )  # fmt: skip
+            f"got {shown(value)}",
+            param="path",
+        )
     return Path(path)
 
 
@@ -214,32 +227,43 @@ def token_ids(label: str, value, vocab: int) -> list[int]:
     if isinstance(value, np.ndarray):
         if value.ndim != 1 or value.dtype.kind not in "iuO":
             raise InputError(
-                f"{label} must be a 1-D array of integer token ids, "
-                f"got a {value.ndim}-D {value.dtype} array"
-            )  # fmt: skip
+                f"{label} must be a 1-D array of integer token ids, got a {value.ndim}-D {value.dtype} array",
+                param=param_of(label),
+            )
         _check_length(label, len(value))
         ids = value.tolist()  # Python ints (or the objects of an object array, checked below)
     elif isinstance(value, ID_SEQUENCES):
         _check_length(label, len(value))
         ids = list(value)
     else:
-        raise InputError(f"{label} must be a list of token ids (ints in [0, {vocab})), got {shown(value)}")
+        raise InputError(
+            f"{label} must be a list of token ids (ints in [0, {vocab})), got {shown(value)}",
+            param=param_of(label),
+        )
     kinds = set(map(type, ids))  # the element types, found at C speed
     if kinds - {int}:
         bad = {t for t in kinds if t is not int and not issubclass(t, np.integer)}
         if bad:
             at = next(i for i, v in enumerate(ids) if type(v) in bad)
-            raise InputError(f"{label}[{at}] is {shown(ids[at])}; token ids must be ints in [0, {vocab})")
+            raise InputError(
+                f"{label}[{at}] is {shown(ids[at])}; token ids must be ints in [0, {vocab})",
+                param=param_of(label),
+            )
         ids = [int(v) for v in ids]
     if ids and (min(ids) < 0 or max(ids) >= vocab):
         at = next(i for i, v in enumerate(ids) if not 0 <= v < vocab)
-        raise InputError(f"{label}[{at}] = {abbreviated(ids[at])} is outside the vocabulary [0, {vocab})")
+        raise InputError(
+            f"{label}[{at}] = {abbreviated(ids[at])} is outside the vocabulary [0, {vocab})",
+            param=param_of(label),
+        )
     return ids
 
 
 def _check_length(label: str, n: int) -> None:
     if n > MAX_IDS:
-        raise InputError(f"{label} has {n} token ids, more than {MAX_IDS}; pass it in parts")
+        raise InputError(
+            f"{label} has {n} token ids, more than {MAX_IDS}; pass it in parts", param=param_of(label)
+        )
 
 
 def token_rows(label: str, value, vocab: int, max_rows: int) -> list[list[int]]:
@@ -249,17 +273,20 @@ def token_rows(label: str, value, vocab: int, max_rows: int) -> list[list[int]]:
     if nested or isinstance(value, np.ndarray) and value.ndim == 2:
         if len(value) > max_rows:
             raise InputError(
-                f"{label} has {len(value)} rows, more than max_batch {max_rows}; "
-                "pass fewer at a time"
-            )  # fmt: skip
+                f"{label} has {len(value)} rows, more than max_batch {max_rows}; pass fewer at a time",
+                param=param_of(label),
+            )
         rows = [token_ids(f"{label}[{i}]", row, vocab) for i, row in enumerate(value)]
     else:
         rows = [token_ids(label, value, vocab)]
     lengths = sorted({len(r) for r in rows})
     if len(lengths) > 1:
-        raise InputError(f"{label} rows have different lengths {lengths[:5]}; pass rows of equal length")
+        raise InputError(
+            f"{label} rows have different lengths {lengths[:5]}; pass rows of equal length",
+            param=param_of(label),
+        )
     if not rows[0]:
-        raise InputError(f"{label} is empty; pass at least one token id")
+        raise InputError(f"{label} is empty; pass at least one token id", param=param_of(label))
     return rows
 
 
@@ -268,50 +295,49 @@ def prompt(label: str, value, vocab: int) -> str | list[int]:
     if isinstance(value, str):
         return value
     if isinstance(value, (bytes, bytearray)):
-        raise InputError(f"{label} is bytes; decode it to str first (bytes would be taken as token ids)")
+        raise InputError(
+            f"{label} is bytes; decode it to str first (bytes would be taken as token ids)",
+            param=param_of(label),
+        )
     return token_ids(label, value, vocab)
 
 
-def prompts(value, vocab: int) -> list[str | list[int]]:
-    """generate's prompts as a list: one str, one sequence of ids, or a list of prompts that are
-    all str or all sequences of ids (never a mix: ["a", [5]] is refused, not guessed at)."""
+def prompts(value, vocab: int, label: str = "prompts", most: int = MAX_PROMPTS) -> list[str | list[int]]:
+    """A call's prompts as a list: one str, one sequence of ids, or a list of at most `most`
+    prompts that are all str or all sequences of ids (never a mix: ["a", [5]] is refused, not
+    guessed at). The server's `prompt` takes the same forms (OpenAI's four)."""
+    forms = "a str, a list of token ids, or a list of prompts (all str, or all lists of token ids)"
     if isinstance(value, str):
         return [value]
     if not isinstance(value, (list, tuple, np.ndarray)):
-        raise InputError(
-            "prompts must be a str, a list of token ids, or a list of prompts (all str, or all lists of "
-            f"token ids), got {shown(value)}"
-        )  # fmt: skip
+        raise InputError(f"{label} must be {forms}, got {shown(value)}", param=label)
     if isinstance(value, np.ndarray) and value.ndim not in (1, 2):
         raise InputError(
-            "prompts must be a 1-D array of token ids or a 2-D array of rows of them, "
-            f"got {value.ndim}-D"
-        )  # fmt: skip
+            f"{label} must be a 1-D array of token ids or a 2-D array of rows of them, got {value.ndim}-D",
+            param=label,
+        )
     if len(value) == 0:
-        raise InputError("prompts is empty; pass a str, a list of token ids, or a non-empty list of prompts")
-    if len(value) > MAX_PROMPTS and not is_int(value[0]):
+        raise InputError(f"{label} is empty; pass {forms}", param=label)
+    if len(value) > most and not is_int(value[0]):
         raise InputError(
-            f"prompts holds {len(value)} prompts, more than {MAX_PROMPTS}; "
-            "pass them in several calls"
-        )  # fmt: skip
+            f"{label} holds {len(value)} prompts, more than {most}; pass fewer at a time", param=label
+        )
     if isinstance(value, np.ndarray) and value.ndim == 2:
-        return [token_ids(f"prompts[{i}]", row, vocab) for i, row in enumerate(value)]
+        return [token_ids(f"{label}[{i}]", row, vocab) for i, row in enumerate(value)]
     if isinstance(value, np.ndarray) or is_int(value[0]):
-        return [token_ids("prompts", value, vocab)]
+        return [token_ids(label, value, vocab)]
     kind = str if isinstance(value[0], str) else ID_SEQUENCES if isinstance(value[0], ID_SEQUENCES) else None
     if kind is None:
-        raise InputError(
-            f"prompts[0] is {shown(value[0])}; prompts must be a str, a list of token ids "
-            f"(ints in [0, {vocab})) or a list of prompts"
-        )  # fmt: skip
+        raise InputError(f"{label}[0] is {shown(value[0])}; {label} must be {forms}", param=label)
     for i, p in enumerate(value):
         if not isinstance(p, kind):
             first = "str" if kind is str else "a list of token ids"
             raise InputError(
-                f"prompts[{i}] is {shown(p)} but prompts[0] is {first}; a list of prompts holds only str or "
-                "only lists of token ids"
-            )  # fmt: skip
-    return list(value) if kind is str else [token_ids(f"prompts[{i}]", p, vocab) for i, p in enumerate(value)]
+                f"{label} mixes kinds: {label}[{i}] is {shown(p)} but {label}[0] is {first}; a list of "
+                "prompts holds only str or only lists of token ids",
+                param=label,
+            )
+    return list(value) if kind is str else [token_ids(f"{label}[{i}]", p, vocab) for i, p in enumerate(value)]
 
 
 def stop_strings(value, label: str = "stop") -> tuple[str, ...]:
@@ -319,21 +345,21 @@ def stop_strings(value, label: str = "stop") -> tuple[str, ...]:
     items = (value,) if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
         raise InputError(
-            f"{label} must be a str or a list of str, got {shown(value)}; "
-            "pass () for no stop strings"
-        )  # fmt: skip
+            f"{label} must be a str or a list of str, got {shown(value)}; pass () for no stop strings",
+            param=param_of(label),
+        )
     if len(items) > MAX_STOPS:
         raise InputError(
-            f"{label} has {len(items)} strings, more than {MAX_STOPS}; "
-            "pass the ones that matter"
-        )  # fmt: skip
+            f"{label} has {len(items)} strings, more than {MAX_STOPS}; pass the ones that matter",
+            param=param_of(label),
+        )
     for i, s in enumerate(items):
         if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_CHARS:
             where = label if isinstance(value, str) else f"{label}[{i}]"
             raise InputError(
-                f"{where} must be a non-empty str of at most {MAX_STOP_CHARS} characters, "
-                f"got {shown(s)}"
-            )  # fmt: skip
+                f"{where} must be a non-empty str of at most {MAX_STOP_CHARS} characters, got {shown(s)}",
+                param=param_of(label),
+            )
     return tuple(items)
 
 
@@ -342,20 +368,26 @@ def logit_bias(value, vocab: int | None = None, label: str = "logit_bias") -> di
     (else against the largest vocabulary a model folder may have)."""
     if not isinstance(value, Mapping):
         raise InputError(
-            f"{label} must be a dict of token id -> bias, e.g. {{50256: -100}}, "
-            f"got {shown(value)}"
-        )  # fmt: skip
+            f"{label} must be a dict of token id -> bias, e.g. {{50256: -100}}, got {shown(value)}",
+            param=param_of(label),
+        )
     limit = vocab if vocab is not None else MAX_VOCAB
     if len(value) > limit:
-        raise InputError(f"{label} has {len(value)} entries, more than the {limit} tokens there are")
+        raise InputError(
+            f"{label} has {len(value)} entries, more than the {limit} tokens there are", param=param_of(label)
+        )
     bias = {}
     for token, amount in value.items():
         if not is_int(token):
-            raise InputError(f"{label} key {shown(token)} is not a token id; keys must be ints (token ids)")
+            raise InputError(
+                f"{label} key {shown(token)} is not a token id; keys must be ints (token ids)",
+                param=param_of(label),
+            )
         if not 0 <= token < limit:
             raise InputError(
                 f"{label} key {abbreviated(token)} is outside the vocabulary [0, {limit}); "
-                "keys must be token ids"
-            )  # fmt: skip
-        bias[int(token)] = check("bias", amount, f"{label}[{token}]")
+                "keys must be token ids",
+                param=param_of(label),
+            )
+        bias[int(token)] = RULES["bias"](f"{label}[{token}]", amount)  # an error names the whole argument
     return bias

@@ -216,34 +216,15 @@ def checked(param: str, rule: str | Callable, value, label: str | None = None):
 
 
 def parse_prompts(prompt, vocab_size: int) -> list[str | list[int]]:
-    """OpenAI's four prompt forms: a str, a list of str, a list of token ids, a list of lists of ids."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        raise bad("prompt", "prompt must be a string, a non-empty list of strings, a list of token ids or a "
-                            f"list of lists of token ids; got {inputs.shown(prompt)}")  # fmt: skip
-    if len(prompt) > MAX_CHOICES and not inputs.is_int(prompt[0]):
-        raise bad(
-            "prompt", f"prompt holds {len(prompt)} prompts, more than {MAX_CHOICES}; send fewer at a time"
-        )
-    if all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    if all(isinstance(p, list) for p in prompt):
-        return [checked("prompt", ids_rule(vocab_size), p, f"prompt[{i}]") for i, p in enumerate(prompt)]
-    if not any(isinstance(p, (str, list)) for p in prompt):
-        return [checked("prompt", ids_rule(vocab_size), prompt)]
-    raise bad("prompt", "prompt mixes kinds; a list prompt holds only strings, only token ids, or only lists "
-                        "of token ids")  # fmt: skip
-
-
-def ids_rule(vocab_size: int) -> Callable:
-    def rule(label: str, value) -> list[int]:
-        ids = inputs.token_ids(label, value, vocab_size)
-        if not ids:
-            raise InputError(f"{label} is empty; pass at least one token id, or a string prompt")
-        return ids
-
-    return rule
+    """OpenAI's four prompt forms (a str, a list of str, a list of token ids, a list of lists of
+    ids) are the engine's own (inputs.prompts); an id list must not be empty."""
+    prompts = checked(
+        "prompt", lambda label, value: inputs.prompts(value, vocab_size, label, MAX_CHOICES), prompt
+    )
+    for i, p in enumerate(prompts):  # one list of ids is never empty here: [] is no prompt at all
+        if isinstance(p, list) and not p:
+            raise bad("prompt", f"prompt[{i}] is empty; pass at least one token id, or a string prompt")
+    return prompts
 
 
 def parse_sampling(given: Mapping, vocab_size: int) -> dict:
@@ -269,14 +250,13 @@ def parse_logit_bias(bias, vocab_size: int) -> dict[int, float]:
     return checked("logit_bias", lambda label, value: inputs.logit_bias(value, vocab_size, label), ids)
 
 
-def param_of(message: str) -> str | None:
-    """The OpenAI parameter an engine InputError's message names (the engine checks the prompt's
-    length against the context at submission, after this module's checks)."""
-    if message.startswith(("the prompt", "prompt")):
-        return "prompt"
-    if message.startswith("max_new_tokens"):
-        return "max_tokens"
-    return None
+ENGINE_PARAMS = {"max_new_tokens": "max_tokens", "prompt": "prompt"}  # the engine's names -> OpenAI's
+
+
+def param_of(error: InputError) -> str | None:
+    """The OpenAI parameter an engine InputError concerns (the engine checks the prompt's length
+    against the context at submission, after this module's checks)."""
+    return ENGINE_PARAMS.get(error.param)
 
 
 # A JSON \u escape of a UTF-16 surrogate: the only way a body's str can hold one (UTF-8 bytes cannot)

@@ -103,7 +103,7 @@ def submit_all(engine, request: api.CompletionRequest) -> list:
     except EngineClosedError as e:
         raise api.ApiError(503, f"{e}; the server is shutting down", code="shutting_down") from None
     except InputError as e:
-        raise api.bad(api.param_of(str(e)), str(e)) from None
+        raise api.bad(api.param_of(e), str(e)) from None
     finally:
         if len(handles) < len(request.prompts) * request.n:
             for handle in handles:

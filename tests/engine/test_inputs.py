@@ -113,6 +113,7 @@ def test_bad_generate_argument_is_an_input_error_naming_it(engine, kwargs, argum
     message = str(caught.value)
     assert isinstance(caught.value, ValueError)
     assert argument in message and "\n" not in message and len(message) < 400, message
+    assert caught.value.param == argument.split("[")[0]  # the parameter itself, for the server's errors
 
 
 def test_the_message_shows_the_value_and_what_it_must_be(engine):
@@ -208,7 +209,32 @@ def test_load_refuses_bad_settings_before_reading_the_folder(tmp_path, kwargs, a
     checked first."""
     with pytest.raises(InputError) as caught:
         Engine.load(**{"path": tmp_path / "no-such-folder", **kwargs})
-    assert argument in str(caught.value)
+    assert argument in str(caught.value) and caught.value.param == argument
+
+
+@pytest.mark.parametrize(
+    "call,param",
+    [
+        (lambda e: e.submit("Hello", max_new_tokens=128), "max_new_tokens"),  # no room left for a prompt
+        (lambda e: e.submit("Hello " * 200, max_new_tokens=8), "prompt"),  # past the context
+        (lambda e: e.submit([1] * 125, max_new_tokens=8), "prompt"),
+        (lambda e: e.submit("", prepend_bos=False), "prompt"),  # empty
+        (lambda e: e.score("Hi", stride=0), "stride"),
+        (lambda e: e.logits([1] * 129), "tokens"),
+    ],
+)
+def test_errors_found_after_the_gate_name_their_parameter_too(engine, call, param):
+    with pytest.raises(InputError) as caught:
+        call(engine)
+    assert caught.value.param == param, str(caught.value)
+
+
+def test_a_flag_label_in_the_message_and_the_parameter_name_in_param():
+    from gpt2onnx.engine import inputs
+
+    with pytest.raises(InputError, match="--top-p must be") as caught:
+        inputs.check("top_p", 2.0, "--top-p")
+    assert caught.value.param == "top_p"
 
 
 def test_numpy_integers_and_floats_are_accepted(engine):
