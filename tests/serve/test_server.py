@@ -464,6 +464,34 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(tiny_shared):
         assert "gpt2onnx_client_disconnects_total 1" in httpx.get(url + "/metrics").text
 
 
+def test_a_stream_held_open_outlives_the_read_and_keep_alive_timeouts(tiny_shared):
+    """A client that holds its stream open while the loop stands still for several read
+    timeouts, and other clients come and go meanwhile, gets all its tokens: the read deadline
+    covers a request's arrival, not its answer, and a quiet client is not a gone one. The line
+    iterator is kept: dropping an httpx iterator mid-stream closes the connection, and the
+    server then rightly cancels the request."""
+    engine, gate, apps = load(tiny_shared, max_batch=1), threading.Event(), []
+    engine.scheduler.on_step = lambda: gate.wait(T)  # closed: the loop stops after the first step
+    limits = server.Limits(read_timeout=0.2, keep_alive=0.1)
+    with running(engine, limits=limits, app_out=apps) as url, reopened(gate):
+        metrics = apps[0].state.metrics
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 20, "stream": True, "logit_bias": NO_EOS}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=T) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            stop = time.monotonic() + 5 * limits.read_timeout
+            while time.monotonic() < stop:
+                assert httpx.get(url + "/health").status_code == 200
+                time.sleep(limits.keep_alive)
+            assert engine.stats()["active_slots"] == 1 and metrics.disconnects == 0
+            gate.set()
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        chunks = [json.loads(line.removeprefix("data: "))["choices"][0] for line in rest[:-1]]
+        assert chunks[-1]["finish_reason"] == "length" and len(chunks) == 20  # 19 more pieces, then the end
+        assert metrics.read_timeouts == 0 and metrics.disconnects == 0
+
+
 def test_a_waiting_client_that_disconnects_is_cancelled(tiny_shared):
     engine = load(tiny_shared, max_batch=1, step_s=0.02)
     with running(engine) as url:
@@ -523,9 +551,9 @@ def test_a_concat_cache_model_is_refused_with_the_fix(capsys, tiny_fp32):
 
 
 def test_without_the_serve_extra_the_error_says_what_to_install(capsys, tmp_path, monkeypatch):
-    import gpt2onnx
+    import gpt2onnx.serve
 
-    monkeypatch.delattr(gpt2onnx, "server")  # as if never imported, and fastapi not installed
+    monkeypatch.delattr(gpt2onnx.serve, "server")  # as if never imported, and fastapi not installed
     monkeypatch.delitem(sys.modules, "gpt2onnx.serve.server")
     monkeypatch.setitem(sys.modules, "fastapi", None)
     code, err = run_flags(capsys, "serve", "--model", tmp_path)
