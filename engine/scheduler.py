@@ -67,21 +67,19 @@ MAX_PADDING = (
 
 @dataclass
 class Slot:
-    """A request in a row of the running batch."""
+    """A request in a row of the running batch. It takes part in decode steps once its whole
+    prompt is in (`decoding`: computed >= prompt_len)."""
 
     handle: RequestHandle
     continuation: Continuation
+    prompt_ids: list[int]
+    prompt_len: int
     computed: int = 0  # its tokens whose keys and values are in the cache
     token: int = 0  # the token to feed at the next decode step
 
     @property
-    def prompt_ids(self) -> list[int]:
-        return self.handle.request.prompt_ids
-
-    @property
     def decoding(self) -> bool:
-        """The whole prompt is in: the slot takes part in decode steps."""
-        return self.computed >= len(self.handle.request.prompt_ids)
+        return self.computed >= self.prompt_len
 
 
 class Scheduler:
@@ -245,7 +243,9 @@ class Scheduler:
                 request = handle.request
                 per_token = request.stream or bool(request.stop)  # stop strings need the text as it comes
                 decoder = self.tokenizer.decode_stream() if per_token else None
-                self.slots[self.slots.index(None)] = Slot(handle, Continuation(decoder, request.stop))
+                continuation = Continuation(decoder, request.stop)
+                slot = Slot(handle, continuation, request.prompt_ids, len(request.prompt_ids))
+                self.slots[self.slots.index(None)] = slot
                 self._drop_waiting_cancelled()
             if self.static and 0 < (n := self.active()) < self.rows:  # some were cancelled as they came in
                 self._start(n, self.seq)
@@ -271,10 +271,12 @@ class Scheduler:
         together in one run (right-padded, as a static batch does; while other rows decode, only
         as many as fit in a chunk of tokens with little padding), or the next chunk of one prompt."""
         slots = self.slots
-        r0 = next((r for r, s in enumerate(slots) if s is not None and not s.decoding), None)
-        if r0 is None:
-            return
-        decoding = any(s is not None and s.decoding for s in slots)
+        for r0, s in enumerate(slots):
+            if s is not None and s.computed < s.prompt_len:
+                break
+        else:
+            return  # every prompt is in
+        decoding = any(s is not None and s.computed >= s.prompt_len for s in slots)
         group = [slots[r0]]
         for r in range(r0 + 1, self.rows):
             slot, lengths = slots[r], [len(s.prompt_ids) for s in group]
@@ -333,7 +335,7 @@ class Scheduler:
     def _decode(self) -> None:
         """One decode step over the rows up to the last decoding one; the rows before it that are
         free or still taking their prompt decode a dummy token and keep their state."""
-        live = [(r, s) for r, s in enumerate(self.slots) if s is not None and s.decoding]
+        live = [(r, s) for r, s in enumerate(self.slots) if s is not None and s.computed >= s.prompt_len]
         if not live:
             return
         tokens = np.zeros(live[-1][0] + 1, np.int64)

@@ -319,7 +319,7 @@ BAD_BODIES = [
     ({"prompt": "x", "logit_bias": {"1": "up"}}, 400, "logit_bias", "logit_bias[1] must be"),
     ({"prompt": "x", "logit_bias": [1]}, 400, "logit_bias", "must be an object"),
     ({"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty", "in [-2, 2]"),
-    ({"prompt": [], "max_tokens": 1}, 400, "prompt", "non-empty list"),
+    ({"prompt": [], "max_tokens": 1}, 400, "prompt", "prompt is empty"),
     ({"prompt": 7}, 400, "prompt", "prompt must be"),
     ({"prompt": ["a", [1]]}, 400, "prompt", "mixes kinds"),
     ({"prompt": [1, True]}, 400, "prompt", "prompt[1]"),
