@@ -271,10 +271,8 @@ class Scheduler:
         together in one run (right-padded, as a static batch does; while other rows decode, only
         as many as fit in a chunk of tokens with little padding), or the next chunk of one prompt."""
         slots = self.slots
-        for r0, s in enumerate(slots):
-            if s is not None and s.computed < s.prompt_len:
-                break
-        else:
+        r0 = next((r for r, s in enumerate(slots) if s is not None and s.computed < s.prompt_len), None)
+        if r0 is None:
             return  # every prompt is in
         decoding = any(s is not None and s.computed >= s.prompt_len for s in slots)
         group = [slots[r0]]
