@@ -1,4 +1,4 @@
-"""Peak memory and time of `gpt2-onnx export` at each GPT-2 size and dtype (issue 23's table).
+"""Peak memory and time of `gpt2-onnx export` at each GPT-2 size and dtype (the README's table).
 
 Each export runs as its own process (`python -m gpt2onnx export --random-init SIZE`), one at a
 time, measured as /usr/bin/time -v measures it: the child's peak resident set (ru_maxrss, from

@@ -1,5 +1,5 @@
 """Decode speed by model size: ours (int8, fp32) against llama.cpp (q8_0, f32) at batch 1, for
-each GPT-2 size, every comparison within one `gpt2-onnx bench` run (issue 23's figure).
+each GPT-2 size, every comparison within one `gpt2-onnx bench` run.
 
 One bench run per size (`--random-init SIZE --dtype int8` with gpt2-onnx-fp32 and the two
 llama.cpp runners beside it; llama.cpp needs .ci/setup-llamacpp), then a table and a figure with

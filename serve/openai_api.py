@@ -70,7 +70,7 @@ def bad(param: str | None, message: str) -> ApiError:
 
 
 @dataclass(frozen=True)
-class CompletionRequest:
+class CompletionParams:
     """One checked /v1/completions body. Each prompt is run `n` times; choice i*n + j is prompt
     i's j-th run, whose seed is seed + j (so a prompt's choices do not depend on its neighbours)."""
 
@@ -116,7 +116,7 @@ class CompletionRequest:
         return out
 
 
-def parse_completion_request(body, model_name: str, vocab_size: int, n_positions: int) -> CompletionRequest:
+def parse_completion(body, model_name: str, vocab_size: int, n_positions: int) -> CompletionParams:
     """A /v1/completions JSON body, checked. Raises ApiError: 400 naming the parameter, 404 for
     another model than the one served."""
     given = fields_of(body, OPENAI_PARAMS | EXTENSIONS, "/v1/completions", model_name)
@@ -141,7 +141,7 @@ def parse_completion_request(body, model_name: str, vocab_size: int, n_positions
                        given.get("logprobs"))  # fmt: skip
     stream = checked("stream", FLAG, given.get("stream", False))
     usage_chunk = include_usage(given.get("stream_options", {}))
-    return CompletionRequest(
+    return CompletionParams(
         prompts=prompts, max_tokens=max_tokens, n=n, stream=stream,
         include_usage=stream and usage_chunk, echo=echo, logprobs=logprobs,
         stop=checked("stop", lambda label, value: inputs.stop_strings(value, label), given.get("stop", ())),
@@ -306,7 +306,7 @@ def _surrogate_at(value: str) -> str:
 
 
 # -- how many choices fit ------------------------------------------------------------------------
-def capacity_error(request: CompletionRequest, stats: Mapping[str, int]) -> ApiError | None:
+def capacity_error(request: CompletionParams, stats: Mapping[str, int]) -> ApiError | None:
     """Why the engine cannot take the request's choices now (Engine.stats(): its slots, queue
     and room): 400 when they are more than it can ever hold (all its slots and queue places),
     429 when they do not fit beside what already runs and waits. None when they fit."""
@@ -329,13 +329,13 @@ DETOKENIZE_PARAMS = {"model", "tokens"}
 
 
 @dataclass(frozen=True)
-class TokenizeRequest:
+class TokenizeParams:
     prompt: str
     add_special_tokens: bool = True  # the BOS first, as the engine puts it before a text prompt
     return_token_strs: bool = False
 
 
-def parse_tokenize_request(body, model_name: str) -> TokenizeRequest:
+def parse_tokenize(body, model_name: str) -> TokenizeParams:
     """A /tokenize body: {"prompt": str, "add_special_tokens"?: bool, "return_token_strs"?: bool}."""
     given = fields_of(body, TOKENIZE_PARAMS, "/tokenize", model_name)
     prompt = checked("prompt", inputs.text, given.get("prompt"))
@@ -343,7 +343,7 @@ def parse_tokenize_request(body, model_name: str) -> TokenizeRequest:
         raise bad(
             "prompt", f"prompt has {len(prompt)} characters, more than {MAX_TOKENIZE_CHARS}; send it in parts"
         )
-    return TokenizeRequest(prompt, checked("add_special_tokens", FLAG, given.get("add_special_tokens", True)),
+    return TokenizeParams(prompt, checked("add_special_tokens", FLAG, given.get("add_special_tokens", True)),
                            checked("return_token_strs", FLAG, given.get("return_token_strs", False)))  # fmt: skip
 
 

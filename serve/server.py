@@ -87,7 +87,7 @@ class ClientGone(Exception):
     """The client closed its connection before its response was complete."""
 
 
-def submit_all(engine, request: api.CompletionRequest) -> list:
+def submit_all(engine, request: api.CompletionParams) -> list:
     """One handle per choice; all or none (a refusal cancels those already submitted). Raises
     ApiError: 400 for a prompt the engine refuses or more choices than it can ever hold, 429 when
     they do not fit now, 503 shutting down."""
@@ -151,7 +151,7 @@ class Choices:
     """The text, tokens and logprobs of a request's choices as they come, and its usage. A
     scoring request (max_tokens 0, echo) drops the one token the engine made for each choice."""
 
-    def __init__(self, engine, request: api.CompletionRequest, handles: list, submitted_at: float, metrics):
+    def __init__(self, engine, request: api.CompletionParams, handles: list, submitted_at: float, metrics):
         self.engine, self.request, self.handles, self.metrics = engine, request, handles, metrics
         self.submitted_at = submitted_at
         self.prompt_tokens = sum(len(h.prompt_token_ids) for h in handles[:: request.n])
@@ -356,7 +356,7 @@ def create_app(engine, model_name: str, drain_timeout: float = 30.0) -> FastAPI:
             if drain.draining:
                 raise api.ApiError(503, "the server is shutting down; send the request elsewhere",
                                    code="shutting_down")  # fmt: skip
-            body = api.parse_completion_request(await read_json(request), model_name, engine.vocab_size,
+            body = api.parse_completion(await read_json(request), model_name, engine.vocab_size,
                                                 engine.n_positions)  # fmt: skip
             choices = Choices(engine, body, submit_all(engine, body), submitted_at, metrics)
             metrics.prompt_tokens += choices.prompt_tokens
@@ -409,14 +409,14 @@ def create_app(engine, model_name: str, drain_timeout: float = 30.0) -> FastAPI:
         except ClientGone:
             return gone(request)
 
-    def tokenized(asked: api.TokenizeRequest) -> dict:
+    def tokenized(asked: api.TokenizeParams) -> dict:
         ids = engine.to_tokens(asked.prompt, prepend_bos=asked.add_special_tokens)
         strs = engine.tokenizer.to_str_tokens(ids) if asked.return_token_strs else None
         return api.tokenize_object(ids, engine.n_positions, strs)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
-        return await answer(request, lambda body: tokenized(api.parse_tokenize_request(body, model_name)))
+        return await answer(request, lambda body: tokenized(api.parse_tokenize(body, model_name)))
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:

@@ -1,4 +1,4 @@
-"""What would break on the first CUDA run, checked on the CPU (issue 11): finding the CUDA
+"""What would break on the first CUDA run, checked on the CPU: finding the CUDA
 libraries without torch, a shared-cache model the GPU cannot run, and a CUDA graph whose
 capture fails at its first run. The GPU is faked (cuda_device_count), so is the library loader."""
 

@@ -150,7 +150,7 @@ def fixture_folders(tmp_path_factory):
 
 
 # Against fp32, on the fixture's held-out text: the largest perplexity change allowed and the
-# smallest top-1 agreement (issue 15's targets), and the smallest mean length of equal greedy
+# smallest top-1 agreement, and the smallest mean length of equal greedy
 # continuations (64 tokens from 20 prompts; measured: fp16 64, int8 60.8, int4 38.8).
 QUALITY = {"fp16": (0.001, 0.995, 60), "int8": (0.005, 0.97, 48), "int4": (0.02, 0.93, 24)}
 
