@@ -22,6 +22,22 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+# The instruction sets that rank the CPU kernels differently (8-bit dot products above all).
+ISA = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def cpu_isa() -> list[str]:
+    """Which of ISA the CPU has (Linux's /proc/cpuinfo flags; empty where it cannot be read)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [name for name in ISA if name in flags]
+    except OSError:
+        pass
+    return []
+
+
 def gpu_name() -> str | None:
     try:
         out = subprocess.run(
@@ -48,6 +64,7 @@ def versions(*packages: str) -> dict[str, str]:
 def machine_info() -> dict:
     return {
         "cpu": cpu_name(),
+        "isa": cpu_isa(),
         "cores": os.cpu_count(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "gpu": gpu_name(),

@@ -21,7 +21,7 @@ def markdown(results: dict) -> str:
     lines = [f"**FAILED: {f['runner']} (our engine) failed: {cell(f['reason'])}**  " for f in failed]
     lines += [
         f"Model: {label}  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}; onnxruntime-gpu {m['versions'].get('onnxruntime-gpu', '?')}, torch {m['versions'].get('torch', '?')}, transformers {m['versions'].get('transformers', '?')}  ",
+        f"Machine: {m['cpu']} ({', '.join(m.get('isa') or ['instruction sets unknown'])}), {m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}; onnxruntime-gpu {m['versions'].get('onnxruntime-gpu', '?')}, torch {m['versions'].get('torch', '?')}, transformers {m['versions'].get('transformers', '?')}  ",
         f"Read bandwidth: {m['read_bandwidth_gbs']:.1f} GB/s ({m['bandwidth_method']})  ",
         f"Greedy, EOS ignored; medians of {results['settings']['repeats']} runs after {results['settings']['warmup']} warm-up"
         + (

@@ -32,13 +32,32 @@ INTERRUPTED = "gpt2-onnx: interrupted\n"
 SCRIPT = Path(sys.executable).with_name("gpt2-onnx")  # the console script beside this Python
 LOADED = "running on CPU"  # --verbose: the session is made; the command's work starts right after
 NO_EOS = ["--logit-bias", "50256=-100"]  # the tiny model would otherwise end its rows at once
+# The command with the export held at one of its steps (engine/atomic_folder.py's fault_point)
+# until a signal comes: a tiny export finishes in about a second, so a Ctrl-C sent on seeing its
+# files could land after the new folder is in place, and the test would not know what to expect.
+HELD = """
+import sys, time
+from pathlib import Path
+from gpt2onnx.engine import atomic_folder
+from gpt2onnx.cli import main
+step, ready = sys.argv[1:3]
+def hold(name):
+    if name == step:
+        Path(ready).write_text("held")
+        time.sleep(60)
+atomic_folder.fault_point = hold
+sys.exit(main(sys.argv[3:]))
+"""
 
 
 class Command:
     """`gpt2-onnx ARGV` in its own process group, its output read as it comes."""
 
-    def __init__(self, *argv, cwd: Path, script: bool = False):
+    def __init__(self, *argv, cwd: Path, script: bool = False, held: tuple[str, Path] | None = None):
+        """held: (an export step, a file): the export stops at that step and writes the file."""
         start = [str(SCRIPT)] if script else [sys.executable, "-m", "gpt2onnx"]
+        if held is not None:
+            start = [sys.executable, "-c", HELD, *held]
         self.proc = subprocess.Popen(
             [*start, *map(str, argv)],
             stdout=subprocess.PIPE,
@@ -161,11 +180,13 @@ def test_ctrl_c_during_imports(argv, library, tiny_fp32, hf_folder, tmp_path):
     assert list(tmp_path.iterdir()) == [], "an interrupted command left files behind"
 
 
-def test_ctrl_c_during_export_leaves_no_folder(hf_folder, tmp_path):
-    out = tmp_path / "models" / "tiny"
-    cmd = Command("--quiet", "export", "--model", hf_folder, "--output", out, cwd=tmp_path)
-    partial = out.parent / f".tiny.partial-{cmd.proc.pid}"
-    cmd.wait_for(partial.exists, "the export's temp folder")
+@pytest.mark.parametrize("step", ["tmp-created", "checked"])
+def test_ctrl_c_during_export_leaves_no_folder(step, hf_folder, tmp_path):
+    out, ready = tmp_path / "models" / "tiny", tmp_path / "held"
+    cmd = Command(
+        "--quiet", "export", "--model", hf_folder, "--output", out, cwd=tmp_path, held=(step, ready)
+    )
+    cmd.wait_for(ready.exists, f"the export at {step}")
     cmd.ctrl_c()
     code, _, err = cmd.finish()
     assert_interrupted(code, err)
@@ -176,8 +197,10 @@ def test_ctrl_c_during_export_force_keeps_the_old_model(tiny_fp32, hf_folder, tm
     out = tmp_path / "tiny"
     shutil.copytree(tiny_fp32, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    cmd = Command("--quiet", "export", "--model", hf_folder, "--output", out, "--force", cwd=tmp_path)
-    cmd.wait_for((tmp_path / f".tiny.partial-{cmd.proc.pid}" / "model.onnx").exists, "weights written")
+    ready = tmp_path.parent / f"{tmp_path.name}-held"  # outside tmp_path, whose listing is checked
+    cmd = Command("--quiet", "export", "--model", hf_folder, "--output", out, "--force", cwd=tmp_path,
+                  held=("weights-written", ready))  # fmt: skip
+    cmd.wait_for(ready.exists, "weights written")
     cmd.ctrl_c()
     code, _, err = cmd.finish()
     assert_interrupted(code, err)
