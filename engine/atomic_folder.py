@@ -49,8 +49,12 @@ def partial_folder(out: Path) -> Path:
             raise FileExistsError(f"{tmp} is in the way and is not a gpt2-onnx temp folder; move it away")
         discard(tmp)
     tmp.mkdir()
-    (tmp / MARKER).write_bytes(b"")
-    fault_point("tmp-created")
+    try:  # an interrupt before the caller holds `tmp` must not leave it behind
+        (tmp / MARKER).write_bytes(b"")
+        fault_point("tmp-created")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return tmp
 
 

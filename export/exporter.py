@@ -125,8 +125,9 @@ def export(cfg: ExportConfig) -> Manifest:
     tokenizer_src = find_tokenizer(cfg.tokenizer, ckpt.folder, hub_fallback="gpt2")  # the family shares one
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_folder.partial_folder(out)
+    tmp = None
     try:
+        tmp = atomic_folder.partial_folder(out)
         write_tokenizer(tokenizer_src, tmp, ckpt.config)
         external, expected = _write_graph(cfg, ckpt, tmp / MODEL_FILE)
         ckpt = dataclasses.replace(ckpt, state_dict={})  # the weights' last owner
@@ -152,7 +153,8 @@ def export(cfg: ExportConfig) -> Manifest:
         atomic_folder.seal(tmp)
         atomic_folder.replace(tmp, out)
     except BaseException:
-        _remove_partial(tmp)
+        if tmp is not None:
+            _remove_partial(tmp)
         raise
     log.info("wrote %s", out)
     return manifest
