@@ -15,6 +15,8 @@ copies. Candidates:
   (u8 activations, s8 weights). `int7-row`: the same with weights in [-63, 63]: on x86 without
   AVX-512 VNNI, onnxruntime's u8 x s8 kernel adds pairs of products in 16 bits, which saturates
   with full-range weights (its docs: reduce_range); `error` shows it.
+- `int8-row-s8s8`: int8 activations and weights, no zero points; `int8-row-u8u8`: both shifted
+  to u8 (zero points 128). Other kernels of MLAS, exact on every CPU.
 - `dqmm-tensor`: DynamicQuantizeMatMul, one activation scale for the whole call. Shown for its
   speed only: a row's result would depend on the others (not batch-invariant).
 
@@ -76,6 +78,7 @@ ROW_QUANT = [
     H("Add", ["x_round", "c128"], ["x_shift"]),
     H("Cast", ["x_shift"], ["x_u8"], to=TensorProto.UINT8),
 ]
+ROW_QUANT_S8 = [*ROW_QUANT[:6], H("Cast", ["x_round"], ["x_s8"], to=TensorProto.INT8)]
 ROW_CONSTANTS = {
     "axis1": np.array([1], np.int64),
     "tiny": np.array(1e-12, np.float32),
@@ -85,19 +88,23 @@ ROW_CONSTANTS = {
 }
 
 
-def _per_row(qmax: int):
+def _per_row(qmax: int, kind: str = "u8s8"):
     def build(i: int, w: np.ndarray):
         q, scale = _per_column(w, qmax)
+        inputs = {"u8s8": ["x_u8", f"w{i}", "zp128"], "s8s8": ["x_s8", f"w{i}"],
+                  "u8u8": ["x_u8", f"w{i}", "zp128", "zp128"]}[kind]  # fmt: skip
+        if kind == "u8u8":
+            q = (q.astype(np.int16) + 128).astype(np.uint8)
         inits = [numpy_helper.from_array(q, f"w{i}"), numpy_helper.from_array(scale, f"s{i}")]
         nodes = [
-            H("MatMulInteger", ["x_u8", f"w{i}", "zp128"], [f"acc{i}"]),
+            H("MatMulInteger", inputs, [f"acc{i}"]),
             H("Cast", [f"acc{i}"], [f"accf{i}"], to=TensorProto.FLOAT),
             H("Mul", [f"accf{i}", "x_scale"], [f"rowed{i}"]),
             H("Mul", [f"rowed{i}", f"s{i}"], [f"y{i}"]),
         ]
         if i == 0:
             inits += [numpy_helper.from_array(v, k) for k, v in ROW_CONSTANTS.items()]
-            nodes = ROW_QUANT + nodes
+            nodes = (ROW_QUANT_S8 if kind == "s8s8" else ROW_QUANT) + nodes
         return inits, nodes
 
     return build
@@ -120,6 +127,8 @@ KERNELS = {
     "nbits4-b64": _nbits(4, 64),
     "int8-row": _per_row(127),
     "int7-row": _per_row(63),
+    "int8-row-s8s8": _per_row(127, "s8s8"),
+    "int8-row-u8u8": _per_row(127, "u8u8"),
     "dqmm-tensor": _dqmm,
 }
 

@@ -210,5 +210,7 @@ class CudaGraphCache:
         self.kv.bind(binding, 0, True, bucket.batch, self.kv.cap_seq)
         return bucket.batch
 
-    def full_feeds(self, ids: np.ndarray, first_position: int = 0) -> dict[str, np.ndarray]:
-        return self.shared.full_feeds(ids, first_position)
+    def full_feeds(
+        self, ids: np.ndarray, first_position: int = 0, keep: int | None = None
+    ) -> dict[str, np.ndarray]:
+        return self.shared.full_feeds(ids, first_position, keep)

@@ -63,6 +63,7 @@ class CallOptions:
 SAMPLING_KEYWORDS = tuple(f.name for f in fields(SamplingConfig))
 MAX_WHOLE_PROMPT_CHARS = 1 << 20  # truncate="left" on a text with no place to cut: tokenized whole up to this
 MAX_LOGITS = 1 << 28  # floats (1 GiB) one logits() call may return
+SCORE_LOGITS = 1 << 26  # floats (256 MiB) of logits per run while scoring (windows side by side)
 
 
 class Engine:
@@ -347,14 +348,36 @@ class Engine:
             raise InputError(
                 "scoring needs at least two tokens; pass a longer text (or keep the BOS)", param="text"
             )
-        logprobs, scored, begin = np.full(len(ids) - 1, np.nan), 0, 0  # scored: tokens [0, scored) are done
+        windows, scored, begin = [], 0, 0  # (begin, first token to score, end); tokens [0, scored) are done
         while scored < len(ids):
             end = min(begin + window, len(ids))
-            first = max(scored, begin + 1)  # the window's first token not scored yet
-            logits = self.logits(ids[begin:end])[0, first - begin - 1 : end - begin - 1]
-            logprobs[first - 1 : end - 1] = token_logprobs(logits, ids[first:end])[0]
+            windows.append((begin, max(scored, begin + 1), end))
             scored, begin = end, begin + stride
+        logprobs = np.full(len(ids) - 1, np.nan)
+        rows = max(1, min(self.session.max_batch, SCORE_LOGITS // (window * self.vocab_size)))
+        for group in _alike_runs(windows, rows):  # several windows a run: a GEMM, not GEMVs
+            keep = group[0][2] - group[0][1] + 1  # logits only where they score a token (and the last)
+            with self._lock:  # between the scheduler's bursts: the session is one
+                logits = self.session.full_logits(
+                    np.array([ids[b:e] for b, _, e in group], np.int64), keep=keep
+                )
+            for row, (_, first, e) in enumerate(group):
+                logprobs[first - 1 : e - 1] = token_logprobs(logits[row, :-1], ids[first:e])[0]
         return Score(ids, self.tokenizer.to_str_tokens(ids), logprobs, float(np.exp(-np.nanmean(logprobs))))
+
+
+def _alike_runs(windows: list[tuple[int, int, int]], rows: int) -> Iterator[list[tuple[int, int, int]]]:
+    """Consecutive windows (begin, first scored, end) of one length and as many scored tokens, at
+    most `rows` at a time."""
+    group: list[tuple[int, int, int]] = []
+    for w in windows:
+        shape = (w[2] - w[0], w[2] - w[1])
+        if group and (len(group) == rows or shape != (group[0][2] - group[0][0], group[0][2] - group[0][1])):
+            yield group
+            group = []
+        group.append(w)
+    if group:
+        yield group
 
 
 def _texts(handle: RequestHandle) -> Iterator[str]:

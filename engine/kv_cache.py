@@ -179,8 +179,11 @@ class KVCache(Protocol):
     def free(self, slot: int) -> None:
         """A row's request ended."""
 
-    def full_feeds(self, ids: np.ndarray, first_position: int = 0) -> dict[str, np.ndarray]:
-        """Inputs of one pass over ids (batch, seq) with a cache of its own, logits at every position."""
+    def full_feeds(
+        self, ids: np.ndarray, first_position: int = 0, keep: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Inputs of one pass over ids (batch, seq) with a cache of its own, logits at the last
+        `keep` positions (None: every position)."""
 
 
 class ConcatCache:
@@ -249,15 +252,18 @@ class ConcatCache:
     def free(self, slot: int) -> None:
         """Nothing: a static batch keeps its rows until it ends (an ended row decodes a dummy token)."""
 
-    def full_feeds(self, ids: np.ndarray, first_position: int = 0) -> dict[str, np.ndarray]:
-        """Inputs of one pass over ids (batch, seq) with an empty past, logits at every position."""
+    def full_feeds(
+        self, ids: np.ndarray, first_position: int = 0, keep: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Inputs of one pass over ids (batch, seq) with an empty past, logits at the last `keep`
+        positions (None: every position)."""
         B, T = ids.shape
         empty = (B, self.kv.n_head, 0, self.kv.head_dim)
         return {
             "input_ids": ids,
             "position_ids": positions_from(first_position, B, T),
             "attention_mask": np.ones((B, T), dtype=np.int64),
-            "logits_to_keep": np.array(T, dtype=np.int64),
+            "logits_to_keep": np.array(T if keep is None else keep, dtype=np.int64),
             **{name: np.zeros(empty, dtype=self.kv.dtype) for name in self.kv.past},
         }
 
@@ -363,15 +369,19 @@ class SharedCache:
         """Give up a slot: its row decodes a dummy token from now on, until a prompt fills it."""
         self.row_lengths.free(slot)
 
-    def full_feeds(self, ids: np.ndarray, first_position: int = 0) -> dict[str, np.ndarray]:
-        """Inputs of one pass over ids (batch, seq) with a cache of its own, logits at every position."""
+    def full_feeds(
+        self, ids: np.ndarray, first_position: int = 0, keep: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Inputs of one pass over ids (batch, seq) with a cache of its own, logits at the last
+        `keep` positions (None: every position)."""
         B, T = ids.shape
+        keep = T if keep is None else keep
         cache = (B, self.kv.n_head, T, self.kv.head_dim)
         return {
             "input_ids": ids,
             "position_ids": positions_from(first_position, B, T),
             "seqlens_k": np.full(B, T - 1, dtype=np.int32),
             "total_sequence_length": np.array(T, dtype=np.int32),
-            "logits_index": np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),
+            "logits_index": np.broadcast_to(np.arange(T - keep, T, dtype=np.int64), (B, keep)).copy(),
             **{name: np.zeros(cache, dtype=self.kv.dtype) for name in self.kv.past},
         }

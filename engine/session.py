@@ -208,10 +208,10 @@ class Session:
         self.logits_rows.discard(slot)
         self._picker_stale = True
 
-    def full_logits(self, ids: np.ndarray, first_position: int = 0) -> np.ndarray:
-        """Logits at every position of ids (batch, seq), no cache kept: for scoring.
-        first_position: the position of ids[:, 0] (the load check probes the last one)."""
-        feeds = self.cache.full_feeds(ids, first_position)
+    def full_logits(self, ids: np.ndarray, first_position: int = 0, keep: int | None = None) -> np.ndarray:
+        """Logits at every position of ids (batch, seq), or at the last `keep` ones, no cache kept:
+        for scoring. first_position: the position of ids[:, 0] (the load check probes the last one)."""
+        feeds = self.cache.full_feeds(ids, first_position, keep)
         return self.ort_session.run(["logits"], feeds, self.graphs.eager)[0]
 
     @property
