@@ -60,6 +60,7 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # prompt tokens prefilled between two decode steps
+CANCEL_S = 30.0  # close(): how long the loop may take to end after its requests are cancelled
 MAX_PADDING = (
     1.25  # prompts joining running rows together: padded tokens at most this many times the real ones
 )
@@ -153,7 +154,8 @@ class Scheduler:
 
     def close(self, timeout: float) -> None:
         """Take no new requests; let the admitted and waiting ones finish within `timeout`
-        seconds, then cancel what is left; return when the loop has stopped."""
+        seconds, then cancel what is left; return when the loop has stopped (or, if a step hangs,
+        CANCEL_S seconds later, with a warning: the loop's thread is a daemon)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
@@ -166,7 +168,11 @@ class Scheduler:
                 for handle in [*self.waiting, *(s.handle for s in self.slots if s)]:
                     handle.cancel()
                 self._cond.notify_all()
-            thread.join()
+            thread.join(CANCEL_S)  # cancelled requests end at the loop's next turn
+            if thread.is_alive():  # a step that hangs inside onnxruntime: nothing more to wait for
+                log.warning(
+                    "the scheduler's loop did not stop within %.0f s of cancelling its requests", CANCEL_S
+                )
 
     # -- the loop (its own thread) -------------------------------------------------------------
     def _run(self) -> None:

@@ -273,3 +273,22 @@ def test_a_loop_that_does_not_turn_while_it_has_work_is_stuck(tiny_shared):
     handle.result(timeout=30)
     time.sleep(0.1)
     assert not engine.stuck(0.0)
+
+
+def test_close_returns_even_when_a_step_hangs(tiny_shared, monkeypatch, caplog):
+    """close(timeout) cancels what is left after `timeout`; a loop that still does not stop (a
+    step hung inside onnxruntime) is waited for CANCEL_S more, then left with a warning."""
+    from gpt2onnx.engine import scheduler
+
+    monkeypatch.setattr(scheduler, "CANCEL_S", 0.5)
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=2)
+    held = threading.Event()
+    engine.scheduler.on_step = lambda: held.wait(30)  # the loop hangs after its first step
+    handle = engine.submit("Hello", max_new_tokens=5, ignore_eos=True)
+    next(iter(handle))
+    t0 = time.monotonic()
+    engine.close(timeout=0.2)
+    assert time.monotonic() - t0 < 5 and "did not stop" in caplog.text
+    assert handle.cancelled
+    held.set()  # the step ends: the loop sees the cancel and stops
+    assert handle.result(timeout=30).finish_reason == "cancelled"
