@@ -1,5 +1,5 @@
 """An experiment for the 8-bit path that scales with rows: an fp32 model folder rewritten so that
-every weight MatMul runs as per-row u8 x u8 `MatMulInteger` (benchmarks/kernels.py chose it on
+every weight MatMul runs as per-row u8 x u8 `MatMulInteger` (benchmarks/matmul_kernels.py chose it on
 AVX2 without VNNI: exact, and half the time of MatMulNBits at 64 rows), timed as whole decode
 steps of 1, 4 and 16 rows beside today's int8 (MatMulNBits) and fp32 exports of the same weights.
 

@@ -226,7 +226,7 @@ def log_level(args: argparse.Namespace) -> str:
 def run_on_ray(args: argparse.Namespace, sock: socket.socket, folder: Path) -> int:
     """Replicas on a Ray cluster behind this process's endpoint (serve/ray_serve.py) until
     SIGTERM or Ctrl-C, then drained and taken down."""
-    from gpt2onnx.serve import ray_serve
+    from gpt2onnx.serve import ray_serve, server
 
     folder = folder.resolve()  # replicas run elsewhere: an absolute path (the same on every node)
     manifest = read_manifest(folder)
@@ -240,5 +240,6 @@ def run_on_ray(args: argparse.Namespace, sock: socket.socket, folder: Path) -> i
         sock, str(folder), name, load, args.drain_timeout, args.scaling, args.replica_cpus, args.replica_gpus,
         ray_address=args.ray_address, ray_log_level=logging.DEBUG if args.debug else logging.WARNING,
         log_level=log_level(args), announce=lambda: announce(sock, name, settings),
+        limits=server.Limits(args.read_timeout, args.timeout_keep_alive, args.max_connections),
     )  # fmt: skip
     return 0

@@ -43,6 +43,7 @@ from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
 from gpt2onnx.engine.engine import Engine
 from gpt2onnx.serve import openai_api as api
 from gpt2onnx.serve import server
+from gpt2onnx.serve.metrics import Metrics
 
 log = logging.getLogger("gpt2onnx")
 
@@ -412,7 +413,8 @@ def start_local_cluster(level: int) -> None:
 
 def serve_replicas(sock: socket.socket, folder: str, model_name: str, load: dict, drain_timeout: float,
                    scaling: Scaling, replica_cpus: float, replica_gpus: float, ray_address: str | None,
-                   ray_log_level: int, log_level: str, announce: Callable[[], None]) -> None:  # fmt: skip
+                   ray_log_level: int, log_level: str, announce: Callable[[], None],
+                   limits: server.Limits) -> None:  # fmt: skip
     """Deploy the replicas, serve Front on the bound socket until SIGTERM or Ctrl-C (announce()
     once the replicas are up), then drain, take the application down and leave the cluster (a
     cluster started here stops)."""
@@ -422,8 +424,10 @@ def serve_replicas(sock: socket.socket, folder: str, model_name: str, load: dict
         app = application(folder, model_name, load, drain_timeout, scaling, replica_cpus, replica_gpus)
         handle = serve.run(app, name=APP_NAME, route_prefix=None)  # returns when the replicas are up
         front = Front(handle, drain_timeout)
-        config = uvicorn.Config(front, log_level=log_level, lifespan="on",
-                                timeout_graceful_shutdown=drain_timeout + 5)  # fmt: skip
+        replicas = scaling.replicas or scaling.max_replicas
+        places = (load.get("max_batch", 8) + load.get("max_queue", 64)) * replicas
+        settings = server.connection_settings(limits, Metrics(), places, drain_timeout)
+        config = uvicorn.Config(front, log_level=log_level, lifespan="on", **settings)
         announce()
         server.DrainingServer(config, front).run(sockets=[sock])
         serve.delete(APP_NAME)  # each replica closes its engine

@@ -566,15 +566,20 @@ def config(app: FastAPI, engine, drain_timeout: float, log_level: str = "info",
     """uvicorn's settings for the app over `engine`: its HTTP protocol with the read deadline, the
     keep-alive timeout and the connection limit."""
     stats = engine.stats()
-    connections = limits.max_connections or max(256, 2 * (stats["max_batch"] + stats["max_queue"]))
-    return uvicorn.Config(
-        app,
-        log_level=log_level,
-        timeout_graceful_shutdown=drain_timeout + 5,  # uvicorn's wait for connections ends after the drain
-        http=guarded(AutoHTTPProtocol, limits.read_timeout, app.state.metrics),
-        timeout_keep_alive=limits.keep_alive,
-        limit_concurrency=connections + 1,  # uvicorn counts the new request's own connection
-    )
+    return uvicorn.Config(app, log_level=log_level, **connection_settings(
+        limits, app.state.metrics, stats["max_batch"] + stats["max_queue"], drain_timeout))  # fmt: skip
+
+
+def connection_settings(limits: Limits, metrics: Metrics, places: int, drain_timeout: float) -> dict:
+    """uvicorn.Config's settings for `limits`, for an endpoint whose engines hold `places`
+    requests (slots and queue places): also the Ray front's."""
+    connections = limits.max_connections or max(256, 2 * places)
+    return {
+        "timeout_graceful_shutdown": drain_timeout + 5,  # uvicorn's wait for connections ends after the drain
+        "http": guarded(AutoHTTPProtocol, limits.read_timeout, metrics),
+        "timeout_keep_alive": limits.keep_alive,
+        "limit_concurrency": connections + 1,  # uvicorn counts the new request's own connection
+    }
 
 
 def serve(engine, sock: socket.socket, model_name: str, drain_timeout: float, log_level: str,

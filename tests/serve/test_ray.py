@@ -34,6 +34,7 @@ from gpt2onnx import Engine  # noqa: E402
 MODEL = "tiny-test"
 NO_EOS = {"50256": -100}
 START_S = 240  # Ray, its Serve controller and two replicas, on 2 cores
+READ_TIMEOUT_S = 3  # the front's --read-timeout
 T = 60
 
 
@@ -64,7 +65,8 @@ def cluster(tiny_shared, tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gpt2onnx", "serve", "--ray", "--replicas", "2", "--model", str(tiny_shared),
-             "--port", str(port), "--max-batch", "8", "--served-model-name", MODEL, "--drain-timeout", "10"],
+             "--port", str(port), "--max-batch", "8", "--served-model-name", MODEL, "--drain-timeout", "10",
+             "--read-timeout", str(READ_TIMEOUT_S)],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -160,6 +162,23 @@ def test_completions_streaming_and_errors_through_ray(cluster):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="Hello")
     assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_the_front_cuts_off_a_client_that_stalls_after_the_read_timeout(cluster):
+    """--read-timeout and the connection limit hold on the Ray front too: half a request is
+    answered 408 and closed once the read timeout passes; others are served meanwhile."""
+    host, port = cluster.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # headers without their end
+        assert httpx.get(cluster.url + "/health").status_code == 200
+        t0, data = time.monotonic(), b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        took = time.monotonic() - t0
+    assert data.startswith(b"HTTP/1.1 408 ") and READ_TIMEOUT_S * 0.5 < took < READ_TIMEOUT_S + 10, (
+        data[:80],
+        took,
+    )
 
 
 def test_requests_spread_over_both_replicas(cluster):

@@ -1,7 +1,7 @@
 """The 8-bit kernels onnxruntime offers for a weight matrix, side by side by rows per call: what a
 step of 1, 4, 16 or 64 rows costs in each, and how far each lands from fp32.
 
-    python -m gpt2onnx.benchmarks.kernels --shape 768x3072 --shape 1280x5120 --out DIR
+    python -m gpt2onnx.benchmarks.matmul_kernels --shape 768x3072 --shape 1280x5120 --out DIR
 
 Each kernel is a graph of `--layers` copies of one weight (different values, so no cache holds
 them all), run on the CPU provider with `--threads` threads; a call's time is divided by the

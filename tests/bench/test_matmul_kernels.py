@@ -1,4 +1,4 @@
-"""The kernel comparison (benchmarks/kernels.py) on a small matrix: every kernel runs, the
+"""The kernel comparison (benchmarks/matmul_kernels.py) on a small matrix: every kernel runs, the
 per-row paths give each row the result it gets alone, and their errors are those of 8-bit
 weights and activations. (Speed is judged by running the benchmark, not here.)"""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from gpt2onnx.benchmarks import kernels
+from gpt2onnx.benchmarks import matmul_kernels as kernels
 from gpt2onnx.benchmarks.machine import ISA, cpu_isa
 
 
