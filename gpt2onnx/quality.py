@@ -40,34 +40,56 @@ def equal_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def compare(model: Engine, reference: Engine, text: str, cfg: QualityConfig = QualityConfig()) -> dict:
-    """The quality figures of `model` against `reference` on `text` (no BOS). Raises InputError
-    when the models do not share a tokenizer or context, or the text is too short."""
-    if model.n_positions != reference.n_positions or model.vocab_size != reference.vocab_size:
-        raise InputError("the model and the reference differ in context or vocabulary; compare two "
-                         "exports of the same checkpoint")  # fmt: skip
-    ids = model.to_tokens(text, prepend_bos=False)
-    if ids != reference.to_tokens(text, prepend_bos=False):
-        raise InputError("the model and the reference tokenize the text differently; compare two "
-                         "exports of the same checkpoint")  # fmt: skip
-    window = model.n_positions
+@dataclass(frozen=True)
+class Figures:
+    """One model's part of a comparison: its perplexity, its top-1 tokens over the windows, and
+    its greedy continuations of the prompts."""
+
+    perplexity: float
+    top1: np.ndarray
+    greedy: list[list[int]]
+
+
+def plan(engine: Engine, text: str, cfg: QualityConfig) -> tuple[list[int], np.ndarray, list[list[int]], int]:
+    """What a comparison runs on `text`: its ids, the windows for top-1, the greedy prompts and
+    the new tokens each. Raises InputError when the text is too short."""
+    ids = engine.to_tokens(text, prepend_bos=False)
+    window = engine.n_positions
     new_tokens = min(cfg.new_tokens, window - cfg.prompt_len)
     if len(ids) < max(window, cfg.prompt_len + new_tokens) or new_tokens < 1:
         raise InputError(
             f"the text has {len(ids)} tokens; comparing needs at least one {window}-token window"
         )
-    ppl = model.score(text, prepend_bos=False, stride=cfg.stride).perplexity
-    ref_ppl = reference.score(text, prepend_bos=False, stride=cfg.stride).perplexity
-
     n_windows = min(len(ids) // window, -(-cfg.positions // window))
     windows = np.asarray(ids[: n_windows * window]).reshape(n_windows, window)
-    agree = float((top1(model, windows) == top1(reference, windows)).mean())
-
     starts = np.linspace(0, len(ids) - cfg.prompt_len - new_tokens, cfg.prompts).astype(int)
-    prompts = [ids[s : s + cfg.prompt_len] for s in starts]
-    mine, theirs = (e.generate(prompts, new_tokens, prepend_bos=False, ignore_eos=True).completions
-                    for e in (model, reference))  # fmt: skip
-    lengths = [equal_prefix(a.token_ids, b.token_ids) for a, b in zip(mine, theirs)]
+    return ids, windows, [ids[s : s + cfg.prompt_len] for s in starts], new_tokens
+
+
+def measure(engine: Engine, text: str, cfg: QualityConfig = QualityConfig()) -> Figures:
+    """One model's figures on `text` (no BOS), to compare with another's."""
+    _, windows, prompts, new_tokens = plan(engine, text, cfg)
+    ppl = engine.score(text, prepend_bos=False, stride=cfg.stride).perplexity
+    greedy = engine.generate(prompts, new_tokens, prepend_bos=False, ignore_eos=True).completions
+    return Figures(ppl, top1(engine, windows), [c.token_ids for c in greedy])
+
+
+def compare(model: Engine, reference: Engine, text: str, cfg: QualityConfig = QualityConfig(),
+            reference_figures: Figures | None = None) -> dict:  # fmt: skip
+    """The quality figures of `model` against `reference` on `text` (no BOS); reference_figures:
+    the reference's own, measured once for several models. Raises InputError when the models do
+    not share a tokenizer or context, or the text is too short."""
+    if model.n_positions != reference.n_positions or model.vocab_size != reference.vocab_size:
+        raise InputError("the model and the reference differ in context or vocabulary; compare two "
+                         "exports of the same checkpoint")  # fmt: skip
+    if model.to_tokens(text, prepend_bos=False) != reference.to_tokens(text, prepend_bos=False):
+        raise InputError("the model and the reference tokenize the text differently; compare two "
+                         "exports of the same checkpoint")  # fmt: skip
+    _, windows, prompts, new_tokens = plan(model, text, cfg)
+    mine, theirs = measure(model, text, cfg), reference_figures or measure(reference, text, cfg)
+    ppl, ref_ppl = mine.perplexity, theirs.perplexity
+    agree = float((mine.top1 == theirs.top1).mean())
+    lengths = [equal_prefix(a, b) for a, b in zip(mine.greedy, theirs.greedy)]
     return {
         "perplexity": ppl,
         "reference_perplexity": ref_ppl,

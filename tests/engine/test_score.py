@@ -155,16 +155,25 @@ def fixture_folders(tmp_path_factory):
 QUALITY = {"fp16": (0.001, 0.995, 60), "int8": (0.005, 0.97, 48), "int4": (0.02, 0.93, 24)}
 
 
+QUALITY_CONFIG = quality.QualityConfig(stride=128)
+
+
+@pytest.fixture(scope="module")
+def fp32_figures(fixture_folders):
+    """The fp32 reference's own figures, measured once for the three dtypes."""
+    text = (FIXTURE / "heldout.txt").read_text()
+    fp32 = Engine.load(fixture_folders["fp32"], provider="cpu")
+    return fp32, text[: len(text) // 2], quality.measure(fp32, text[: len(text) // 2], QUALITY_CONFIG)
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "int8", "int4"])
-def test_quality_on_the_trained_fixture(fixture_folders, dtype):
+def test_quality_on_the_trained_fixture(fixture_folders, fp32_figures, dtype):
     """On real text: `score --reference`'s figures within the targets. The first half of the
     held-out text and non-overlapping windows (stride 128), to save time; the README's table
     uses all of it with stride 64."""
-    engines = {d: Engine.load(fixture_folders[d], provider="cpu") for d in ("fp32", dtype)}
-    text = (FIXTURE / "heldout.txt").read_text()
-    q = quality.compare(
-        engines[dtype], engines["fp32"], text[: len(text) // 2], quality.QualityConfig(stride=128)
-    )
+    fp32, text, figures = fp32_figures
+    model = Engine.load(fixture_folders[dtype], provider="cpu")
+    q = quality.compare(model, fp32, text, QUALITY_CONFIG, reference_figures=figures)
     print(f"{dtype}: {q['perplexity_change']:+.2%} perplexity, top-1 {q['top1_agreement']:.2%}, "
           f"greedy equal for {q['greedy_equal_tokens_mean']:.1f} of 64")  # fmt: skip
     max_change, min_agree, min_greedy = QUALITY[dtype]
