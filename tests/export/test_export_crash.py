@@ -95,10 +95,22 @@ def test_every_step_is_reached(old_model, hf_folder, monkeypatch, capsys):
     assert seen == list(STEPS)
 
 
+@pytest.fixture(scope="module")
+def killed(tiny_fp32_plain, hf_folder, tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
+    """An export killed at each step, the children run side by side (each over its own copy of
+    the old model): step -> (the model folder, the child's exit status, its stderr)."""
+    children = {}
+    for step in STEPS:
+        out = tmp_path_factory.mktemp(f"killed-{step}") / "parent" / "model"
+        shutil.copytree(tiny_fp32_plain, out)
+        children[step] = (out, start_child(step, "kill", out, hf_folder))
+    return {step: (out, *finish(proc)) for step, (out, proc) in children.items()}
+
+
 @pytest.mark.parametrize("step", STEPS)
-def test_kill_at_each_step(step, old_model, hf_folder, capsys):
+def test_kill_at_each_step(step, killed, hf_folder, capsys):
+    old_model, code, err = killed[step]
     parent = old_model.parent
-    code, err = finish(start_child(step, "kill", old_model, hf_folder))
     assert code == 99, f"the child did not die at {step}: {err}"
     version = "new" if STEPS.index(step) >= FIRST_NEW else "old"
     if step == "old-moved-aside":  # the one window with nothing at --output
