@@ -95,16 +95,53 @@ def test_every_step_is_reached(old_model, hf_folder, monkeypatch, capsys):
     assert seen == list(STEPS)
 
 
+# The children the tests below judge, run side by side (each over its own copy of the old model):
+# an export killed at each step, two more killed at the one window with nothing at --output, and
+# exports held at a step until a signal ends them.
+KILLS = {**{step: step for step in STEPS}, "load": "old-moved-aside", "no-force": "old-moved-aside"}
+SIGNALS = {"weights-written-15": ("weights-written", signal.SIGTERM),
+           "old-moved-aside-15": ("old-moved-aside", signal.SIGTERM),
+           "weights-written-1": ("weights-written", signal.SIGHUP)}  # fmt: skip
+
+
+def copy_of(model: Path, tmp_path_factory, name: str) -> Path:
+    out = tmp_path_factory.mktemp(name) / "parent" / "model"
+    shutil.copytree(model, out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def killed(tiny_fp32_plain, hf_folder, tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
-    """An export killed at each step, the children run side by side (each over its own copy of
-    the old model): step -> (the model folder, the child's exit status, its stderr)."""
+    """KILLS' children: name -> (the model folder, the child's exit status, its stderr)."""
     children = {}
-    for step in STEPS:
-        out = tmp_path_factory.mktemp(f"killed-{step}") / "parent" / "model"
-        shutil.copytree(tiny_fp32_plain, out)
-        children[step] = (out, start_child(step, "kill", out, hf_folder))
-    return {step: (out, *finish(proc)) for step, (out, proc) in children.items()}
+    for name, step in KILLS.items():
+        out = copy_of(tiny_fp32_plain, tmp_path_factory, f"killed-{name}")
+        children[name] = (out, start_child(step, "kill", out, hf_folder))
+    return {name: (out, *finish(proc)) for name, (out, proc) in children.items()}
+
+
+@pytest.fixture(scope="module")
+def signalled(tiny_fp32_plain, hf_folder, tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
+    """SIGNALS' children, each signalled once it waits at its step: name -> (the model folder,
+    the exit status, stderr)."""
+    children = {}
+    for name, (step, _) in SIGNALS.items():
+        out = copy_of(tiny_fp32_plain, tmp_path_factory, f"signalled-{name}")
+        children[name] = (out, start_child(step, "wait", out, hf_folder))
+    deadline, waiting = time.monotonic() + 180, dict(children)
+    try:
+        while waiting:
+            for name, (out, proc) in list(waiting.items()):
+                if (out.parent / "ready").exists():
+                    proc.send_signal(SIGNALS[name][1])
+                    del waiting[name]
+                else:
+                    assert proc.poll() is None, f"the child {name} exited before its step"
+            assert time.monotonic() < deadline, f"children never reached their steps: {sorted(waiting)}"
+            time.sleep(0.05)
+    finally:
+        results = {name: (out, *finish(proc)) for name, (out, proc) in children.items()}
+    return results
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -124,8 +161,9 @@ def test_kill_at_each_step(step, killed, hf_folder, capsys):
     assert temp_folders(parent) == []
 
 
-def test_engine_load_restores_the_model_a_kill_left_aside(old_model, hf_folder):
-    assert finish(start_child("old-moved-aside", "kill", old_model, hf_folder))[0] == 99
+def test_engine_load_restores_the_model_a_kill_left_aside(killed):
+    old_model, code, err = killed["load"]
+    assert code == 99, err
     assert not old_model.exists()
     from gpt2onnx.engine.engine import Engine
 
@@ -134,9 +172,10 @@ def test_engine_load_restores_the_model_a_kill_left_aside(old_model, hf_folder):
     assert not [name for name in temp_folders(old_model.parent) if ".old-" in name]
 
 
-def test_export_without_force_restores_the_model_a_kill_left_aside(old_model, hf_folder, capsys):
+def test_export_without_force_restores_the_model_a_kill_left_aside(killed, hf_folder, capsys):
+    old_model, code, err = killed["no-force"]
     parent = old_model.parent
-    assert finish(start_child("old-moved-aside", "kill", old_model, hf_folder))[0] == 99
+    assert code == 99, err
     assert not old_model.exists()
     capsys.readouterr()
     assert main(["--quiet", "export", "--model", str(hf_folder), "--output", str(old_model)]) == 2
@@ -145,24 +184,10 @@ def test_export_without_force_restores_the_model_a_kill_left_aside(old_model, hf
     assert temp_folders(parent) == []
 
 
-@pytest.mark.parametrize(
-    "step, sig",
-    [
-        ("weights-written", signal.SIGTERM),
-        ("old-moved-aside", signal.SIGTERM),
-        ("weights-written", signal.SIGHUP),
-    ],
-)
-def test_sigterm_cleans_up_like_ctrl_c(step, sig, old_model, hf_folder):
-    proc = start_child(step, "wait", old_model, hf_folder)
-    try:
-        deadline = time.monotonic() + 180
-        while not (old_model.parent / "ready").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, f"the child never reached {step}"
-            time.sleep(0.05)
-        proc.send_signal(sig)
-    finally:
-        code, err = finish(proc)
+@pytest.mark.parametrize("name", SIGNALS)
+def test_sigterm_cleans_up_like_ctrl_c(name, signalled):
+    old_model, code, err = signalled[name]
+    sig = SIGNALS[name][1]
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 128 + sig and len(lines) == 1 and f"terminated ({sig.name})" in lines[0], err
     assert_model(old_model, "old")  # restored by the exporter itself, before the next command
