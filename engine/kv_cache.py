@@ -229,8 +229,11 @@ class ConcatCache:
         """Bind one new token per row, the whole batch: rows past len(tokens) (ended) decode a
         dummy token. Returns the batch bucket: None, no CUDA graph."""
         assert len(tokens) <= self.batch, f"a decode step of {len(tokens)} rows after start({self.batch})"
-        ids = np.zeros((self.batch, 1), np.int64)
-        ids[: len(tokens), 0] = tokens
+        if len(tokens) == self.batch:  # every row still running: no copy
+            ids = tokens[:, None]
+        else:
+            ids = np.zeros((self.batch, 1), np.int64)
+            ids[: len(tokens), 0] = tokens
         self._bind(binding, ids, self.next_position)
         self.next_position += 1
 
