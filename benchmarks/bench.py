@@ -37,12 +37,16 @@ ONNX_LOOPS = ("ort-plain-loop", "naive-no-cache")  # plain loops over our graph,
 ALL_BASELINES = ("transformers-eager", "optimum", *ONNX_LOOPS, *PEERS)
 # Ours at another dtype, exported from the same weights with the same cache: "gpt2-onnx-int4"...
 OUR_DTYPES = {f"gpt2-onnx-{d}": d for d in DTYPES}
-# On request: ours without CUDA graphs and device sampling (GPU runs), and ours at other dtypes.
-EXTRA_BASELINES = ("gpt2-onnx-eager", *OUR_DTYPES)
+# Ours in int8 with another kernel (contract.INT8_KERNELS), from the same weights: int8 with rows
+# is the default; "gpt2-onnx-int8-blocks" is MatMulNBits, to compare the two in one run.
+OUR_INT8_KERNELS = {"gpt2-onnx-int8-blocks": "blocks"}
+# On request: ours without CUDA graphs and device sampling (GPU runs), at other dtypes and kernels.
+EXTRA_BASELINES = ("gpt2-onnx-eager", *OUR_DTYPES, *OUR_INT8_KERNELS)
 OURS = (
     "gpt2-onnx",
     "gpt2-onnx-eager",
     *OUR_DTYPES,
+    *OUR_INT8_KERNELS,
 )  # our engine's runners: if one fails, the benchmark fails
 WORKER = Path(__file__).resolve().parent / "worker.py"
 WEIGHT_BYTES = {
@@ -107,7 +111,9 @@ def find_optimum_python(explicit: str | None) -> str | None:
     return None
 
 
-def export_twin(manifest: Manifest, model_folder: Path, out: Path, dtype: str, kv_cache: str) -> Path:
+def export_twin(
+    manifest: Manifest, model_folder: Path, out: Path, dtype: str, kv_cache: str, int8_kernel: str = "rows"
+) -> Path:
     """The same weights exported again with another dtype or cache layout: the concat graph for
     the ONNX loops when the model under test has the shared cache (they drive the concat
     contract), and ours at other dtypes (OUR_DTYPES)."""
@@ -126,6 +132,7 @@ def export_twin(manifest: Manifest, model_folder: Path, out: Path, dtype: str, k
             tokenizer=model_folder / manifest.tokenizer_file,
             optimize=manifest.optimized or kv_cache == "shared",
             kv_cache=kv_cache,
+            int8_kernel=int8_kernel,
         )
     )
     return out
@@ -140,6 +147,11 @@ def onnx_folders(cfg: BenchConfig, manifest: Manifest, workdir: Path) -> dict[st
             same = dtype == manifest.dtype
             folders[runner] = ours if same else export_twin(manifest, cfg.model_folder, workdir / runner, dtype,
                                                             manifest.kv_cache)  # fmt: skip
+    for runner, kernel in OUR_INT8_KERNELS.items():
+        if runner in cfg.baselines:
+            same = manifest.dtype == "int8" and (manifest.int8_kernel or "blocks") == kernel
+            folders[runner] = ours if same else export_twin(manifest, cfg.model_folder, workdir / runner, "int8",
+                                                            manifest.kv_cache, kernel)  # fmt: skip
     loops = [b for b in cfg.baselines if b in ONNX_LOOPS]
     if loops:
         concat = ours
@@ -186,6 +198,8 @@ def precision_of(runner: str, data: dict, manifest: Manifest) -> str:
         return PEERS[runner].ours
     if runner in OUR_DTYPES:
         return OUR_DTYPES[runner]
+    if runner in OUR_INT8_KERNELS:
+        return "int8"
     if runner in HF_RUNNERS:  # fp32 weights; transformers runs an fp16 model's dtype on the GPU
         fp16 = runner == "transformers-eager" and data.get("device") == "cuda" and manifest.dtype == "fp16"
         return "fp16" if fp16 else "fp32"

@@ -83,7 +83,8 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         help="comma-separated baselines to run beside ours. llama.cpp-* and ctranslate2-* run when "
         ".ci/setup-llamacpp / .ci/setup-ctranslate2 made their venvs (else skipped). Also on request: "
         "gpt2-onnx-eager (ours without CUDA graphs and device sampling) and gpt2-onnx-fp32 / -fp16 / "
-        "-int8 / -int4 (ours at that dtype, exported from the same weights)",
+        "-int8 / -int4 (ours at that dtype, exported from the same weights), gpt2-onnx-int8-blocks (int8 "
+        "with --int8-kernel blocks)",
     )
     p.add_argument(
         "--rounds",

@@ -51,6 +51,10 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 
 DTYPES = ("fp32", "fp16", "int8", "int4")
+# int8's weight MatMuls: "rows" quantizes each activation row at run time (MatMulIntegerToFloat,
+# per-column u8 weights: a step's cost per row falls with the batch); "blocks" keeps activations
+# in float (MatMulNBits over 8-bit blocks: issue 25's figures, export/int8_rows.py)
+INT8_KERNELS = ("rows", "blocks")
 KV_CACHES = ("concat", "shared")  # past + new -> present (the contract above) | one buffer, updated in place
 # Element type of the KV cache (and activations): int8 models quantize weights only.
 ONNX_ELEM_TYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}
@@ -194,6 +198,7 @@ class Manifest:
     check: dict | None = None  # the export-time comparison with PyTorch
     optimized: bool = False  # fused attention / LayerNorm / GELU (onnxruntime contrib ops)
     kv_cache: str = "concat"  # see KV_CACHES
+    int8_kernel: str | None = None  # int8 only: see INT8_KERNELS (absent in folders before it)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:

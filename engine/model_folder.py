@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .contract import (
     DTYPES,
+    INT8_KERNELS,
     KV_CACHES,
     MANIFEST_FILE,
     SCHEMA_VERSION,
@@ -178,6 +179,13 @@ def parse_manifest(data: object, where: str = MANIFEST_FILE) -> Manifest:
         f.fail(
             "kv_cache", kv_cache, "'concat' for an unfused graph or a head size that is not a multiple of 8"
         )
+    int8_kernel = f.get("int8_kernel")
+    if int8_kernel is not None and (dtype != "int8" or int8_kernel not in INT8_KERNELS):
+        f.fail(
+            "int8_kernel",
+            int8_kernel,
+            "null, or for an int8 model one of " + ", ".join(map(repr, INT8_KERNELS)),
+        )
     check = f.get("check")
     if check is not None and not isinstance(check, dict):
         f.fail("check", check, "a JSON object or null")
@@ -194,6 +202,7 @@ def parse_manifest(data: object, where: str = MANIFEST_FILE) -> Manifest:
         check=check,
         optimized=optimized,
         kv_cache=kv_cache,
+        int8_kernel=int8_kernel,
     )
     expected = io_spec(config, dtype, kv_cache)
     if manifest.io != expected:

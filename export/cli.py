@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2onnx.engine.contract import DTYPES, KV_CACHES
+from gpt2onnx.engine.contract import DTYPES, INT8_KERNELS, KV_CACHES, UsageError
 from gpt2onnx.engine.extras import needs_extra
 
 
@@ -50,6 +50,13 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         default="fp32",
         help="precision: fp32; fp16 (for CUDA); int8 or int4 weights with fp32 activations (for the CPU)",
     )
+    p.add_argument(
+        "--int8-kernel",
+        choices=INT8_KERNELS,
+        help="with --dtype int8: rows quantizes each activation row at run time (MatMulIntegerToFloat; "
+        "its cost per row falls as the batch grows); blocks keeps activations in float (MatMulNBits "
+        "over 8-bit blocks; see the README's per-CPU advice) (default: rows)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     p.add_argument(
         "--tokenizer",
@@ -81,12 +88,23 @@ def run(args: argparse.Namespace) -> int:
     cfg = ExportConfig(
         output=args.output, model=args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
         tokenizer=args.tokenizer, force=args.force, optimize=args.optimize, kv_cache=kv_cache(args),
+        int8_kernel=int8_kernel(args),
     )  # fmt: skip
     manifest = export(cfg)  # SIGTERM / SIGHUP clean up like Ctrl-C (gpt2onnx/cli.py's main)
     print(
         f"exported {manifest.source.checkpoint} ({manifest.dtype}, {manifest.kv_cache} cache) to {args.output}"
     )
     return 0
+
+
+def int8_kernel(args: argparse.Namespace) -> str:
+    """--int8-kernel, which only an int8 export has; rows unless asked."""
+    if args.int8_kernel is not None and args.dtype != "int8":
+        raise UsageError(
+            f"--int8-kernel applies to --dtype int8 only (this export is {args.dtype}); drop it or pass "
+            "--dtype int8; see gpt2-onnx export --help"
+        )
+    return args.int8_kernel or "rows"
 
 
 def kv_cache(args: argparse.Namespace) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 
+from .int8_rows import SUFFIX, rows_weight
 from .weights import Weights, array_of
 
 QUANTIZED_SUFFIXES = ("_Q4", "_Q8")  # onnxruntime's quantizer renames a weight W to W_Q4 / W_Q8
@@ -74,6 +75,9 @@ def dequantized_weights(proto: onnx.ModelProto, weights: Weights) -> Iterator[tu
             for suffix in QUANTIZED_SUFFIXES:
                 name = name.removesuffix(suffix)
             yield name.removeprefix("model."), matmul_nbits_weight(node, arrays), _attrs(node)["bits"]
+        elif node.op_type == "MatMulIntegerToFloat":
+            name = node.input[1].removesuffix(SUFFIX)
+            yield name.removeprefix("model."), rows_weight(node, arrays), 8
         elif node.op_type == "GatherBlockQuantized" and node.input[0] in tensors:
             yield "wte", gather_table(node, arrays), 8
         # else the lm_head's own 8-bit blocks (tied, as in the checkpoint): checked as the head

@@ -17,6 +17,7 @@ from pathlib import Path
 from gpt2onnx.engine import atomic_folder
 from gpt2onnx.engine.contract import (
     DTYPES,
+    INT8_KERNELS,
     KV_CACHES,
     MANIFEST_FILE,
     MODEL_FILE,
@@ -61,6 +62,7 @@ class ExportConfig:
     force: bool = False
     optimize: bool = True  # fused attention, SkipLayerNormalization and FastGelu (export/fusion.py)
     kv_cache: str = "concat"  # "shared": a fixed-size cache updated in place
+    int8_kernel: str = "rows"  # int8's MatMuls (INT8_KERNELS): per-row activations, or MatMulNBits blocks
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # lowered by tests to exercise external data
 
     def __post_init__(self) -> None:
@@ -73,6 +75,10 @@ class ExportConfig:
         if self.kv_cache == "shared" and not self.optimize:
             raise ValueError(
                 "--kv-cache shared needs the fused graph (GroupQueryAttention); drop --no-optimize"
+            )
+        if self.int8_kernel not in INT8_KERNELS:
+            raise ValueError(
+                f"--int8-kernel {self.int8_kernel!r} is not supported; choose one of {', '.join(INT8_KERNELS)}"
             )
         if (self.model is None) == (self.random_init is None):
             raise ValueError("pass exactly one of --model SRC or --random-init SIZE")
@@ -143,6 +149,7 @@ def export(cfg: ExportConfig) -> Manifest:
             external_data=external,
             optimized=cfg.optimize,  # __post_init__ refuses the shared cache without it
             kv_cache=cfg.kv_cache,
+            int8_kernel=cfg.int8_kernel if cfg.dtype == "int8" else None,
         )
         report = _check(tmp, manifest, expected)
         log.info("export check passed: %s", report)
@@ -187,6 +194,7 @@ def _write_graph(cfg: ExportConfig, ckpt: Checkpoint, path: Path) -> tuple[str |
         cfg.external_data_threshold,
         optimize=cfg.optimize,
         kv_cache=cfg.kv_cache,
+        int8_kernel=cfg.int8_kernel,
     )
     del graph_module  # fp16: `weights` holds its tensors until the stored weights are checked
     log.info("running the PyTorch reference on the check's inputs")

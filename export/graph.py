@@ -88,7 +88,7 @@ def example_inputs(config: GPT2Config, dtype: torch.dtype, kv_cache: str) -> tup
 
 
 def trace(
-    model: GPT2, dtype: str, optimize: bool = False, kv_cache: str = "concat"
+    model: GPT2, dtype: str, optimize: bool = False, kv_cache: str = "concat", int8_kernel: str = "rows"
 ) -> tuple[onnx.ModelProto, Weights]:
     """The graph of `model` with placeholder weights (export/weights.py): traced without its
     parameters, fused when `optimize` (the shared cache needs it: ExportConfig refuses
@@ -124,7 +124,7 @@ def trace(
     if optimize:
         proto = fuse(proto, model.config, kv_cache)
     if dtype in QUANTIZED:
-        proto = quantize(proto, weights, n_layer, dtype)
+        proto = quantize(proto, weights, n_layer, dtype, int8_kernel)
     return proto, weights
 
 
@@ -135,11 +135,12 @@ def export_graph(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     optimize: bool = False,
     kv_cache: str = "concat",
+    int8_kernel: str = "rows",
 ) -> tuple[str | None, onnx.ModelProto, Weights]:
     """Write `path` (and `path`.data when the weights pass the threshold). Returns the external
     data file's name (None: one file), and the written graph with its weights' arrays (the
     external ones read back and found equal: weights.check_written)."""
-    proto, weights = trace(model, dtype, optimize, kv_cache)
+    proto, weights = trace(model, dtype, optimize, kv_cache, int8_kernel)
     size = weight_bytes(proto, weights)
     external = f"{path.name}.data" if size > external_data_threshold else None
     log.info("writing %s (%.1f MB of weights%s)", path.name, size / 1e6,

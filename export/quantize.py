@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 
 from gpt2onnx.engine.extras import check_installed, require
 
+from .int8_rows import embedding_from_head, quantize_rows
 from .weights import Weights, array_of, placeholder
 
 log = logging.getLogger(__name__)
@@ -63,18 +64,30 @@ def check_quantizer_available(dtype: str) -> None:
 
 
 def quantize(
-    proto: onnx.ModelProto, weights: Weights, n_layer: int, dtype: str, layout: Layout | None = None
+    proto: onnx.ModelProto,
+    weights: Weights,
+    n_layer: int,
+    dtype: str,
+    int8_kernel: str = "rows",
+    layout: Layout | None = None,
 ) -> onnx.ModelProto:
-    """Replace every MatMul with a constant weight, the tied lm_head included, by MatMulNBits in
-    `layout` (LAYOUTS[dtype]), one weight at a time: its blocks go into `weights` (placeholders,
-    export/weights.py) and the float weight leaves them. Checks that all were replaced."""
-    _quantize(proto, weights, layout or LAYOUTS[dtype], dtype)
-    embedding_from_8bit(proto.graph, weights)
+    """Replace every MatMul with a constant weight, the tied lm_head included, one weight at a
+    time: its quantized form goes into `weights` (placeholders, export/weights.py) and the float
+    weight leaves them. int8 with `int8_kernel` "rows": per-row activations (export/int8_rows.py);
+    else MatMulNBits in `layout` (LAYOUTS[dtype]). Checks that all were replaced."""
+    if dtype == "int8" and int8_kernel == "rows":
+        quantize_rows(proto, weights)
+        embedding_from_head(proto.graph, weights)
+        op = "MatMulIntegerToFloat"
+    else:
+        _quantize(proto, weights, layout or LAYOUTS[dtype], dtype)
+        embedding_from_8bit(proto.graph, weights)
+        op = "MatMulNBits"
     counts = Counter(node.op_type for node in proto.graph.node)
     expected = 4 * n_layer + 1  # c_attn, attn c_proj, c_fc, mlp c_proj per layer, and lm_head
-    if counts["MatMulNBits"] != expected:
+    if counts[op] != expected:
         raise QuantizationError(
-            f"{dtype} quantization produced {counts['MatMulNBits']} MatMulNBits nodes, expected {expected}; "
+            f"{dtype} quantization produced {counts[op]} {op} nodes, expected {expected}; "
             "the graph did not have the shape the quantizer expects"
         )
     return proto

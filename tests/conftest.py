@@ -134,6 +134,7 @@ EXPORTS = {
     "tiny_int4_shared": ("hf_folder", {"dtype": "int4", "kv_cache": "shared"}),
     "varied_fp32": ("varied_hf_folder", {}),
     "varied_shared": ("varied_hf_folder", {"kv_cache": "shared"}),
+    "varied_int8_shared": ("varied_hf_folder", {"dtype": "int8", "kv_cache": "shared"}),
 }
 
 

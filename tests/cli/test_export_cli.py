@@ -206,3 +206,14 @@ def test_the_default_cache_is_the_shared_one_and_concat_without_fusion(capsys, t
     assert read_manifest(tmp_path / "fused").kv_cache == "shared"
     code, _ = run_cli(capsys, "export", "--model", hf_folder, "--no-optimize", "--output", tmp_path / "plain")
     assert code == 0 and read_manifest(tmp_path / "plain").kv_cache == "concat"
+
+
+def test_int8_kernel_belongs_to_int8(capsys, tmp_path, hf_folder):
+    code, err = run_cli(
+        capsys, "export", "--model", hf_folder, "--int8-kernel", "blocks", "--output", tmp_path / "x"
+    )
+    assert_one_line_error(code, err, "--int8-kernel applies to --dtype int8 only (this export is fp32)")
+    assert not (tmp_path / "x").exists()
+    code, _ = run_cli(capsys, "export", "--model", hf_folder, "--dtype", "int8", "--int8-kernel", "blocks",
+                      "--output", tmp_path / "blocks")  # fmt: skip
+    assert code == 0 and read_manifest(tmp_path / "blocks").int8_kernel == "blocks"

@@ -76,6 +76,7 @@ BAD_FIELDS = [
     ("unknown-field", setter("weights", "x"), "unknown field weights"),
     ("dtype", setter("dtype", "fp64"), "dtype is 'fp64'"),
     ("kv-cache", setter("kv_cache", 1), "kv_cache is 1"),
+    ("int8-kernel-on-fp32", setter("int8_kernel", "rows"), "int8_kernel is 'rows'"),
     ("optimized-str", setter("optimized", "yes"), "optimized is 'yes'"),
     ("schema-str", setter("schema_version", "1"), "schema_version '1' is not supported"),
     ("model-file-int", setter("model_file", 123), "model_file is 123"),

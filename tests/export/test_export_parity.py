@@ -170,7 +170,7 @@ def test_optimized_graph_has_the_fused_ops(tiny_fp32, tiny_fp16, tiny_fp32_plain
     shared = Counter(n.op_type for n in onnx.load(str(tiny_shared / "model.onnx")).graph.node)
     assert shared["Split"] == 0, "GroupQueryAttention takes c_attn's packed output, no Split per layer"
     int8 = Counter(n.op_type for n in onnx.load(str(tiny_int8 / "model.onnx")).graph.node)
-    assert int8["MatMulNBits"] == 4 * config.n_layer + 1 and int8["MatMul"] == 0
+    assert int8["MatMulIntegerToFloat"] == 4 * config.n_layer + 1 and int8["MatMul"] == 0
 
 
 def test_tied_embedding_stored_once(tiny_fp32):
@@ -187,11 +187,9 @@ def embedding_nodes(folder) -> tuple[list, dict]:
             and "input_ids" in n.input or n.name == "/embedding/Reshape"], inits  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
-def test_quantized_models_gather_tokens_from_an_8bit_table_and_keep_no_float_one(request, dtype):
-    """int8 and int4 (tiny: width 32, narrower than the int8 head's 128-blocks): an 8-bit copy in
-    blocks of 32; no float (vocab, width) table is left."""
-    folder = request.getfixturevalue(f"tiny_{dtype}")
+def test_int4_gathers_tokens_from_an_8bit_table_and_keeps_no_float_one(tiny_int4):
+    """An 8-bit copy of the token table in blocks of 32 (tiny: width 32); no float one is left."""
+    folder = tiny_int4
     c = read_manifest(folder).config
     nodes, inits = embedding_nodes(folder)
     (gather,) = [n for n in nodes if n.op_type == "GatherBlockQuantized"]
@@ -203,12 +201,17 @@ def test_quantized_models_gather_tokens_from_an_8bit_table_and_keep_no_float_one
                 if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) == c.vocab_size * c.n_embd]  # fmt: skip
 
 
-def test_int8_with_a_head_in_whole_blocks_gathers_from_the_head_itself(vocab, tokenizer_dir, tmp_path):
-    """Width 128 fills the int8 head's blocks: the Gather reads the head's own bytes, reshaped."""
+def test_int8_blocks_with_a_head_in_whole_blocks_gathers_from_the_head_itself(vocab, tokenizer_dir, tmp_path):
+    """--int8-kernel blocks, width 128 fills the head's blocks: the Gather reads the head's own
+    bytes, reshaped."""
     model = make_hf_model(vocab, n_embd=128)
     out = export_folder(
-        save_hf_folder(model, tmp_path / "hf", tokenizer_dir), tmp_path / "int8", dtype="int8"
+        save_hf_folder(model, tmp_path / "hf", tokenizer_dir),
+        tmp_path / "int8",
+        dtype="int8",
+        int8_kernel="blocks",
     )
+    assert read_manifest(out).int8_kernel == "blocks"
     nodes, inits = embedding_nodes(out)
     reshape, gather = (
         next(n for n in nodes if n.op_type == op) for op in ("Reshape", "GatherBlockQuantized")

@@ -14,6 +14,7 @@ from gpt2onnx.export.verify import ExportCheckError
 
 FIXTURE = SHARED_TOKENIZER.parent / "fixtures" / "pydocs-gpt2-4l"
 SMALL = dict(n_layer=4, n_head=4, n_embd=128, n_positions=128)
+KERNELS = {"int8": {}, "int8-blocks": {"int8_kernel": "blocks"}, "int4": {}}  # export options beside dtype
 
 
 def scaled_folder(vocab, tokenizer_dir, folder, scale: float, seed: int = 7, **dims):
@@ -27,12 +28,15 @@ def scaled_folder(vocab, tokenizer_dir, folder, scale: float, seed: int = 7, **d
     return save_hf_folder(model, folder, tokenizer_dir)
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
-@pytest.mark.parametrize("scale", [1.0, 3.0, 5.0])
-def test_healthy_quantized_exports_pass_at_every_weight_scale(vocab, tokenizer_dir, tmp_path, dtype, scale):
+HEALTHY = [(kind, scale) for kind in ("int8", "int4") for scale in (1.0, 3.0, 5.0)] + [("int8-blocks", 3.0)]
+
+
+@pytest.mark.parametrize("kind, scale", HEALTHY)
+def test_healthy_quantized_exports_pass_at_every_weight_scale(vocab, tokenizer_dir, tmp_path, kind, scale):
     src = scaled_folder(vocab, tokenizer_dir, tmp_path / "hf", scale, **SMALL)
     for kv in ("concat", "shared"):
-        check = read_manifest(export_folder(src, tmp_path / kv, dtype=dtype, kv_cache=kv)).check
+        options = dict(dtype=kind[:4], kv_cache=kv, **KERNELS[kind])
+        check = read_manifest(export_folder(src, tmp_path / kv, **options)).check
         assert check["rel_logits"] is not None, check  # top-1 may flip at near-ties (weights x1: most)
         assert check["weight_steps"] <= 1.0 and check["stored_rel_logits"] < 0.1, check
 
@@ -57,42 +61,49 @@ def corrupting(monkeypatch, corrupt) -> None:
     must catch (the weights' bytes are kept beside the graph until written: export/weights.py)."""
     real = graph_module.quantize
 
-    def quantize(proto, weights, n_layer, dtype):
-        proto = real(proto, weights, n_layer, dtype)
+    def quantize(proto, weights, *args):
+        proto = real(proto, weights, *args)
         corrupt(proto, weights)
         return proto
 
     monkeypatch.setattr(graph_module, "quantize", quantize)
 
 
-def nbits_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+# the quantized MatMuls: op -> (its weight's input, its scales' input)
+QUANTIZED_OPS = {"MatMulNBits": (1, 2), "MatMulIntegerToFloat": (1, 3)}
+
+
+def quantized_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in proto.graph.node if n.op_type in QUANTIZED_OPS]
 
 
 def scale_one_block(proto: onnx.ModelProto, weights: dict) -> None:
-    """One block of the first layer's first quantized weight reads 20x too large: a bad scale."""
-    name = nbits_nodes(proto)[0].input[2]
+    """One block (one column, per-row int8) of the first layer's first quantized weight reads 20x
+    too large: a bad scale."""
+    node = quantized_nodes(proto)[0]
+    name = node.input[QUANTIZED_OPS[node.op_type][1]]
     weights[name] = weights[name].copy()
     weights[name].flat[0] *= 20.0
 
 
 def swap_two_layers(proto: onnx.ModelProto, weights: dict) -> None:
     """Layer 0's and layer 1's first quantized weights (with their scales) trade places."""
-    first, second = [n for n in nbits_nodes(proto)][:: len(nbits_nodes(proto)) // 4][:2]
-    for i in (1, 2):
+    nodes = quantized_nodes(proto)
+    first, second = nodes[:: len(nodes) // 4][:2]
+    for i in QUANTIZED_OPS[first.op_type]:
         a, b = first.input[i], second.input[i]
         weights[a], weights[b] = weights[b], weights[a]
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("kind", KERNELS)
 @pytest.mark.parametrize("corrupt", [scale_one_block, swap_two_layers], ids=["one-block", "layers-swapped"])
-def test_a_corrupted_quantized_export_is_refused(vocab, tokenizer_dir, tmp_path, monkeypatch, dtype, corrupt):
+def test_a_corrupted_quantized_export_is_refused(vocab, tokenizer_dir, tmp_path, monkeypatch, kind, corrupt):
     src = scaled_folder(vocab, tokenizer_dir, tmp_path / "hf", 3.0, **SMALL)
     corrupting(monkeypatch, corrupt)
     with pytest.raises(
         ExportCheckError,
         match="quantized weights are corrupt|do not compute what the checkpoint does|top-1 token differs",
     ) as info:
-        export_folder(src, tmp_path / "out", dtype=dtype)
+        export_folder(src, tmp_path / "out", dtype=kind[:4], **KERNELS[kind])
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()  # nothing half-written is left
