@@ -27,7 +27,7 @@ from .weights import Weights, array_of, placeholder
 
 log = logging.getLogger(__name__)
 
-SUFFIX = "_R8"  # a weight W becomes W_R8 (u8) and W_R8_scales (one per output column)
+SUFFIX = "_R8"  # a weight W becomes W_R8 (u8) and W_R8_scales (one per output column, over 127)
 ZERO_POINT = "rows_zero_point"
 
 
@@ -42,7 +42,9 @@ def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _row_quantizer(x: str) -> tuple[list[onnx.NodeProto], str, str]:
-    """Nodes that quantize activation `x` per row (its last axis): its u8 and its (..., 1) scale."""
+    """Nodes that quantize activation `x` per row (its last axis): u8 = round(127 x / m) + 128
+    with m = max |x| over the row, and m, (..., 1), as the row's scale (its 1/127 is folded into
+    the weights' column scales: five nodes a step, not eight)."""
     p = f"{x}_rows"
     make = helper.make_node
     nodes = [
@@ -50,12 +52,10 @@ def _row_quantizer(x: str) -> tuple[list[onnx.NodeProto], str, str]:
         make(
             "ReduceMax", [f"{p}_abs"], [f"{p}_max"], name=f"{p}/ReduceMax", axes=[-1], keepdims=1
         ),  # opset 17
-        make("Max", [f"{p}_max", "rows_tiny"], [f"{p}_max1"], name=f"{p}/Max"),  # an all-zero row
-        make("Mul", [f"{p}_max1", "rows_inv127"], [f"{p}_scale"], name=f"{p}/Mul"),
-        make("Div", [x, f"{p}_scale"], [f"{p}_div"], name=f"{p}/Div"),
-        make("Round", [f"{p}_div"], [f"{p}_round"], name=f"{p}/Round"),
-        make("Add", [f"{p}_round", "rows_128"], [f"{p}_shift"], name=f"{p}/Add"),
-        make("Cast", [f"{p}_shift"], [f"{p}_u8"], name=f"{p}/Cast", to=TensorProto.UINT8),
+        make("Max", [f"{p}_max", "rows_tiny"], [f"{p}_scale"], name=f"{p}/Max"),  # an all-zero row
+        make("Div", [x, f"{p}_scale"], [f"{p}_unit"], name=f"{p}/Div"),  # in [-1, 1]
+        # one tensor-wide scale and zero point: round half to even, + 128, saturate, to u8
+        make("QuantizeLinear", [f"{p}_unit", "rows_inv127", ZERO_POINT], [f"{p}_u8"], name=f"{p}/Quantize"),
     ]
     return nodes, f"{p}_u8", f"{p}_scale"
 
@@ -72,6 +72,7 @@ def quantize_rows(proto: onnx.ModelProto, weights: Weights) -> None:
         "rows_tiny": np.array(1e-30, np.float32),
         "rows_inv127": np.array(1 / 127, np.float32),
         "rows_128": np.array(128, np.float32),
+        "rows_127": np.array(127, np.float32),
         ZERO_POINT: np.array(128, np.uint8),
     }
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
@@ -88,7 +89,7 @@ def quantize_rows(proto: onnx.ModelProto, weights: Weights) -> None:
             nodes += made
             quantized[x] = (x_u8, x_scale)
         q, scale = quantize_columns(array_of(inits[name], weights))
-        stored = {f"{name}{SUFFIX}": q, f"{name}{SUFFIX}_scales": scale}
+        stored = {f"{name}{SUFFIX}": q, f"{name}{SUFFIX}_scales": scale / np.float32(127)}
         for stored_name, array in stored.items():
             weights[stored_name] = array
             graph.initializer.append(placeholder(stored_name, array))
@@ -133,7 +134,8 @@ def embedding_from_head(graph: onnx.GraphProto, weights: Weights) -> None:
         make("Cast", [f"{p}_u8"], [f"{p}_f"], name=f"{p}/Cast", to=TensorProto.FLOAT),
         make("Sub", [f"{p}_f", "rows_128"], [f"{p}_centred"], name=f"{p}/Sub"),
         make("Gather", [scales, "input_ids"], [f"{p}_scale"], name=f"{p}/GatherScale", axis=0),
-        make("Unsqueeze", [f"{p}_scale", "rows_last_axis"], [f"{p}_scale1"], name=f"{p}/Unsqueeze"),
+        make("Mul", [f"{p}_scale", "rows_127"], [f"{p}_scale127"], name=f"{p}/Mul127"),  # see SUFFIX
+        make("Unsqueeze", [f"{p}_scale127", "rows_last_axis"], [f"{p}_scale1"], name=f"{p}/Unsqueeze"),
         make("Mul", [f"{p}_centred", f"{p}_scale1"], list(gather.output), name=f"{p}/Mul"),
     ]
     at = list(graph.node).index(gather)
@@ -146,8 +148,9 @@ def embedding_from_head(graph: onnx.GraphProto, weights: Weights) -> None:
 
 
 def rows_weight(node: onnx.NodeProto, tensors) -> np.ndarray:
-    """The float (K, N) weight a MatMulIntegerToFloat node multiplies by: (u8 - 128) * scale."""
+    """The float (K, N) weight a MatMulIntegerToFloat node multiplies by: (u8 - 128) * scale
+    (the stored scale times 127: see SUFFIX)."""
     w = tensors[node.input[1]].astype(np.float32)
     w -= 128
-    w *= tensors[node.input[3]].astype(np.float32)
+    w *= tensors[node.input[3]].astype(np.float32) * np.float32(127)
     return w

@@ -41,11 +41,14 @@ def test_every_weight_matmul_is_per_row_and_the_head_is_the_token_table(tiny_int
     assert manifest.int8_kernel == "rows" and "MatMulNBits" not in ops and "MatMul" not in ops
     matmuls = [n for n in proto.graph.node if n.op_type == "MatMulIntegerToFloat"]
     assert len(matmuls) == 4 * c.n_layer + 1
+    made = {out: n for n in proto.graph.node for out in n.output}
     for node in matmuls:
         weight, scales = inits[node.input[1]], inits[node.input[3]]
         assert weight.data_type == onnx.TensorProto.UINT8 and list(scales.dims) == [weight.dims[1]]
-        x_scale = next(n for n in proto.graph.node if node.input[2] in n.output)
-        assert x_scale.op_type == "Mul", "the activation's scale is made per row in the graph"
+        guard = made[node.input[2]]  # the activation's scale: max |x| over each row, kept above 0
+        reduce = made[guard.input[0]]
+        assert guard.op_type == "Max" and reduce.op_type == "ReduceMax"
+        assert [a.ints for a in reduce.attribute if a.name == "axes"] == [[-1]], "per row, not per tensor"
     head = next(n for n in matmuls if inits[n.input[1]].dims[1] == c.vocab_size)
     gathers = [n for n in proto.graph.node if n.op_type == "Gather" and "input_ids" in n.input]
     assert sorted(g.input[0] for g in gathers) == sorted([head.input[1], head.input[3]])
