@@ -253,6 +253,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             "random_init": manifest.source.random_init,
             "seed": manifest.source.seed,
             "dtype": manifest.dtype,
+            "int8_kernel": manifest.int8_kernel,
             "kv_cache": manifest.kv_cache,
             "optimized": manifest.optimized,
             "n_params": c.n_params,

@@ -16,7 +16,8 @@ def markdown(results: dict) -> str:
     graph = ("shared KV cache" if model.get("kv_cache") == "shared" else "concat KV cache") + (
         ", fused" if model.get("optimized") else ""
     )
-    label = f"{model['checkpoint']} ({model['dtype']}, {graph}, {model['n_params'] / 1e6:.0f}M params{', RANDOM weights, seed ' + str(model['seed']) if model['random_init'] else ''})"
+    dtype = model["dtype"] + (f" {model['int8_kernel']}" if model.get("int8_kernel") else "")
+    label = f"{model['checkpoint']} ({dtype}, {graph}, {model['n_params'] / 1e6:.0f}M params{', RANDOM weights, seed ' + str(model['seed']) if model['random_init'] else ''})"
     failed = [f for f in results.get("failures", []) if f["ours"]]
     lines = [f"**FAILED: {f['runner']} (our engine) failed: {cell(f['reason'])}**  " for f in failed]
     lines += [

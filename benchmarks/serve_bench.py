@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         ("open", float(r)) for r in args.rates.split(",") if r
     ]
     runners = [r for r in args.runners.split(",") if r]
-    results = {"model": str(args.model), "dtype": manifest.dtype, "vocab_size": vocab,
+    results = {"model": str(args.model), "dtype": manifest.dtype, "int8_kernel": manifest.int8_kernel, "vocab_size": vocab,
                "max_batch": args.max_batch, "requests": args.requests, "prompt_lens": args.prompt_lens,
                "new_tokens": args.new_tokens, "seed": args.seed, "runs": []}  # fmt: skip
     for runner in runners:
@@ -184,7 +184,8 @@ def threading_drain(stream) -> None:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# Load benchmark: {results['model']} ({results['dtype']}), max batch {results['max_batch']}", "",
+    dtype = results["dtype"] + (f" {results['int8_kernel']}" if results.get("int8_kernel") else "")
+    lines = [f"# Load benchmark: {results['model']} ({dtype}), max batch {results['max_batch']}", "",
              "| runner | load | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |",
              "|---|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
 
