@@ -1,5 +1,5 @@
 """int8 with activations quantized per row: the 8-bit kernel whose cost per row falls as the
-batch grows (issue 25; benchmarks/matmul_kernels.py and rows_int8.py chose it).
+batch grows (issue 25; chosen with benchmarks/matmul_kernels.py, timed with row_steps.py).
 
 Each weight W (K, N) is stored as u8 = round(W / s) + 128 with one scale per output column
 (s = max |W[:, n]| / 127). At run time each activation row x (one token of one request) becomes
