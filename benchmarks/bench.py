@@ -37,17 +37,14 @@ ONNX_LOOPS = ("ort-plain-loop", "naive-no-cache")  # plain loops over our graph,
 ALL_BASELINES = ("transformers-eager", "optimum", *ONNX_LOOPS, *PEERS)
 # Ours at another dtype, exported from the same weights with the same cache: "gpt2-onnx-int4"...
 OUR_DTYPES = {f"gpt2-onnx-{d}": d for d in DTYPES}
-# Ours in int8 with another kernel (contract.INT8_KERNELS), from the same weights: int8 with rows
-# is the default; "gpt2-onnx-int8-blocks" is MatMulNBits, to compare the two in one run.
-OUR_INT8_KERNELS = {"gpt2-onnx-int8-blocks": "blocks"}
+# What each of ours beside the model under test is exported as, (dtype, int8 kernel): those at
+# another dtype (int8 with its default kernel), and "gpt2-onnx-int8-blocks", int8 with MatMulNBits
+# (contract.INT8_KERNELS), to compare the two kernels in one run.
+OUR_TWINS = {**{name: (d, "rows" if d == "int8" else None) for name, d in OUR_DTYPES.items()},
+             "gpt2-onnx-int8-blocks": ("int8", "blocks")}  # fmt: skip
 # On request: ours without CUDA graphs and device sampling (GPU runs), at other dtypes and kernels.
-EXTRA_BASELINES = ("gpt2-onnx-eager", *OUR_DTYPES, *OUR_INT8_KERNELS)
-OURS = (
-    "gpt2-onnx",
-    "gpt2-onnx-eager",
-    *OUR_DTYPES,
-    *OUR_INT8_KERNELS,
-)  # our engine's runners: if one fails, the benchmark fails
+EXTRA_BASELINES = ("gpt2-onnx-eager", *OUR_TWINS)
+OURS = ("gpt2-onnx", "gpt2-onnx-eager", *OUR_TWINS)  # our engine's runners: if one fails, the benchmark fails
 WORKER = Path(__file__).resolve().parent / "worker.py"
 WEIGHT_BYTES = {
     "fp32": 4,
@@ -116,7 +113,7 @@ def export_twin(
 ) -> Path:
     """The same weights exported again with another dtype or cache layout: the concat graph for
     the ONNX loops when the model under test has the shared cache (they drive the concat
-    contract), and ours at other dtypes (OUR_DTYPES)."""
+    contract), and ours at other dtypes or int8 kernels (OUR_TWINS)."""
     from gpt2onnx.export.exporter import ExportConfig, export
 
     src = manifest.source
@@ -142,16 +139,12 @@ def onnx_folders(cfg: BenchConfig, manifest: Manifest, workdir: Path) -> dict[st
     """The model folder each ONNX runner loads."""
     ours = cfg.model_folder.resolve()
     folders = {"gpt2-onnx": ours, "gpt2-onnx-eager": ours}
-    for runner, dtype in OUR_DTYPES.items():
+    # an int8 folder from before int8_kernel was recorded is MatMulNBits
+    under_test = (manifest.dtype, manifest.int8_kernel or ("blocks" if manifest.dtype == "int8" else None))
+    for runner, (dtype, kernel) in OUR_TWINS.items():
         if runner in cfg.baselines:
-            same = dtype == manifest.dtype
-            folders[runner] = ours if same else export_twin(manifest, cfg.model_folder, workdir / runner, dtype,
-                                                            manifest.kv_cache)  # fmt: skip
-    for runner, kernel in OUR_INT8_KERNELS.items():
-        if runner in cfg.baselines:
-            same = manifest.dtype == "int8" and (manifest.int8_kernel or "blocks") == kernel
-            folders[runner] = ours if same else export_twin(manifest, cfg.model_folder, workdir / runner, "int8",
-                                                            manifest.kv_cache, kernel)  # fmt: skip
+            folders[runner] = ours if (dtype, kernel) == under_test else export_twin(
+                manifest, cfg.model_folder, workdir / runner, dtype, manifest.kv_cache, kernel or "rows")  # fmt: skip
     loops = [b for b in cfg.baselines if b in ONNX_LOOPS]
     if loops:
         concat = ours
@@ -196,10 +189,8 @@ def precision_of(runner: str, data: dict, manifest: Manifest) -> str:
     """The precision its weights run at, in our dtype names, to compare like with like."""
     if runner in PEERS:
         return PEERS[runner].ours
-    if runner in OUR_DTYPES:
-        return OUR_DTYPES[runner]
-    if runner in OUR_INT8_KERNELS:
-        return "int8"
+    if runner in OUR_TWINS:
+        return OUR_TWINS[runner][0]
     if runner in HF_RUNNERS:  # fp32 weights; transformers runs an fp16 model's dtype on the GPU
         fp16 = runner == "transformers-eager" and data.get("device") == "cuda" and manifest.dtype == "fp16"
         return "fp16" if fp16 else "fp32"

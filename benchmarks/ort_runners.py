@@ -120,7 +120,7 @@ RUNNERS = {
     "gpt2-onnx": ours,
     "gpt2-onnx-eager": lambda *a: ours(*a, fast_gpu_path=False),
     **{f"gpt2-onnx-{dtype}": ours for dtype in DTYPES},  # ours at another dtype (bench.OUR_DTYPES)
-    "gpt2-onnx-int8-blocks": ours,  # int8 with MatMulNBits (bench.OUR_INT8_KERNELS)
+    "gpt2-onnx-int8-blocks": ours,  # int8 with MatMulNBits (bench.OUR_TWINS)
     "ort-plain-loop": plain_run_loop,
     "naive-no-cache": naive_no_cache,
 }

@@ -11,12 +11,17 @@ from gpt2onnx.engine.extras import MissingExtraError, require
 log = logging.getLogger(__name__)
 
 
+def dtype_label(dtype: str, int8_kernel: str | None) -> str:
+    """ "int8 rows", "fp32": a model's dtype with its int8 kernel when it has one."""
+    return f"{dtype} {int8_kernel}" if int8_kernel else dtype
+
+
 def markdown(results: dict) -> str:
     m, model = results["machine"], results["model"]
     graph = ("shared KV cache" if model.get("kv_cache") == "shared" else "concat KV cache") + (
         ", fused" if model.get("optimized") else ""
     )
-    dtype = model["dtype"] + (f" {model['int8_kernel']}" if model.get("int8_kernel") else "")
+    dtype = dtype_label(model["dtype"], model.get("int8_kernel"))
     label = f"{model['checkpoint']} ({dtype}, {graph}, {model['n_params'] / 1e6:.0f}M params{', RANDOM weights, seed ' + str(model['seed']) if model['random_init'] else ''})"
     failed = [f for f in results.get("failures", []) if f["ours"]]
     lines = [f"**FAILED: {f['runner']} (our engine) failed: {cell(f['reason'])}**  " for f in failed]

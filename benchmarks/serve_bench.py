@@ -33,6 +33,7 @@ from gpt2onnx.engine.model_folder import read_manifest
 
 from . import llamacpp, load
 from .reference import hf_checkpoint
+from .report import dtype_label
 
 log = logging.getLogger("gpt2onnx")
 RUNNERS = ("continuous", "batch1", "static", "llamacpp")  # the default set
@@ -184,7 +185,7 @@ def threading_drain(stream) -> None:
 
 
 def markdown(results: dict) -> str:
-    dtype = results["dtype"] + (f" {results['int8_kernel']}" if results.get("int8_kernel") else "")
+    dtype = dtype_label(results["dtype"], results.get("int8_kernel"))
     lines = [f"# Load benchmark: {results['model']} ({dtype}), max batch {results['max_batch']}", "",
              "| runner | load | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |",
              "|---|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
