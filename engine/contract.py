@@ -199,6 +199,7 @@ class Manifest:
     optimized: bool = False  # fused attention / LayerNorm / GELU (onnxruntime contrib ops)
     kv_cache: str = "concat"  # see KV_CACHES
     int8_kernel: str | None = None  # int8 only: see INT8_KERNELS (absent in folders before it)
+    inspect_file: str | None = None  # the inspection graph (export --inspect), for Engine.run_with_cache
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:

@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from . import atomic_folder, inputs
+from .activations import ActivationCache, NamesFilter
 from .clock import Clock
 from .completion import Completion
 from .contract import InputError, ModelFolderError
+from .inspection import Inspector
 from .logprobs import token_logprobs
 from .model_folder import check_tokenizer, read_manifest
 from .requests import Request, RequestHandle
@@ -63,6 +65,7 @@ class CallOptions:
 SAMPLING_KEYWORDS = tuple(f.name for f in fields(SamplingConfig))
 MAX_WHOLE_PROMPT_CHARS = 1 << 20  # truncate="left" on a text with no place to cut: tokenized whole up to this
 MAX_LOGITS = 1 << 28  # floats (1 GiB) one logits() call may return
+MAX_INSPECT_ROWS = 1 << 16  # run_with_cache: the size of what it returns is bounded (engine/inspection.py)
 SCORE_LOGITS = 1 << 26  # floats (256 MiB) of logits per run while scoring (windows side by side)
 
 
@@ -79,6 +82,7 @@ class Engine:
         self._probe()
         self._lock = threading.Lock()
         self.scheduler = Scheduler(self.session, self.tokenizer, self._lock, config.max_queue)
+        self.inspector = Inspector(self.folder, self.manifest, self.device, config.threads)
         if self.manifest.source.random_init:
             log.info(
                 "%s holds RANDOM weights (%s, seed %s): its text is meaningless",
@@ -327,6 +331,54 @@ class Engine:
             )
         with self._lock:  # between the scheduler's bursts: the session is one
             return self.session.full_logits(np.array(rows, dtype=np.int64))
+
+    def run_with_cache(self, tokens, names_filter: NamesFilter = None,
+                       remove_batch_dim: bool = False) -> tuple[np.ndarray, ActivationCache]:  # fmt: skip
+        """TransformerLens's `logits, cache = model.run_with_cache(tokens)` on the inspection graph
+        (a folder exported with --inspect): logits (batch, seq, vocab) float32 and a cache of
+        numpy arrays under TransformerLens's names and shapes (engine/activations.py), such as
+        cache["blocks.0.attn.hook_pattern"] (batch, head, query, key) or cache["pattern", 0].
+        tokens: ids as `logits` takes them (a list, a 2-D array or tensor of equal rows), a text
+        (BOS prepended), or a list of texts (right-padded with <|endoftext|>, as TransformerLens's
+        to_tokens pads). Attention is causal over each whole row, positions 0..seq-1.
+        names_filter: None (every name), a name, a list of names, or a predicate of a name; only
+        the outputs those need are copied out. remove_batch_dim: drop the batch dim of a batch-1
+        cache (TransformerLens's flag). fp16 folders give float16 activations (scores, pattern and
+        logits float32). Raises ModelFolderError (the folder cannot inspect: the message has the
+        export command) and InputError (bad tokens or names)."""
+        rows = self._inspect_rows(tokens)
+        if not isinstance(remove_batch_dim, bool):
+            raise InputError(
+                f"remove_batch_dim must be a bool, got {remove_batch_dim!r}", param="remove_batch_dim"
+            )
+        if remove_batch_dim and len(rows) != 1:
+            raise InputError(
+                f"remove_batch_dim needs a batch of one; tokens has {len(rows)} rows",
+                param="remove_batch_dim",
+            )
+        logits, cache = self.inspector.run(np.array(rows, dtype=np.int64), names_filter)
+        if remove_batch_dim:
+            cache = ActivationCache({name: a[0] for name, a in cache.items()}, cache.n_layer)
+        return logits, cache
+
+    def _inspect_rows(self, tokens) -> list[list[int]]:
+        if isinstance(tokens, str):
+            rows = [self.tokenizer.to_tokens(tokens, True)]
+        elif isinstance(tokens, (list, tuple)) and tokens and all(isinstance(t, str) for t in tokens):
+            rows = [self.tokenizer.to_tokens(t, True) for t in tokens]
+            longest = max(map(len, rows))
+            rows = [r + [self.manifest.config.eos_token_id] * (longest - len(r)) for r in rows]
+        else:
+            if hasattr(tokens, "__array__") and not isinstance(tokens, np.ndarray):
+                tokens = np.asarray(tokens)  # a torch tensor, as TransformerLens users hold them
+            rows = inputs.token_rows("tokens", tokens, self.vocab_size, MAX_INSPECT_ROWS)
+        n_positions = self.manifest.config.n_positions
+        if len(rows[0]) > n_positions:
+            raise InputError(
+                f"tokens has {len(rows[0])} ids a row, past the model's {n_positions} positions; pass fewer",
+                param="tokens",
+            )
+        return rows
 
     def score(self, text: str, prepend_bos: bool = True, stride: int | None = None) -> Score:
         """Per-token log-probs of `text` and its perplexity (over every token after the first).

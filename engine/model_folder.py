@@ -203,7 +203,12 @@ def parse_manifest(data: object, where: str = MANIFEST_FILE) -> Manifest:
         optimized=optimized,
         kv_cache=kv_cache,
         int8_kernel=int8_kernel,
+        inspect_file=f.file_name("inspect_file", optional=True),
     )
+    if manifest.inspect_file is not None and dtype not in ("fp32", "fp16"):
+        f.fail(
+            "inspect_file", manifest.inspect_file, "null for a quantized model (only fp32 and fp16 inspect)"
+        )
     expected = io_spec(config, dtype, kv_cache)
     if manifest.io != expected:
         difference = _first_difference(manifest.io, expected)
@@ -280,7 +285,7 @@ def read_manifest(folder: str | Path) -> Manifest:
             "export one with `gpt2-onnx export --model SRC --output DIR`"
         )
     manifest = parse_manifest(read_json(path), str(path))
-    for name in (manifest.model_file, manifest.external_data, manifest.tokenizer_file):
+    for name in (manifest.model_file, manifest.external_data, manifest.tokenizer_file, manifest.inspect_file):
         if name and not (folder / name).is_file():
             raise ModelFolderError(f"{folder / name} is missing; the folder is incomplete, re-export it")
     return manifest

@@ -57,6 +57,13 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "its cost per row falls as the batch grows); blocks keeps activations in float (MatMulNBits "
         "over 8-bit blocks; see the README's per-CPU advice) (default: rows)",
     )
+    p.add_argument(
+        "--inspect",
+        action="store_true",
+        help="also write the inspection graph (inspect.onnx, a few MB: it reads model.onnx's weights) "
+        "for Engine.run_with_cache and `gpt2-onnx inspect`: every activation under TransformerLens's "
+        "names; fp32 and fp16 only",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     p.add_argument(
         "--tokenizer",
@@ -88,11 +95,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = ExportConfig(
         output=args.output, model=args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
         tokenizer=args.tokenizer, force=args.force, optimize=args.optimize, kv_cache=kv_cache(args),
-        int8_kernel=int8_kernel(args),
+        int8_kernel=int8_kernel(args), inspect=args.inspect,
     )  # fmt: skip
     manifest = export(cfg)  # SIGTERM / SIGHUP clean up like Ctrl-C (gpt2onnx/cli.py's main)
     print(
-        f"exported {manifest.source.checkpoint} ({manifest.dtype}, {manifest.kv_cache} cache) to {args.output}"
+        f"exported {manifest.source.checkpoint} ({manifest.dtype}, {manifest.kv_cache} cache"
+        f"{', inspectable' if manifest.inspect_file else ''}) to {args.output}"
     )
     return 0
 

@@ -31,6 +31,7 @@ from gpt2onnx.engine.session import Session, SessionConfig
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, random_checkpoint
 from .dequantize import dequantized_weights
 from .graph import EXTERNAL_DATA_THRESHOLD, OPSET, build_module, export_graph
+from .inspect import INSPECT_DTYPES, INSPECT_FILE, check_inspect, expected_activations, write_inspect
 from .memory import release_memory
 from .quantize import QUANTIZED, check_quantizer_available
 from .tokenizer_files import find_tokenizer, write_tokenizer
@@ -63,6 +64,7 @@ class ExportConfig:
     optimize: bool = True  # fused attention, SkipLayerNormalization and FastGelu (export/fusion.py)
     kv_cache: str = "concat"  # "shared": a fixed-size cache updated in place
     int8_kernel: str = "rows"  # int8's MatMuls (INT8_KERNELS): per-row activations, or MatMulNBits blocks
+    inspect: bool = False  # also write the inspection graph (export/inspect.py): Engine.run_with_cache
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # lowered by tests to exercise external data
 
     def __post_init__(self) -> None:
@@ -79,6 +81,11 @@ class ExportConfig:
         if self.int8_kernel not in INT8_KERNELS:
             raise ValueError(
                 f"--int8-kernel {self.int8_kernel!r} is not supported; choose one of {', '.join(INT8_KERNELS)}"
+            )
+        if self.inspect and self.dtype not in INSPECT_DTYPES:
+            raise ValueError(
+                f"--inspect needs float weights (--dtype {' or '.join(INSPECT_DTYPES)}); this export is "
+                f"{self.dtype}: drop --inspect, or export an inspectable folder with --dtype fp32 --inspect"
             )
         if (self.model is None) == (self.random_init is None):
             raise ValueError("pass exactly one of --model SRC or --random-init SIZE")
@@ -150,6 +157,7 @@ def export(cfg: ExportConfig) -> Manifest:
             optimized=cfg.optimize,  # __post_init__ refuses the shared cache without it
             kv_cache=cfg.kv_cache,
             int8_kernel=cfg.int8_kernel if cfg.dtype == "int8" else None,
+            inspect_file=INSPECT_FILE if cfg.inspect else None,
         )
         report = _check(tmp, manifest, expected)
         log.info("export check passed: %s", report)
@@ -176,6 +184,7 @@ class Expected:
     cases: list[Case]
     stored: list[Case] | None = None
     weight_steps: float | None = None
+    activations: list | None = None  # the inspection graph's cases (inspect.expected_activations)
 
 
 def _write_graph(cfg: ExportConfig, ckpt: Checkpoint, path: Path) -> tuple[str | None, Expected]:
@@ -196,9 +205,14 @@ def _write_graph(cfg: ExportConfig, ckpt: Checkpoint, path: Path) -> tuple[str |
         kv_cache=cfg.kv_cache,
         int8_kernel=cfg.int8_kernel,
     )
+    if cfg.inspect:
+        log.info("tracing the inspection graph (every activation under TransformerLens's names)")
+        write_inspect(graph_module, path.parent / INSPECT_FILE, graph, weights)
     del graph_module  # fp16: `weights` holds its tensors until the stored weights are checked
     log.info("running the PyTorch reference on the check's inputs")
     expected = Expected(expected_outputs(reference, cfg.dtype, cfg.kv_cache))
+    if cfg.inspect:
+        expected.activations = expected_activations(reference)
     if cfg.dtype in QUANTIZED:
         log.info("checking the quantized weights against the checkpoint's")
         expected.weight_steps = check_and_load_stored_weights(reference, dequantized_weights(graph, weights))
@@ -225,6 +239,13 @@ def _check(folder: Path, manifest: Manifest, expected: Expected) -> CheckReport:
             weight_steps=expected.weight_steps,
             stored_rel_logits=stored.rel_logits,
             stored_rel_present=stored.rel_present,
+        )
+    if expected.activations is not None:
+        del session  # one graph's weights in memory at a time
+        log.info("checking the inspection graph against PyTorch")
+        session = create_session(folder / manifest.inspect_file, "cpu", None)[0]
+        report = dataclasses.replace(
+            report, inspect_rel=check_inspect(session, expected.activations, manifest.dtype)
         )
     return report
 

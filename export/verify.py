@@ -98,6 +98,7 @@ class CheckReport:
     weight_steps: float | None = None  # the stored weights' largest error, in quantization steps
     stored_rel_logits: float | None = None  # the graph against the weights it stores (STORED)
     stored_rel_present: float | None = None
+    inspect_rel: float | None = None  # the inspection graph: largest error / its tensor's largest value
 
     def __str__(self) -> str:
         return (
