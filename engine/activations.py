@@ -66,6 +66,23 @@ BLOCK_NAMES = {
 }  # fmt: skip
 
 
+# TransformerLens's canonical names (HookedTransformer's; the bridge keeps them beside its aliases).
+CANONICAL_BLOCK = (
+    "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid",
+    "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out",
+    "hook_resid_post",
+)  # fmt: skip
+
+
+def canonical_names(n_layer: int) -> list[str]:
+    """hook_embed, hook_pos_embed, every block's CANONICAL_BLOCK, ln_final's scale and normalized."""
+    names = ["hook_embed", "hook_pos_embed"]
+    for i in range(n_layer):
+        names += [f"blocks.{i}.{name}" for name in CANONICAL_BLOCK]
+    return names + ["ln_final.hook_scale", "ln_final.hook_normalized"]
+
+
 def graph_outputs(n_layer: int) -> list[str]:
     """The inspection graph's outputs, in order: one per distinct tensor."""
     names = ["hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre"]

@@ -60,7 +60,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's parser. Imports the subcommands, and with them numpy and onnxruntime."""
-    from gpt2onnx import generate_cli, score_cli
+    from gpt2onnx import generate_cli, inspect_cli, score_cli
     from gpt2onnx.benchmarks import cli as bench_cli
     from gpt2onnx.benchmarks import serve_bench
     from gpt2onnx.export import cli as export_cli
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_cli.add_parser(sub, parents=[common])
     generate_cli.add_parser(sub, parents=[common])
     score_cli.add_parser(sub, parents=[common])
+    inspect_cli.add_parser(sub, parents=[common])
     bench_cli.add_parser(sub, parents=[common])
     serve_cli.add_parser(sub, parents=[common])
     serve_bench.add_parser(sub, parents=[common])
