@@ -58,11 +58,11 @@ def run_transformer_lens(python: Path, hf_folder: Path, tokens: np.ndarray, work
     return json.loads(timing.read_text())["seconds"] if repeats else []
 
 
-def differences(logits: np.ndarray, cache, reference) -> dict[str, float]:
+def differences(logits: np.ndarray, cache, reference, only=None) -> dict[str, float]:
     """name -> largest |ours - reference| / largest |reference|, over every name of `reference`
-    (an npz from the runner); masked scores must be the same fill."""
+    (an npz from the runner), or those of `only`; masked scores must be the same fill."""
     worst = {}
-    for name in reference.files:
+    for name in only or reference.files:
         want = reference[name].astype(np.float64)
         got = (logits if name == "logits" else cache[name]).astype(np.float64)
         if got.shape != want.shape:

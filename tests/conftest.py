@@ -135,6 +135,9 @@ EXPORTS = {
     "varied_fp32": ("varied_hf_folder", {}),
     "varied_shared": ("varied_hf_folder", {"kv_cache": "shared"}),
     "varied_int8_shared": ("varied_hf_folder", {"dtype": "int8", "kv_cache": "shared"}),
+    # with the inspection graph (run_with_cache); external data, so it shares model.onnx.data
+    "varied_inspect": ("varied_hf_folder", {"inspect": True, "external_data_threshold": 0}),
+    "varied_fp16_inspect": ("varied_hf_folder", {"dtype": "fp16", "inspect": True}),
 }
 
 
