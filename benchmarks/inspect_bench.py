@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         f"# run_with_cache: ours against TransformerLens ({c.n_layer} layers, {c.n_embd} wide, "
         f"{engine.manifest.dtype}; {args.batch} x {args.seq} tokens; {args.threads} threads)",
         "",
-        f"CPU: {result['machine'].get('cpu', '?')}",
+        f"CPU: {result['machine'].get('cpu', '?')} ({', '.join(result['machine'].get('isa') or [])}), "
+        f"{result['machine'].get('cores')} cores",
         "",
         "| call | seconds (median) |",
         "|---|---:|",
