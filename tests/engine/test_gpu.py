@@ -291,3 +291,24 @@ def test_a_process_that_never_imports_torch_starts_the_cuda_provider(tiny_fp16_s
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().endswith("None"), run.stdout
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_run_with_cache_on_cuda_matches_the_cpu(varied_hf, tokenizer_dir, dtype, tmp_path):
+    """The inspection graph on the CUDA provider: every canonical activation within the dtype's
+    tolerance of the CPU's fp32 run (masked scores: the same fill)."""
+    from gpt2onnx.engine.activations import canonical_names
+
+    hf = save_hf_folder(varied_hf, tmp_path / "hf", tokenizer_dir)
+    cuda = Engine.load(export_folder(hf, tmp_path / dtype, dtype=dtype, inspect=True), provider="cuda")
+    assert cuda.inspector.session().get_providers()[0] == "CUDAExecutionProvider"
+    reference = Engine.load(export_folder(hf, tmp_path / "cpu", inspect=True), provider="cpu")
+    ids = np.random.default_rng(2).integers(0, cuda.vocab_size, (3, 21))
+    _, got = cuda.run_with_cache(ids)
+    _, want = reference.run_with_cache(ids)
+    tol = TOLERANCES[dtype]
+    for name in canonical_names(cuda.manifest.config.n_layer):
+        g, w = got[name].astype(np.float64), want[name].astype(np.float64)
+        if name.endswith("hook_attn_scores"):
+            g, w = np.where(w > -1e30, g, 0), np.where(w > -1e30, w, 0)
+        assert np.abs(g - w).max() <= tol.atol + tol.rtol * np.abs(w).max(), name
