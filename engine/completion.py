@@ -16,6 +16,17 @@ class Completion:
     token_ids: list[int]  # new tokens only (an EOS that ended the row included)
     text: str  # new text only, cut before a stop string
     finish_reason: str  # "length" | "stop" | "eos" | "cancelled"
+    beams: list[BeamResult] | None = None  # beam search: the best num_return_sequences, best first
+
+
+@dataclass
+class BeamResult:
+    """One hypothesis of a beam search (Completion.beams): the first is the completion's own."""
+
+    token_ids: list[int]  # new tokens (an EOS that ended it included)
+    text: str
+    score: float  # summed log-probabilities / generated length ** length_penalty (transformers')
+    finish_reason: str  # "eos" | "length"
 
 
 @dataclass

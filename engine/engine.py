@@ -19,6 +19,7 @@ import numpy as np
 
 from . import atomic_folder, inputs
 from .activations import ActivationCache, NamesFilter
+from .beam import EARLY_STOPPING, BeamConfig
 from .clock import Clock
 from .completion import Completion
 from .contract import InputError, ModelFolderError
@@ -152,8 +153,9 @@ class Engine:
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
                  max_new_tokens: int = 32, *, stop: str | Sequence[str] = (), prepend_bos: bool = True,
-                 truncate: str | None = None, ignore_eos: bool = False,
-                 **sampling) -> Generation:  # fmt: skip
+                 truncate: str | None = None, ignore_eos: bool = False, num_beams: int = 1,
+                 length_penalty: float = 1.0, early_stopping: bool | str = False,
+                 num_return_sequences: int = 1, **sampling) -> Generation:  # fmt: skip
         """Complete each prompt: a str, a list of token ids, or a list of prompts (all str or all
         id lists). Sampling keywords are SamplingConfig's (greedy by default); each prompt is a
         request of its own (`submit`), so with a seed each prompt's tokens are those it gets
@@ -161,13 +163,21 @@ class Engine:
         The prompts are queued together (past max_queue) and start in one batch when there is
         room; other callers' requests may share the batch.
 
+        num_beams > 1: beam search as transformers' generate(num_beams=k, do_sample=False) runs
+        it (engine/beam.py: length_penalty, early_stopping True | False | "never"); each prompt's
+        k beams are k rows of the running batch. Each completion is the best hypothesis, and
+        `completion.beams` holds the best num_return_sequences with their scores. Greedy only
+        (no sampling settings or stop strings), the shared cache on the CPU provider.
+
         Raises InputError (a ValueError) naming the argument for any bad argument, an empty
         prompt without BOS, or a prompt that does not fit the context (unless truncate="left"
         drops its oldest tokens)."""
         options = self._options("generate", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
+        beams = self._beam_config(num_beams, length_penalty, early_stopping, num_return_sequences, options)
         prompts = inputs.prompts(prompts, self.vocab_size)
         clock = Clock()
-        requests = [self._submission(p, options, stream=False, clock=clock, pieces=False) for p in prompts]
+        requests = [self._submission(p, options, stream=False, clock=clock, pieces=False, beams=beams)
+                    for p in prompts]  # fmt: skip
         clock.begin()
         handles = self.scheduler.submit_all(requests, bounded=False)
         try:
@@ -219,6 +229,45 @@ class Engine:
                 prompt, options, logprobs=logprobs, prompt_logprobs=prompt_logprobs, stream=stream
             )
         )
+
+    def _beam_config(self, num_beams, length_penalty, early_stopping, num_return_sequences,
+                     options: CallOptions) -> BeamConfig | None:  # fmt: skip
+        """Beam search's settings through the input gate; None for one beam (greedy or sampling)."""
+        most = min(self.session.max_batch, self.vocab_size)
+        k = inputs.Count(1, most, f"an integer from 1 to {most} (each beam is a row: max_batch)")(
+            "num_beams", num_beams
+        )
+        n = inputs.Count(1, k, f"an integer from 1 to num_beams ({k})")(
+            "num_return_sequences", num_return_sequences
+        )
+        if early_stopping not in EARLY_STOPPING or type(early_stopping) not in (bool, str):
+            raise InputError(
+                f"early_stopping must be True, False or 'never', got {early_stopping!r}",
+                param="early_stopping",
+            )
+        if type(length_penalty) not in (int, float) or not np.isfinite(length_penalty):
+            raise InputError(
+                f"length_penalty must be a finite number, got {length_penalty!r}", param="length_penalty"
+            )
+        if k == 1:
+            return None  # transformers' num_beams=1 is greedy search (length_penalty does not apply)
+        if not options.sampling.greedy or options.sampling.uses_history or options.sampling.logit_bias:
+            raise InputError(
+                "beam search ranks the model's own log-probabilities: drop the sampling settings "
+                "(temperature, top_k, top_p, min_p, penalties, logit_bias) or use num_beams=1",
+                param="num_beams",
+            )
+        if options.stop:
+            raise InputError(
+                "stop strings do not apply to beam search; drop stop or use num_beams=1", param="stop"
+            )
+        if self.manifest.kv_cache != "shared" or self.device != "cpu":
+            raise InputError(
+                f"beam search needs the shared cache on the CPU provider (this engine: {self.manifest.kv_cache} "
+                f"cache on {self.device}); export with --kv-cache shared and load with provider='cpu'",
+                param="num_beams",
+            )
+        return BeamConfig(k, float(length_penalty), early_stopping, n)
 
     def _submission(self, prompt: str | list[int], options: CallOptions, **extra) -> Request:
         """A checked prompt and a call's settings as one request for the scheduler; `extra`:

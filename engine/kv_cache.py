@@ -22,6 +22,7 @@ What every cache offers is written down once, in `KVCache`.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from typing import Protocol
 
@@ -117,6 +118,23 @@ class KVBuffers:
         binding.group(
             group, output, self.present if output else self.past, self.device, self.dtype, shape, ptrs
         )
+
+    def host_views(self) -> list[np.ndarray]:
+        """Numpy views of set 0's buffers (host memory only): key_0, value_0, key_1, ..."""
+        if self.device != "cpu":
+            raise InputError("copying cache rows needs the cache in host memory (the CPU provider)")
+        shape = (self.cap_batch, self.n_head, self.cap_seq, self.head_dim)
+        count, itemsize = int(np.prod(shape)), np.dtype(self.dtype).itemsize
+        return [
+            np.frombuffer((ctypes.c_byte * (count * itemsize)).from_address(ptr), self.dtype).reshape(shape)
+            for ptr in self.ptrs[0]
+        ]
+
+    def copy_rows(self, src: list[int], dst: list[int], length: int) -> None:
+        """Rows dst[i] take the first `length` positions of rows src[i], every layer (the sources
+        are read before any row is written, so a row may be both)."""
+        for view in self.host_views():
+            view[dst, :, :length] = view[src, :, :length]  # the fancy read is a copy
 
     def _check_room(self, nbytes: int, shape: tuple) -> None:
         """Refuse a host cache that cannot fit in the memory the system has free, before allocating
@@ -371,6 +389,13 @@ class SharedCache:
     def free(self, slot: int) -> None:
         """Give up a slot: its row decodes a dummy token from now on, until a prompt fills it."""
         self.row_lengths.free(slot)
+
+    def copy_rows(self, src: list[int], dst: list[int]) -> None:
+        """Rows dst[i] become copies of rows src[i] (keys, values, length, whether they decode):
+        beam search's forks. Moves n_layer x 2 x n_head x length x head_dim values per row."""
+        lengths = self.row_lengths
+        self.kv.copy_rows(src, dst, int(lengths.lengths[src].max()))
+        lengths.lengths[dst], lengths.used[dst] = lengths.lengths[src], lengths.used[src]
 
     def full_feeds(
         self, ids: np.ndarray, first_position: int = 0, keep: int | None = None

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
+from .beam import BeamConfig
 from .clock import Clock
 from .completion import Completion
 from .contract import UserError
@@ -59,6 +60,7 @@ class Request:
     clock: Clock | None = None  # the figures of the call it belongs to (Engine.generate), if any
     prompt_logprobs: int | None = None  # the prompt's tokens' log-probabilities too, with this many top ones
     pieces: bool = True  # False: only the completion, no pieces (Engine.generate: less work a token)
+    beams: BeamConfig | None = None  # beam search (beam.py); None: one row, sampling's settings
 
 
 class RequestHandle:

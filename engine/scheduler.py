@@ -51,9 +51,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .beam import BeamSearch
 from .clock import Clock, charge
-from .completion import Completion, Continuation
+from .completion import BeamResult, Completion, Continuation
 from .requests import EngineClosedError, Piece, QueueFullError, Request, RequestHandle
+from .sampling import SamplingConfig
 from .session import Session
 from .tokenizer import Tokenizer
 
@@ -77,10 +79,26 @@ class Slot:
     prompt_len: int
     computed: int = 0  # its tokens whose keys and values are in the cache
     token: int = 0  # the token to feed at the next decode step
+    group: BeamGroup | None = None  # beam search: the request's beams, one slot each
+    beam: int = 0  # which of them
 
     @property
     def decoding(self) -> bool:
-        return self.computed >= self.prompt_len
+        return self.computed >= self.prompt_len and (self.group is None or self.group.started)
+
+
+@dataclass
+class BeamGroup:
+    """A beam search request's k slots. Only beam 0's slot takes the prompt; its row is copied to
+    the others when the first step forks it. Each step, every beam's logits arrive (`logits`),
+    then BeamSearch ranks them, rows are copied from their parents, and each beam feeds its token."""
+
+    search: BeamSearch
+    rows: list[int]  # beam i's row of the batch
+    slots: list[Slot]
+    logits: np.ndarray  # (k, vocab) float32, this step's
+    waiting: set[int]  # beams whose logits have not arrived this step
+    started: bool = False  # the prompt is in and the beams decode
 
 
 class Scheduler:
@@ -245,6 +263,9 @@ class Scheduler:
                         self._end(handle, Continuation(None, ()), "error", e)
                     return
             while self.waiting and None in self.slots[: self.rows] and _need(self.waiting[0]) <= self.seq:
+                beams = self.waiting[0].request.beams
+                if beams is not None and self.slots[: self.rows].count(None) < beams.num_beams:
+                    break  # a beam search waits for its k slots (and those behind it wait too)
                 handle = self.waiting.popleft()
                 request = handle.request
                 per_token = request.stream or bool(request.stop)  # stop strings need the text as it comes
@@ -252,9 +273,27 @@ class Scheduler:
                 continuation = Continuation(decoder, request.stop)
                 slot = Slot(handle, continuation, request.prompt_ids, len(request.prompt_ids))
                 self.slots[self.slots.index(None)] = slot
+                if beams is not None:
+                    self._admit_beams(slot)
                 self._drop_waiting_cancelled()
             if self.static and 0 < (n := self.active()) < self.rows:  # some were cancelled as they came in
                 self._start(n, self.seq)
+
+    def _admit_beams(self, first: Slot) -> None:
+        """A beam search's other k - 1 slots: they skip the prompt (beam 0's row is copied into
+        theirs at the first step) and decode once the group has started."""
+        request = first.handle.request
+        k = request.beams.num_beams
+        slots = [first] + [Slot(first.handle, first.continuation, first.prompt_ids, first.prompt_len,
+                                computed=first.prompt_len) for _ in range(k - 1)]  # fmt: skip
+        rows = [self.slots.index(first)]
+        for slot in slots[1:]:
+            rows.append(self.slots.index(None))
+            self.slots[rows[-1]] = slot
+        search = BeamSearch(request.beams, request.max_new_tokens, request.eos_id)
+        group = BeamGroup(search, rows, slots, np.zeros((k, self.session.vocab_size), np.float32), {0})
+        for beam, slot in enumerate(slots):
+            slot.group, slot.beam = group, beam
 
     def _drop_waiting_cancelled(self) -> None:
         while self.waiting and self.waiting[0].cancelled:
@@ -267,7 +306,9 @@ class Scheduler:
             return
         self._cancels_seen = self._cancels
         for r, slot in enumerate(self.slots):
-            if slot is not None and slot.handle.cancelled and (slot.decoding or not self.static):
+            if slot is not None and slot.group is not None and slot.handle.cancelled:
+                self._end_beams(slot.group, "cancelled")
+            elif slot is not None and slot.handle.cancelled and (slot.decoding or not self.static):
                 self._end(slot.handle, slot.continuation, "cancelled")
                 self._free(r)
 
@@ -328,6 +369,9 @@ class Scheduler:
     def _admit_settings(self, r: int, slot: Slot) -> None:
         """A slot's sampling settings, from its first token on (until then its row draws nothing)."""
         request = slot.handle.request
+        if slot.group is not None:  # beam search ranks every beam's logits on the host
+            self.session.admit(r, slot.prompt_ids, SamplingConfig(), logits=True)
+            return
         self.session.admit(r, slot.prompt_ids, request.sampling, logits=request.logprobs is not None)
 
     def _score(self, handle: RequestHandle) -> None:
@@ -339,7 +383,7 @@ class Scheduler:
     def _decode(self) -> None:
         """One decode step over the rows up to the last decoding one; the rows before it that are
         free or still taking their prompt decode a dummy token and keep their state."""
-        live = [(r, s) for r, s in enumerate(self.slots) if s is not None and s.computed >= s.prompt_len]
+        live = [(r, s) for r, s in enumerate(self.slots) if s is not None and s.decoding]
         if not live:
             return
         tokens = np.zeros(live[-1][0] + 1, np.int64)
@@ -356,6 +400,9 @@ class Scheduler:
     def _take(self, r: int, slot: Slot, token: int, logits_row: int, now: float) -> None:
         """A slot's new token: pushed to its continuation and handed to its caller; the slot is
         freed when the request ends."""
+        if slot.group is not None:
+            self._beam_logits(slot, logits_row)
+            return
         handle, continuation = slot.handle, slot.continuation
         request = handle.request
         text = continuation.push(token, request.eos_id, request.max_new_tokens)
@@ -370,6 +417,45 @@ class Scheduler:
             self._end(handle, continuation, continuation.finish_reason or "cancelled")
             self._free(r)
 
+    # -- beam search -------------------------------------------------------------------------
+    def _beam_logits(self, slot: Slot, logits_row: int) -> None:
+        """A beam's logits of this run; once every beam's are in, the step."""
+        group = slot.group
+        group.logits[slot.beam] = self.session.last_logits(logits_row + 1)[logits_row]
+        group.waiting.discard(slot.beam)
+        if group.waiting:
+            return
+        if not group.started:  # the prompt's logits: every beam starts from them (only beam 0 counts)
+            group.logits[1:] = group.logits[0]
+        parents, tokens = group.search.step(group.logits)
+        if group.search.done or slot.handle.cancelled:
+            self._end_beams(group, "cancelled" if slot.handle.cancelled else None)
+            return
+        moves = [(group.rows[p], group.rows[i]) for i, p in enumerate(parents) if p != i]
+        if moves:
+            self.session.copy_rows([src for src, _ in moves], [dst for _, dst in moves])
+        for beam, s in enumerate(group.slots):
+            s.token = int(tokens[beam])
+        group.started, group.waiting = True, set(range(len(group.slots)))
+
+    def _end_beams(self, group: BeamGroup, reason: str | None) -> None:
+        """A beam search ends: its best hypotheses become the completion (the best one's tokens,
+        the others in `beams`), and its k rows are freed."""
+        first = group.slots[0]
+        request = first.handle.request
+        results = []
+        for hyp in group.search.results() if reason is None else []:
+            ended = bool(hyp.token_ids) and hyp.token_ids[-1] == request.eos_id
+            text = self.tokenizer.completion_text(hyp.token_ids[:-1] if ended else hyp.token_ids)
+            results.append(BeamResult(hyp.token_ids, text, hyp.score, "eos" if ended else "length"))
+        continuation = Continuation(None, ())
+        if results:
+            continuation.token_ids = list(results[0].token_ids)
+        self._end(first.handle, continuation, reason or results[0].finish_reason, beams=results or None)
+        for r in group.rows:
+            if self.slots[r] is not None and self.slots[r].group is group:
+                self._free(r)
+
     def _free(self, r: int) -> None:
         self.slots[r] = None
         self.session.free(r)
@@ -377,18 +463,19 @@ class Scheduler:
     def _fail_running(self, error: Exception) -> None:
         for r, slot in enumerate(self.slots):
             if slot is not None:
-                self._end(slot.handle, slot.continuation, "error", error)
+                if slot.group is None or slot.beam == 0:  # a beam search ends once
+                    self._end(slot.handle, slot.continuation, "error", error)
                 self.slots[r] = None
         self.rows = self.seq = 0
 
     def _end(self, handle: RequestHandle, continuation: Continuation, reason: str,
-             error: Exception | None = None) -> None:  # fmt: skip
+             error: Exception | None = None, beams: list[BeamResult] | None = None) -> None:  # fmt: skip
         request = handle.request
         if continuation.decoder is None:  # its text in one call (Tokenizer.completion_text), as generate's
             ids = continuation.token_ids
             continuation.text = self.tokenizer.completion_text(ids[:-1] if reason == "eos" else ids)
         completion = Completion(request.prompt, request.prompt_ids, continuation.token_ids, continuation.text,
-                                reason)  # fmt: skip
+                                reason, beams)  # fmt: skip
         handle.finish(completion, error)
 
 

@@ -208,6 +208,11 @@ class Session:
         self.logits_rows.discard(slot)
         self._picker_stale = True
 
+    def copy_rows(self, src: list[int], dst: list[int]) -> None:
+        """Rows dst[i] become copies of rows src[i]: cache and length (beam search; the shared
+        cache in host memory only)."""
+        self.cache.copy_rows(src, dst)
+
     def full_logits(self, ids: np.ndarray, first_position: int = 0, keep: int | None = None) -> np.ndarray:
         """Logits at every position of ids (batch, seq), or at the last `keep` ones, no cache kept:
         for scoring. first_position: the position of ids[:, 0] (the load check probes the last one)."""
