@@ -17,6 +17,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = REPO.parent / "shared" / "gpt2-tokenizer"
+FIXTURES_DIR = REPO.parent / "shared" / "fixtures"  # trained models (README there); may be absent
 # The walkthrough's golden tokens: GPT-2's tokenizer on its sentence (TransformerLens's to_tokens).
 REFERENCE_TEXT = "I am an amazing autoregressive, decoder-only, GPT-2 style transformer. One day I will exceed human level intelligence and take over the world!"
 REFERENCE_TOKENS = [

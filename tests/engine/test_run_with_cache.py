@@ -12,13 +12,11 @@ import onnx
 import pytest
 import torch
 
-from conftest import REPO, export_folder, make_varied_model, run_flags
+from conftest import FIXTURES_DIR, REPO, export_folder, make_varied_model, run_flags
 from gpt2onnx.benchmarks.inspect_bench import differences, run_transformer_lens, transformer_lens_python
 from gpt2onnx.engine.activations import canonical_names, graph_outputs, sources
 from gpt2onnx.engine.contract import InputError, ModelFolderError
 from gpt2onnx.engine.engine import Engine
-
-FIXTURES = REPO.parent / "shared" / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -305,10 +303,10 @@ def test_every_name_matches_transformer_lens(engine, varied_hf_folder, tmp_path)
 
 
 @needs_tl
-@pytest.mark.skipif(not (FIXTURES / "pydocs-gpt2-4l").is_dir(), reason="../shared/fixtures is absent")
+@pytest.mark.skipif(not (FIXTURES_DIR / "pydocs-gpt2-4l").is_dir(), reason="../shared/fixtures is absent")
 def test_trained_model_matches_transformer_lens_on_real_text(tmp_path):
     """Real weights (the trained fixture: peaked logits, large residual channels) on held-out text."""
-    src = FIXTURES / "pydocs-gpt2-4l"
+    src = FIXTURES_DIR / "pydocs-gpt2-4l"
     engine = Engine.load(export_folder(src, tmp_path / "m", inspect=True), provider="cpu")
     text = (src / "heldout.txt").read_text(encoding="utf-8")[:2000]
     ids = np.array([engine.to_tokens(text)[:100], engine.to_tokens(text[1000:])[:100]])
