@@ -201,7 +201,8 @@ class Engine:
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 16, *, stop: str | Sequence[str] = (),
                prepend_bos: bool = True, truncate: str | None = None, ignore_eos: bool = False,
                logprobs: int | None = None, prompt_logprobs: int | None = None, stream: bool = True,
-               **sampling) -> RequestHandle:  # fmt: skip
+               num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
+               num_return_sequences: int = 1, **sampling) -> RequestHandle:  # fmt: skip
         """Queue one prompt for the running batch (continuous batching, scheduler.py) and return
         at once with its handle: iterate it for pieces (or `async for`), `result()` or await it
         for the Completion, `cancel()` it. Thread-safe. Settings as `generate`'s, each request its
@@ -209,7 +210,8 @@ class Engine:
         chosen token's log-probability and that many top ones per token; prompt_logprobs: 0 to 5
         for the prompt's tokens' too (handle.prompt_logprobs, set before the first piece; the
         prompt runs once more for them); stream=False: pieces carry token ids only (no text until
-        the end: less work a token).
+        the end: less work a token). num_beams > 1: a beam search (see `generate`); its handle
+        yields no pieces, and its Completion has the best hypotheses in `beams`.
         With the concat cache (no slots), requests run in static batches: the waiting ones start
         together when the running batch has ended.
         Raises InputError (bad arguments, a prompt that does not fit), QueueFullError (no room:
@@ -222,11 +224,23 @@ class Engine:
         if score_only:  # the prompt's logprobs alone: one pass, no slot, no new token
             options = dataclasses.replace(options, max_new_tokens=0)
         logprobs = inputs.check("logprobs", logprobs)
+        beams = self._beam_config(num_beams, length_penalty, early_stopping, num_return_sequences, options)
+        if beams is not None and logprobs is not None:
+            raise InputError(
+                "logprobs do not apply to beam search (each hypothesis' score is in completion.beams); "
+                "drop logprobs or use num_beams=1",
+                param="logprobs",
+            )
         prompt = inputs.prompt("prompt", prompt, self.vocab_size)
         stream = inputs.check("stream", stream)
         return self.scheduler.submit(
             self._submission(
-                prompt, options, logprobs=logprobs, prompt_logprobs=prompt_logprobs, stream=stream
+                prompt,
+                options,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                stream=stream,
+                beams=beams,
             )
         )
 

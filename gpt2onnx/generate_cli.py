@@ -92,6 +92,32 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         default=[],
         help="stop a row when its text contains this string (not included); repeatable",
     )
+    p.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="beam search with this many beams (1 = greedy or sampling); as transformers' "
+        "generate(num_beams=...), each beam a row of the batch (needs --kv-cache shared, the CPU)",
+    )
+    p.add_argument(
+        "--length-penalty",
+        type=finite,
+        default=1.0,
+        help="beam search: a hypothesis scores its summed log-probabilities / length ** this",
+    )
+    p.add_argument(
+        "--early-stopping",
+        choices=EARLY_STOPPING_FLAGS,
+        default="false",
+        help="beam search: true stops once num_beams hypotheses are done; false when no running "
+        "beam can beat them (at the current length); never when none could at any length",
+    )
+    p.add_argument(
+        "--num-return-sequences",
+        type=int,
+        default=1,
+        help="beam search: how many of the best hypotheses to return (at most --num-beams)",
+    )
     p.add_argument("--no-bos", action="store_true", help="do not prepend <|endoftext|> to prompts")
     p.add_argument(
         "--truncate", choices=["left"], help="drop a too-long prompt's oldest tokens instead of failing"
@@ -118,8 +144,8 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument(
         "--kv-cache",
         choices=KV_CACHES,
-        default="concat",
-        help="KV cache layout when exporting on first use (shared: updated in place, fastest; see export --help)",
+        help="KV cache layout when exporting on first use (shared: updated in place, fastest; see export "
+        "--help) (default: concat; shared with --num-beams above 1)",
     )
     p.add_argument("--tokenizer", help="tokenizer folder when exporting on first use")
     p.add_argument("--models-dir", default="models", help="where models exported on first use are kept")
@@ -127,6 +153,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 
 
 SWITCH = {"auto": None, "on": True, "off": False}
+EARLY_STOPPING_FLAGS = {"true": True, "false": False, "never": "never"}
 
 
 def finite(text: str) -> float:
@@ -157,6 +184,15 @@ GENERATE_COUNTS_AND_NUMBERS = (
 )  # fmt: skip
 
 
+def completion_json(completion) -> dict:
+    """A completion as --json prints it: with `beams` (every returned hypothesis and its score)
+    only for a beam search."""
+    out = dataclasses.asdict(completion)
+    if out["beams"] is None:
+        del out["beams"]
+    return out
+
+
 def check_generate_flags(args: argparse.Namespace) -> None:
     """generate's flags through the API's input gate (the rules Engine.generate applies), before
     any model is loaded or exported, so that a bad one costs nothing; errors name the flag."""
@@ -167,6 +203,22 @@ def check_generate_flags(args: argparse.Namespace) -> None:
         args.stop = inputs.stop_strings(args.stop, label="--stop")
     except InputError as e:
         raise UsageError(f"{e}; see gpt2-onnx generate --help") from None
+    beams = args.num_beams
+    if beams < 1 or beams > args.max_batch:
+        raise UsageError(
+            f"--num-beams must be from 1 to --max-batch ({args.max_batch}; each beam is a row), got {beams}; "
+            "see gpt2-onnx generate --help"
+        )
+    if not 1 <= args.num_return_sequences <= beams:
+        raise UsageError(
+            f"--num-return-sequences must be from 1 to --num-beams ({beams}), got {args.num_return_sequences}; "
+            "see gpt2-onnx generate --help"
+        )
+    if beams > 1 and args.stream:
+        raise UsageError(
+            "--stream does not apply to beam search (the best beams are known at the end); drop one; "
+            "see gpt2-onnx generate --help"
+        )
     if args.no_bos and not all(args.prompt):
         raise UsageError("an empty prompt needs the BOS token to generate from; drop --no-bos or pass text")
 
@@ -185,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         args.dtype,
         args.tokenizer,
         args.models_dir,
-        args.kv_cache,
+        args.kv_cache or ("shared" if args.num_beams > 1 else "concat"),
     )
     engine = Engine.load(
         folder,
@@ -201,6 +253,9 @@ def run(args: argparse.Namespace) -> int:
         truncate=args.truncate,
         **sampling,
     )
+    beams = dict(num_beams=args.num_beams, length_penalty=args.length_penalty,
+                 early_stopping=EARLY_STOPPING_FLAGS[args.early_stopping],
+                 num_return_sequences=args.num_return_sequences)  # fmt: skip
     if args.stream and not args.json:
         for prompt in args.prompt:
             print(prompt, end="", flush=True)
@@ -208,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
                 print(piece, end="", flush=True)
             print()
         return 0
-    result = engine.generate(args.prompt, **options)
+    result = engine.generate(args.prompt, **options, **beams)
     source = engine.manifest.source
     if args.json:
         out = {
@@ -216,13 +271,17 @@ def run(args: argparse.Namespace) -> int:
             "model_folder": str(engine.folder),
             "random_init": source.random_init,
             "provider": engine.device,
-            "completions": [dataclasses.asdict(c) for c in result.completions],
+            "completions": [completion_json(c) for c in result.completions],
             "timing": result.timing.as_dict(),
         }
         print(json.dumps(out, ensure_ascii=False))
     else:
         for c in result.completions:
-            print(c.prompt + c.text)
+            if c.beams is not None and len(c.beams) > 1:
+                for b in c.beams:
+                    print(f"[{b.score:.4f}] {c.prompt + b.text}")
+            else:
+                print(c.prompt + c.text)
         t = result.timing.as_dict()
         log.info(
             "prefill %.1f ms, decode %.2f ms/token, %.1f tokens/s",

@@ -16,6 +16,7 @@ OpenAI's own default prompt does), and prompt_tokens counts it.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -39,10 +40,23 @@ OPENAI_PARAMS = {
     "frequency_penalty", "logit_bias", "echo", "logprobs", "stream", "stream_options", "user",
     "best_of", "suffix",
 }  # fmt: skip
-EXTENSIONS = {"top_k", "min_p", "repetition_penalty", "truncate", "ignore_eos"}
+EXTENSIONS = {
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "truncate",
+    "ignore_eos",
+    "use_beam_search",
+    "length_penalty",
+    "early_stopping",
+}  # beam search: vLLM's names
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
             "frequency_penalty")  # fmt: skip
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0}  # OpenAI's: sampled unless temperature is 0
+# Sampling settings beam search takes only at a value that changes nothing (transformers ignores a
+# temperature without do_sample; 0 and 1 are the values clients send for "none").
+BEAM_NEUTRAL = {"temperature": (0, 1), "top_p": (1,), "top_k": (0,), "min_p": (0,), "repetition_penalty": (1,),
+                "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},)}  # fmt: skip
 
 FLAG = inputs.Flag()  # true or false, not 0/1 or a string
 # The engine's finish reasons in OpenAI's words: an EOS is a natural stop. "cancelled" (the server
@@ -85,6 +99,7 @@ class CompletionParams:
     truncate: str | None = None
     ignore_eos: bool = False
     sampling: dict = field(default_factory=dict)  # the engine's sampling keywords, seed and logit_bias
+    beams: dict | None = None  # use_beam_search: Engine.submit's num_beams, length_penalty, ...
 
     @property
     def choices(self) -> int:
@@ -96,7 +111,8 @@ class CompletionParams:
         return self.max_tokens == 0
 
     def submissions(self) -> list[tuple[str | list[int], dict]]:
-        """(prompt, Engine.submit keywords) for every choice, in choice order."""
+        """(prompt, Engine.submit keywords) for every choice, in choice order; with beam search,
+        for every prompt (its n choices are its n best hypotheses)."""
         keywords = dict(
             max_new_tokens=self.max_tokens,  # 0 with echo: the prompt scored alone (Engine.submit)
             stop=self.stop,
@@ -107,6 +123,8 @@ class CompletionParams:
             ignore_eos=self.ignore_eos,
             stream=self.stream,
         )
+        if self.beams is not None:
+            return [(prompt, {**keywords, **self.beams}) for prompt in self.prompts]
         out = []
         for prompt in self.prompts:
             for j in range(self.n):
@@ -120,6 +138,7 @@ def parse_completion(body, model_name: str, vocab_size: int, n_positions: int) -
     """A /v1/completions JSON body, checked. Raises ApiError: 400 naming the parameter, 404 for
     another model than the one served."""
     given = fields_of(body, OPENAI_PARAMS | EXTENSIONS, "/v1/completions", model_name)
+    beams = parse_beams(given)
     refuse_unsupported(given)
     echo = checked("echo", FLAG, given.get("echo", False))
     max_tokens = checked("max_tokens", MAX_TOKENS, given.get("max_tokens", 16))
@@ -147,8 +166,44 @@ def parse_completion(body, model_name: str, vocab_size: int, n_positions: int) -
         stop=checked("stop", lambda label, value: inputs.stop_strings(value, label), given.get("stop", ())),
         truncate=checked("truncate", "truncate", given.get("truncate")),
         ignore_eos=checked("ignore_eos", FLAG, given.get("ignore_eos", False)),
-        sampling=parse_sampling(given, vocab_size),
+        sampling=parse_sampling(given, vocab_size), beams=beams and {**beams, "num_return_sequences": n},
     )  # fmt: skip
+
+
+def parse_beams(given: dict) -> dict | None:
+    """use_beam_search (vLLM's name): the beam width is best_of when given, else n, and the n best
+    hypotheses are the choices; length_penalty and early_stopping (true, false or "never") as
+    transformers takes them. Without it, length_penalty and early_stopping are refused, and so is
+    best_of (OpenAI's sampled best_of is not implemented). Pops best_of when it is the width."""
+    if not checked("use_beam_search", FLAG, given.get("use_beam_search", False)):
+        for name in ("length_penalty", "early_stopping"):
+            if name in given:
+                raise bad(name, f'{name} applies to beam search only; add "use_beam_search": true or drop it')
+        return None
+    for name, why in (("stream", "the best beams are known at the end"), ("logprobs", "a beam has a score, not "
+                      "per-token logprobs"), ("echo", "the choices are hypotheses of one search")):  # fmt: skip
+        if given.get(name) not in (None, False):
+            raise bad(name, f"{name} does not apply to beam search ({why}); drop it or use_beam_search")
+    for name, neutral in BEAM_NEUTRAL.items():
+        if name in given and given[name] not in neutral:
+            raise bad(
+                name, f"beam search ranks the model's own log-probabilities: drop {name} (or use_beam_search)"
+            )
+    width = given.pop("best_of", None)
+    n = given.get("n", 1)
+    width = n if width is None else width
+    if not inputs.is_int(width) or not inputs.is_int(n) or not 1 <= n <= width:
+        raise bad("best_of", f"with use_beam_search, best_of is the beam width, an integer at least n ({n}); got "
+                             f"{inputs.shown(width)}")  # fmt: skip
+    early = given.get("early_stopping", False)
+    if early not in (True, False, "never") or type(early) not in (bool, str):
+        raise bad(
+            "early_stopping", f'early_stopping must be true, false or "never", got {inputs.shown(early)}'
+        )
+    penalty = given.get("length_penalty", 1.0)
+    if type(penalty) not in (int, float) or not math.isfinite(penalty):
+        raise bad("length_penalty", f"length_penalty must be a finite number, got {inputs.shown(penalty)}")
+    return {"num_beams": int(width), "length_penalty": float(penalty), "early_stopping": early}
 
 
 def fields_of(body, allowed: set[str], route: str, model_name: str) -> dict:
@@ -186,8 +241,9 @@ def check_model(model, model_name: str) -> None:
 def refuse_unsupported(given: Mapping) -> None:
     """OpenAI parameters this server takes only at their neutral value."""
     if given.get("best_of", 1) != 1:
-        raise bad("best_of", f"best_of {inputs.shown(given['best_of'])} is not supported, only 1; use n for "
-                             "several completions and pick among them")  # fmt: skip
+        raise bad("best_of", f"best_of {inputs.shown(given['best_of'])} is not supported without "
+                             "\"use_beam_search\": true, where it is the beam width (the n best beams are the "
+                             "choices); for several sampled completions use n and pick among them")  # fmt: skip
     if given.get("suffix", "") != "":
         raise bad("suffix", "suffix is not supported: GPT-2 only continues text, it cannot fill in before a "
                             "suffix; drop it")  # fmt: skip
@@ -250,7 +306,8 @@ def parse_logit_bias(bias, vocab_size: int) -> dict[int, float]:
     return checked("logit_bias", lambda label, value: inputs.logit_bias(value, vocab_size, label), ids)
 
 
-ENGINE_PARAMS = {"max_new_tokens": "max_tokens", "prompt": "prompt"}  # the engine's names -> OpenAI's
+# the engine's names -> OpenAI's (the beam width is best_of, or n without it)
+ENGINE_PARAMS = {"max_new_tokens": "max_tokens", "prompt": "prompt", "num_beams": "best_of"}
 
 
 def param_of(error: InputError) -> str | None:

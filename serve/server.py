@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -44,7 +45,7 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from gpt2onnx.engine.contract import InputError
-from gpt2onnx.engine.requests import EngineClosedError, QueueFullError
+from gpt2onnx.engine.requests import EngineClosedError, Piece, QueueFullError
 from gpt2onnx.serve import openai_api as api
 from gpt2onnx.serve.metrics import Metrics
 
@@ -94,9 +95,9 @@ def submit_all(engine, request: api.CompletionParams) -> list:
     refusal = api.capacity_error(request, engine.stats())  # nothing submitted for a request that cannot fit
     if refusal is not None:
         raise refusal
-    handles = []
+    handles, submissions = [], request.submissions()
     try:
-        for prompt, keywords in request.submissions():
+        for prompt, keywords in submissions:
             handles.append(engine.submit(prompt, **keywords))
     except QueueFullError as e:  # the room shrank since (another thread submitted)
         raise api.ApiError(429, f"the queue is full: {e}", code="queue_full") from e
@@ -105,10 +106,42 @@ def submit_all(engine, request: api.CompletionParams) -> list:
     except InputError as e:
         raise api.bad(api.param_of(e), str(e)) from None
     finally:
-        if len(handles) < len(request.prompts) * request.n:
+        if len(handles) < len(submissions):
             for handle in handles:
                 handle.cancel()
+    if request.beams is not None:  # a beam search per prompt: its n best hypotheses are n choices
+        return [BeamChoice(handle, j) for handle in handles for j in range(request.n)]
     return handles
+
+
+class BeamChoice:
+    """The j-th best hypothesis of a beam search request, as a choice: it stands in for a handle
+    (events and Choices read it as one). No pieces while the search runs: one at the end with
+    the hypothesis' tokens (for the usage), then its Completion."""
+
+    def __init__(self, handle, j: int):
+        self.handle, self.j = handle, j
+        self.prompt_token_ids, self.prompt_logprobs, self.token_times = handle.prompt_token_ids, None, []
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+    async def __aiter__(self):
+        completion = await self.handle
+        if completion.beams and self.j < len(completion.beams):
+            beam = completion.beams[self.j]
+            yield Piece(beam.text, list(beam.token_ids))
+
+    async def result(self):
+        completion = await self.handle
+        if not completion.beams or self.j >= len(completion.beams):
+            return dataclasses.replace(completion, token_ids=[], text="", beams=None)
+        beam = completion.beams[self.j]
+        return dataclasses.replace(completion, token_ids=list(beam.token_ids), text=beam.text,
+                                   finish_reason=beam.finish_reason, beams=None)  # fmt: skip
+
+    def __await__(self):
+        return self.result().__await__()
 
 
 async def events(request: Request, handles: list) -> AsyncIterator[tuple[str, int, object]]:

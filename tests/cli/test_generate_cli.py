@@ -161,6 +161,16 @@ def test_generate_exports_the_in_place_cache_on_request(hf_folder, tmp_path, cap
         (["--max-batch", "0"], "--max-batch must be a positive integer"),
         (["--max-batch", "100000"], "--max-batch must be a positive integer"),
         (["--stop", ""], "--stop[0] must be a non-empty str"),
+        (["--num-beams", "0"], "--num-beams must be from 1 to --max-batch (8"),
+        (["--num-beams", "9"], "--num-beams must be from 1 to --max-batch (8"),
+        (
+            ["--num-beams", "3", "--num-return-sequences", "4"],
+            "--num-return-sequences must be from 1 to --num-beams (3)",
+        ),
+        (["--num-return-sequences", "2"], "--num-return-sequences must be from 1 to --num-beams (1)"),
+        (["--num-beams", "2", "--stream"], "--stream does not apply to beam search"),
+        (["--early-stopping", "soon"], "--early-stopping: invalid choice"),
+        (["--length-penalty", "nan"], "--length-penalty: 'nan' is not a finite number"),
     ],
 )
 def test_a_bad_flag_is_one_line_naming_it_before_any_model_is_touched(tmp_path, capsys, flags, message):
@@ -202,3 +212,37 @@ def test_help_is_still_the_whole_usage(capsys):
     out = capsys.readouterr().out
     assert exc.value.code == 0 and out.startswith("usage: gpt2-onnx generate")
     assert "--presence-penalty" in out and out.count("\n") > 30
+
+
+def test_beam_search_json_is_transformers(varied_shared, vocab, capsys):
+    """--num-beams with --json: every returned hypothesis with its score, as transformers' generate
+    gives them (tests/engine/test_beam.py has the other cases)."""
+    import torch
+
+    from conftest import make_varied_model
+
+    code = main(["generate", "--model", str(varied_shared), "--prompt", "The quick brown fox", "--max-new-tokens",
+                 "9", "--num-beams", "5", "--num-return-sequences", "3", "--length-penalty", "0.6",
+                 "--early-stopping", "never", "--json"])  # fmt: skip
+    assert code == 0
+    (completion,) = json.loads(capsys.readouterr().out)["completions"]
+    prompt = completion["prompt_token_ids"]
+    with torch.no_grad():
+        out = make_varied_model(vocab).generate(
+            torch.tensor([prompt]), max_new_tokens=9, num_beams=5, num_return_sequences=3, length_penalty=0.6,
+            early_stopping="never", do_sample=False, return_dict_in_generate=True, output_scores=True,
+            pad_token_id=vocab[1])  # fmt: skip
+    beams = completion["beams"]
+    assert [b["token_ids"] for b in beams] == [out.sequences[i, len(prompt) :].tolist() for i in range(3)]
+    assert [round(b["score"], 4) for b in beams] == [round(float(s), 4) for s in out.sequences_scores]
+    assert completion["token_ids"] == beams[0]["token_ids"] and {b["finish_reason"] for b in beams} == {
+        "length"
+    }
+
+
+def test_beam_search_exports_the_shared_cache_on_first_use(hf_folder, tmp_path, capsys):
+    code = main(["generate", "--model", str(hf_folder), "--models-dir", str(tmp_path), "--prompt", "Hi",
+                 "--max-new-tokens", "3", "--num-beams", "2", "--json"])  # fmt: skip
+    assert code == 0 and len(json.loads(capsys.readouterr().out)["completions"][0]["beams"]) == 1
+    (folder,) = tmp_path.iterdir()
+    assert json.loads((folder / "manifest.json").read_text())["kv_cache"] == "shared"

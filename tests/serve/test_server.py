@@ -38,6 +38,7 @@ openai = pytest.importorskip(
 
 from gpt2onnx import Engine  # noqa: E402
 from gpt2onnx.serve import cli as serve_cli  # noqa: E402
+from gpt2onnx.serve import openai_api as api  # noqa: E402
 from gpt2onnx.serve import server  # noqa: E402
 
 MODEL = "tiny-test"
@@ -330,7 +331,36 @@ BAD_BODIES = [
     ({"prompt": "x", "stream": "yes"}, 400, "stream", "stream must be"),
     ({"prompt": "x", "stream": True, "stream_options": {"include_usage": 1}}, 400, "stream_options", "True"),
     ({"prompt": "x", "stream": True, "stream_options": []}, 400, "stream_options", "include_usage"),
+    ({"prompt": "x", "length_penalty": 2.0}, 400, "length_penalty", "applies to beam search only"),
+    ({"prompt": "x", "early_stopping": True}, 400, "early_stopping", "applies to beam search only"),
+    ({"prompt": "x", "use_beam_search": True, "n": 2, "stream": True}, 400, "stream", "does not apply to beam search"),
+    ({"prompt": "x", "use_beam_search": True, "n": 2, "logprobs": 1}, 400, "logprobs", "does not apply to beam"),
+    ({"prompt": "x", "use_beam_search": True, "n": 2, "temperature": 0.7}, 400, "temperature", "drop temperature"),
+    ({"prompt": "x", "use_beam_search": True, "n": 3, "best_of": 2}, 400, "best_of", "beam width, an integer at least n (3)"),
+    ({"prompt": "x", "use_beam_search": True, "n": 2, "early_stopping": "soon"}, 400, "early_stopping", "true, false or"),
+    ({"prompt": "x", "use_beam_search": True, "n": 2, "length_penalty": "long"}, 400, "length_penalty", "finite number"),
+    ({"prompt": "x", "use_beam_search": True, "n": 9}, 400, "best_of", "num_beams must be an integer from 1 to 8"),
+    ({"prompt": "x", "use_beam_search": "yes", "n": 2}, 400, "use_beam_search", "must be"),
 ]  # fmt: skip
+
+
+def test_beam_search_choices_are_the_engines_best_beams(client, engine):
+    """use_beam_search (vLLM's name): best_of beams, the n best as choices, as Engine.generate
+    gives them (tests/engine/test_beam.py holds those to transformers')."""
+    out = client.completions.create(model=MODEL, prompt=["Hello there", "The cat"], max_tokens=6, n=3, best_of=4,
+                                    extra_body={"use_beam_search": True, "length_penalty": 0.5,
+                                                "early_stopping": "never"})  # fmt: skip
+    want = engine.generate(["Hello there", "The cat"], max_new_tokens=6, num_beams=4, length_penalty=0.5,
+                           early_stopping="never", num_return_sequences=3).completions  # fmt: skip
+    assert len(out.choices) == 6 and [c.index for c in out.choices] == list(range(6))
+    beams = [b for completion in want for b in completion.beams]
+    assert [c.text for c in out.choices] == [b.text for b in beams]
+    assert [c.finish_reason for c in out.choices] == [api.finish_reason(b.finish_reason) for b in beams]
+    assert out.usage.completion_tokens == sum(len(b.token_ids) for b in beams)
+    width_n = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=6, n=2,
+                                        extra_body={"use_beam_search": True})  # fmt: skip
+    two = engine.generate("Hello there", max_new_tokens=6, num_beams=2, num_return_sequences=2).completions[0]
+    assert [c.text for c in width_n.choices] == [b.text for b in two.beams]
 
 
 @pytest.mark.parametrize("body, status, param, words", BAD_BODIES)
