@@ -83,6 +83,7 @@ class KVBuffers:
         self.cap_batch = self.cap_seq = self.row_bytes = 0
         self.values: list[list[ort.OrtValue]] = []  # [set][key_0, value_0, key_1, ...]
         self.ptrs: list[list[int]] = []  # their device addresses
+        self._views: tuple[list[int], list[np.ndarray]] = ([], [])  # host_views, for these ptrs
 
     def reserve(self, batch: int, seq: int) -> None:
         """Room for `batch` rows of `seq` positions; does nothing when already big enough."""
@@ -123,18 +124,26 @@ class KVBuffers:
         """Numpy views of set 0's buffers (host memory only): key_0, value_0, key_1, ..."""
         if self.device != "cpu":
             raise InputError("copying cache rows needs the cache in host memory (the CPU provider)")
-        shape = (self.cap_batch, self.n_head, self.cap_seq, self.head_dim)
-        count, itemsize = int(np.prod(shape)), np.dtype(self.dtype).itemsize
-        return [
-            np.frombuffer((ctypes.c_byte * (count * itemsize)).from_address(ptr), self.dtype).reshape(shape)
-            for ptr in self.ptrs[0]
-        ]
+        if self._views[0] != self.ptrs[0]:
+            shape = (self.cap_batch, self.n_head, self.cap_seq, self.head_dim)
+            count = int(np.prod(shape)) * np.dtype(self.dtype).itemsize
+            views = [np.frombuffer((ctypes.c_byte * count).from_address(ptr), self.dtype).reshape(shape)
+                     for ptr in self.ptrs[0]]  # fmt: skip
+            self._views = (list(self.ptrs[0]), views)
+        return self._views[1]
 
     def copy_rows(self, src: list[int], dst: list[int], length: int) -> None:
-        """Rows dst[i] take the first `length` positions of rows src[i], every layer (the sources
-        are read before any row is written, so a row may be both)."""
+        """Rows dst[i] take the first `length` positions of rows src[i], every layer: each row is
+        written after every copy that reads it (a cycle of rows goes through one saved row), so
+        each moved row costs one pass over its values."""
+        plan = copy_order(src, dst)
         for view in self.host_views():
-            view[dst, :, :length] = view[src, :, :length]  # the fancy read is a copy
+            saved = None
+            for s, d in plan:
+                if s == SAVE:
+                    saved = view[d, :, :length].copy()
+                else:
+                    view[d, :, :length] = saved if s == SAVED else view[s, :, :length]
 
     def _check_room(self, nbytes: int, shape: tuple) -> None:
         """Refuse a host cache that cannot fit in the memory the system has free, before allocating
@@ -146,6 +155,25 @@ class KVBuffers:
                 f"{free / 2**30:.1f} GiB of memory is free; run fewer prompts at once (max_batch, --max-batch) "
                 f"or shorter ones (max_seq, max_new_tokens)"
             )
+
+
+SAVE, SAVED = -1, -2  # copy_order's steps: save a row aside; read the saved row
+
+
+def copy_order(src: list[int], dst: list[int]) -> list[tuple[int, int]]:
+    """(source, destination) row copies in an order that reads every row before it is written;
+    a cycle (rows swapping places) first saves one row aside: (SAVE, row), then (SAVED, dst)."""
+    pending = {d: s for s, d in zip(src, dst) if s != d}
+    plan = []
+    while pending:
+        read = set(pending.values())
+        ready = next((d for d in pending if d not in read), None)
+        if ready is None:  # every pending destination is still to be read: a cycle
+            ready = next(iter(pending))
+            plan.append((SAVE, ready))
+            pending = {d: SAVED if s == ready else s for d, s in pending.items()}
+        plan.append((pending.pop(ready), ready))
+    return plan
 
 
 class HostInputs:

@@ -218,3 +218,25 @@ def test_trained_model_is_transformers(tmp_path):
                               num_return_sequences=k).completions[0]  # fmt: skip
         want = hf_beams(model, prompt, 24, k, 1.0, es, k, engine.manifest.config.eos_token_id)
         assert_same_beams(ours_of(got), want)
+
+
+@pytest.mark.parametrize(
+    "src, dst",
+    [([0, 0, 1, 2], [0, 1, 2, 3]), ([1, 0], [0, 1]), ([1, 2, 0, 3], [0, 1, 2, 3]), ([0, 0, 0], [1, 2, 3]),
+     ([2, 0, 1, 1, 4], [0, 1, 2, 3, 4]), ([3, 3, 0, 1], [0, 1, 2, 3])],
+)  # fmt: skip
+def test_row_copies_read_every_row_before_writing_it(src, dst):
+    """copy_order's plan, run on a list, gives rows[dst[i]] = old rows[src[i]] for every i."""
+    from gpt2onnx.engine.kv_cache import SAVE, SAVED, copy_order
+
+    rows = [f"row{i}" for i in range(6)]
+    want = list(rows)
+    for s, d in zip(src, dst):
+        want[d] = rows[s]
+    saved = None
+    for s, d in copy_order(src, dst):
+        if s == SAVE:
+            saved = rows[d]
+        else:
+            rows[d] = saved if s == SAVED else rows[s]
+    assert rows == want
