@@ -35,11 +35,39 @@ def median_s(fn, repeats: int):
     return float(np.median(times)), result
 
 
-def main(argv: list[str] | None = None) -> None:
+def ours(folder: Path, args) -> tuple:
+    """(engine, prompt, greedy seconds, beam seconds, the beams) for one model folder."""
+    from gpt2onnx.engine.engine import Engine
+
+    engine = Engine.load(folder, provider="cpu", max_batch=args.beams, threads=args.threads)
+    prompt = np.random.default_rng(0).integers(0, engine.vocab_size, args.prompt_tokens).tolist()
+    new, k = args.new_tokens, args.beams
+    greedy_s, _ = median_s(lambda: engine.generate(prompt, max_new_tokens=new, ignore_eos=True), args.repeats)
+    beam_s, beam = median_s(
+        lambda: engine.generate(prompt, max_new_tokens=new, num_beams=k, num_return_sequences=k), args.repeats
+    )
+    return engine, prompt, greedy_s, beam_s, beam.completions[0].beams
+
+
+def transformers_beams(folder: Path, prompt: list[int], eos: int, args) -> tuple[float, list[list[int]]]:
+    """transformers' beam search on the folder's exact weights: (seconds, each beam's new tokens)."""
     import torch
     from transformers import GPT2LMHeadModel
 
-    from gpt2onnx.engine.engine import Engine
+    with tempfile.TemporaryDirectory() as tmp:
+        model = GPT2LMHeadModel.from_pretrained(hf_checkpoint(folder, Path(tmp) / "hf")).eval()
+
+    def run():
+        with torch.no_grad():
+            return model.generate(torch.tensor([prompt]), max_new_tokens=args.new_tokens, num_beams=args.beams,
+                                  do_sample=False, num_return_sequences=args.beams, pad_token_id=eos)  # fmt: skip
+
+    seconds, out = median_s(run, args.repeats)
+    return seconds, [out[i, len(prompt) :].tolist() for i in range(args.beams)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -54,36 +82,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     k, new = args.beams, args.new_tokens
-    rows, hf_s, hf_tokens = [], None, None
+    rows, hf = [], None
     for folder in args.model:
-        engine = Engine.load(folder, provider="cpu", max_batch=max(k, 1), threads=args.threads)
-        c = engine.manifest.config
-        prompt = np.random.default_rng(0).integers(0, c.vocab_size, args.prompt_tokens).tolist()
-        greedy_s, _ = median_s(
-            lambda: engine.generate(prompt, max_new_tokens=new, ignore_eos=True), args.repeats
-        )
-        beam_s, beam = median_s(
-            lambda: engine.generate(prompt, max_new_tokens=new, num_beams=k, num_return_sequences=k),
-            args.repeats,
-        )
-        beams = beam.completions[0].beams
-        if hf_s is None:  # transformers once: every folder holds the same weights
-            with tempfile.TemporaryDirectory() as tmp:
-                model = GPT2LMHeadModel.from_pretrained(hf_checkpoint(folder, Path(tmp) / "hf")).eval()
-
-            def hf_beams():
-                with torch.no_grad():
-                    return model.generate(torch.tensor([prompt]), max_new_tokens=new, num_beams=k, do_sample=False,
-                                          num_return_sequences=k, pad_token_id=c.eos_token_id)  # fmt: skip
-
-            hf_s, out = median_s(hf_beams, args.repeats)
-            hf_tokens = [out[i, len(prompt) :].tolist() for i in range(k)]
+        engine, prompt, greedy_s, beam_s, beams = ours(folder, args)
+        if hf is None:  # transformers once: every folder holds the same weights
+            hf = transformers_beams(folder, prompt, engine.manifest.config.eos_token_id, args)
         rows.append({
             "model": str(folder), "dtype": engine.manifest.dtype, "int8_kernel": engine.manifest.int8_kernel,
-            "beam_s": beam_s, "greedy_s": greedy_s, "transformers_beam_s": hf_s,
-            "beam_step_over_greedy_step": beam_s / greedy_s, "transformers_over_ours": hf_s / beam_s,
-            "new_tokens": len(beams[0].token_ids),
-            "tokens_equal_transformers": [b.token_ids for b in beams] == hf_tokens,
+            "beam_s": beam_s, "greedy_s": greedy_s, "transformers_beam_s": hf[0],
+            "beam_step_over_greedy_step": beam_s / greedy_s, "transformers_over_ours": hf[0] / beam_s,
+            "new_tokens": len(beams[0].token_ids), "tokens_equal_transformers": [b.token_ids for b in beams] == hf[1],
         })  # fmt: skip
     result = {"machine": machine_info(), "beams": k, "new_tokens": new, "prompt_tokens": args.prompt_tokens,
               "threads": args.threads, "repeats": args.repeats, "runs": rows}  # fmt: skip
