@@ -30,6 +30,7 @@ from .requests import Request, RequestHandle
 from .sampling import SamplingConfig
 from .scheduler import Scheduler
 from .session import Session, SessionConfig
+from .speculation import MAX_PROMPT_LOOKUP
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class Engine:
                  max_new_tokens: int = 32, *, stop: str | Sequence[str] = (), prepend_bos: bool = True,
                  truncate: str | None = None, ignore_eos: bool = False, num_beams: int = 1,
                  length_penalty: float = 1.0, early_stopping: bool | str = False,
-                 num_return_sequences: int = 1, **sampling) -> Generation:  # fmt: skip
+                 num_return_sequences: int = 1, prompt_lookup: int = 0, **sampling) -> Generation:  # fmt: skip
         """Complete each prompt: a str, a list of token ids, or a list of prompts (all str or all
         id lists). Sampling keywords are SamplingConfig's (greedy by default); each prompt is a
         request of its own (`submit`), so with a seed each prompt's tokens are those it gets
@@ -169,15 +170,21 @@ class Engine:
         `completion.beams` holds the best num_return_sequences with their scores. Greedy only
         (no sampling settings or stop strings), the shared cache on the CPU provider.
 
+        prompt_lookup=N: speculative decoding that proposes up to N tokens a step from the prompt
+        and the text so far and verifies them in one run (engine/speculation.py): greedy gives
+        plain greedy decoding's tokens, sampling the same distribution (not the same draws for a
+        seed). No penalties, logit_bias or logprobs with it; the shared cache on the CPU provider.
+
         Raises InputError (a ValueError) naming the argument for any bad argument, an empty
         prompt without BOS, or a prompt that does not fit the context (unless truncate="left"
         drops its oldest tokens)."""
         options = self._options("generate", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
         beams = self._beam_config(num_beams, length_penalty, early_stopping, num_return_sequences, options)
+        lookup = self._prompt_lookup(prompt_lookup, options, beams, None)
         prompts = inputs.prompts(prompts, self.vocab_size)
         clock = Clock()
-        requests = [self._submission(p, options, stream=False, clock=clock, pieces=False, beams=beams)
-                    for p in prompts]  # fmt: skip
+        requests = [self._submission(p, options, stream=False, clock=clock, pieces=False, beams=beams,
+                                     prompt_lookup=lookup) for p in prompts]  # fmt: skip
         clock.begin()
         handles = self.scheduler.submit_all(requests, bounded=False)
         try:
@@ -202,7 +209,7 @@ class Engine:
                prepend_bos: bool = True, truncate: str | None = None, ignore_eos: bool = False,
                logprobs: int | None = None, prompt_logprobs: int | None = None, stream: bool = True,
                num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
-               num_return_sequences: int = 1, **sampling) -> RequestHandle:  # fmt: skip
+               num_return_sequences: int = 1, prompt_lookup: int = 0, **sampling) -> RequestHandle:  # fmt: skip
         """Queue one prompt for the running batch (continuous batching, scheduler.py) and return
         at once with its handle: iterate it for pieces (or `async for`), `result()` or await it
         for the Completion, `cancel()` it. Thread-safe. Settings as `generate`'s, each request its
@@ -231,6 +238,7 @@ class Engine:
                 "drop logprobs or use num_beams=1",
                 param="logprobs",
             )
+        lookup = self._prompt_lookup(prompt_lookup, options, beams, logprobs)
         prompt = inputs.prompt("prompt", prompt, self.vocab_size)
         stream = inputs.check("stream", stream)
         return self.scheduler.submit(
@@ -241,7 +249,8 @@ class Engine:
                 prompt_logprobs=prompt_logprobs,
                 stream=stream,
                 beams=beams,
-            )
+                prompt_lookup=lookup,
+            )  # fmt: skip
         )
 
     def _beam_config(self, num_beams, length_penalty, early_stopping, num_return_sequences,
@@ -283,6 +292,33 @@ class Engine:
             )
         return BeamConfig(k, float(length_penalty), early_stopping, n)
 
+    def _prompt_lookup(self, prompt_lookup, options: CallOptions, beams, logprobs) -> int:
+        """prompt_lookup through the input gate: 0 (off) or the drafts a step may propose."""
+        n = inputs.Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")(
+            "prompt_lookup", prompt_lookup
+        )
+        if not n:
+            return 0
+        cfg = options.sampling
+        why = (
+            "beam search" if beams is not None
+            else "logprobs" if logprobs is not None
+            else "penalties" if cfg.uses_history
+            else "logit_bias" if cfg.logit_bias
+            else None
+        )  # fmt: skip
+        if why:
+            raise InputError(
+                f"prompt_lookup does not work with {why} yet; drop one of them", param="prompt_lookup"
+            )
+        if self.manifest.kv_cache != "shared" or self.device != "cpu":
+            raise InputError(
+                f"prompt_lookup needs the shared cache on the CPU provider (this engine: {self.manifest.kv_cache} "
+                f"cache on {self.device}); export with --kv-cache shared and load with provider='cpu'",
+                param="prompt_lookup",
+            )
+        return n
+
     def _submission(self, prompt: str | list[int], options: CallOptions, **extra) -> Request:
         """A checked prompt and a call's settings as one request for the scheduler; `extra`:
         the Request's own (logprobs, stream, clock, pieces, prompt_logprobs)."""
@@ -297,7 +333,8 @@ class Engine:
         (requests `submit` takes now: the free slots, then max_queue places beyond them)."""
         s = self.scheduler
         return {"queue_depth": s.queue_depth(), "active_slots": s.active(), "max_batch": self.session.max_batch,
-                "max_queue": s.max_queue, "room": s.room()}  # fmt: skip
+                "max_queue": s.max_queue, "room": s.room(), "draft_tokens_proposed": s.proposed,
+                "draft_tokens_accepted": s.accepted}  # fmt: skip
 
     def stuck(self, seconds: float = 60.0) -> bool:
         """Whether requests wait or run but the scheduler's loop has not turned for `seconds`

@@ -392,6 +392,22 @@ class SharedCache:
         self._bind(binding, ids, positions, np.array([n]), n, slot, logits_at=np.array([[len(tokens) - 1]]))
         self.row_lengths.fill(slot, n, decoding)
 
+    def bind_verify(self, binding: Binding, slot: int, tokens: list[int]) -> None:
+        """Bind tokens into `slot` after what it holds, with logits (and argmax) at every one of
+        them: a speculative step's verification. The row then holds them all; `set_length` takes
+        back the ones not kept."""
+        past = int(self.row_lengths.lengths[slot])
+        n = past + len(tokens)
+        assert n <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, the step needs {n}"
+        ids, positions = np.array([tokens], np.int64), np.arange(past, n, dtype=np.int64)[None]
+        at = np.arange(len(tokens), dtype=np.int64)[None]
+        self._bind(binding, ids, positions, np.array([n]), n, slot, logits_at=at)
+        self.row_lengths.fill(slot, n)
+
+    def set_length(self, slot: int, length: int) -> None:
+        """The tokens `slot` holds (a rollback: what lies past them is overwritten by the next)."""
+        self.row_lengths.lengths[slot] = length
+
     def _bind(self, binding, ids, positions, lengths, total: int, first: int, logits_at=None) -> None:
         """A prompt pass over rows first.. of the cache, each holding `lengths` tokens after it;
         logits at each row's last token (`logits_at`: its index in this pass, when not lengths - 1)."""

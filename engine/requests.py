@@ -61,6 +61,7 @@ class Request:
     prompt_logprobs: int | None = None  # the prompt's tokens' log-probabilities too, with this many top ones
     pieces: bool = True  # False: only the completion, no pieces (Engine.generate: less work a token)
     beams: BeamConfig | None = None  # beam search (beam.py); None: one row, sampling's settings
+    prompt_lookup: int = 0  # speculative decoding: drafts proposed per step by prompt lookup (0: off)
 
 
 class RequestHandle:

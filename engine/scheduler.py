@@ -57,6 +57,7 @@ from .completion import BeamResult, Completion, Continuation
 from .requests import EngineClosedError, Piece, QueueFullError, Request, RequestHandle
 from .sampling import SamplingConfig
 from .session import Session
+from .speculation import Lookup, accept_greedy, accept_sampled, target_probs
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Slot:
     token: int = 0  # the token to feed at the next decode step
     group: BeamGroup | None = None  # beam search: the request's beams, one slot each
     beam: int = 0  # which of them
+    lookup: Lookup | None = None  # speculative decoding by prompt lookup (speculation.py)
 
     @property
     def decoding(self) -> bool:
@@ -119,6 +121,7 @@ class Scheduler:
         self.holds_lock = False  # the Engine's lock, while a burst runs
         self.stepped = time.monotonic()  # the loop's last turn (or when work came after a rest)
         self._thread: threading.Thread | None = None
+        self.proposed = self.accepted = 0  # speculative decoding's drafted tokens, and those kept
 
     # -- submission (any thread) ---------------------------------------------------------------
     def submit(self, request: Request) -> RequestHandle:
@@ -272,6 +275,8 @@ class Scheduler:
                 decoder = self.tokenizer.decode_stream() if per_token else None
                 continuation = Continuation(decoder, request.stop)
                 slot = Slot(handle, continuation, request.prompt_ids, len(request.prompt_ids))
+                if request.prompt_lookup:
+                    slot.lookup = Lookup(request.prompt_lookup)
                 self.slots[self.slots.index(None)] = slot
                 if beams is not None:
                     self._admit_beams(slot)
@@ -386,6 +391,17 @@ class Scheduler:
         live = [(r, s) for r, s in enumerate(self.slots) if s is not None and s.decoding]
         if not live:
             return
+        drafts = {r: self._drafts(s) for r, s in live if s.lookup is not None}
+        speculating = [(r, s) for r, s in live if drafts.get(r)]
+        live = [(r, s) for r, s in live if not drafts.get(r)]
+        if live:
+            self._decode_rows(live)
+            for r, s in speculating:  # the step wrote a dummy token in these rows too: not theirs
+                self.session.set_length(r, s.computed)
+        for r, slot in speculating:
+            self._verify(r, slot, drafts[r])
+
+    def _decode_rows(self, live: list[tuple[int, Slot]]) -> None:
         tokens = np.zeros(live[-1][0] + 1, np.int64)
         tokens[[r for r, _ in live]] = [s.token for _, s in live]
         run0 = self._clock.run_s
@@ -395,6 +411,39 @@ class Scheduler:
         for r, slot in live:
             slot.computed += 1
             self._take(r, slot, picked[r], r, now)
+
+    # -- speculative decoding ------------------------------------------------------------------
+    def _drafts(self, slot: Slot) -> list[int]:
+        """The tokens a prompt-lookup slot proposes this step ([]: a plain step)."""
+        request = slot.handle.request
+        made = slot.continuation.token_ids
+        room = request.max_new_tokens - len(made) - 1  # the step adds the target's own token too
+        return slot.lookup.propose(np.array(slot.prompt_ids + made, np.int64), room)
+
+    def _verify(self, r: int, slot: Slot, drafts: list[int]) -> None:
+        """One run over the slot's pending token and its drafts; the kept ones and the target's
+        next token are handed out as if decoded one by one."""
+        request = slot.handle.request
+        greedy = request.sampling.greedy
+        run0 = self._clock.run_s
+        argmax, logits = self.session.verify(r, [slot.token, *drafts], logits=not greedy)
+        charge([request.clock], self._clock.run_s - run0, "decode")
+        if greedy:
+            new = accept_greedy(drafts, argmax)
+        else:
+            new = accept_sampled(
+                drafts, target_probs(logits, request.sampling), self.session.sampling.rngs[r]
+            )
+        kept = len(new) - 1
+        slot.lookup.kept(len(drafts), kept)
+        self.proposed, self.accepted = self.proposed + len(drafts), self.accepted + kept
+        slot.computed += 1 + kept
+        self.session.set_length(r, slot.computed)
+        now = time.perf_counter()
+        for token in new:
+            self._take(r, slot, token, 0, now)
+            if self.slots[r] is not slot:  # it ended (EOS, a stop string, its length)
+                return
 
     # -- handing out ---------------------------------------------------------------------------
     def _take(self, r: int, slot: Slot, token: int, logits_row: int, now: float) -> None:

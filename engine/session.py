@@ -208,6 +208,33 @@ class Session:
         self.logits_rows.discard(slot)
         self._picker_stale = True
 
+    def verify(
+        self, slot: int, tokens: list[int], logits: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One run of `slot` over `tokens` (its pending token, then drafted ones) after what it
+        holds -> the graph's argmax after each (len(tokens),) and, with logits=True, the logits
+        there (len(tokens), vocab). The row then holds them all (`set_length` takes some back).
+        The other rows keep their state. Shared cache on the CPU provider."""
+        n = len(tokens)
+        self.binding.clear_outputs()  # this run's outputs have their own shapes
+        self.picker = None  # the next step's picker binds its own again
+        self._picker_stale = True
+        self.cache.bind_verify(self.binding, slot, tokens)
+        argmax = np.empty((1, n), np.int64)
+        self.binding.output("next_token", "cpu", np.int64, (1, n), argmax.ctypes.data)
+        out = np.empty((1, n, self.vocab_size), np.float32) if logits else None
+        if logits:
+            self.binding.output("logits", "cpu", np.float32, (1, n, self.vocab_size), out.ctypes.data)
+        t0 = time.perf_counter()
+        self.graphs.run("decode", self.ort_session, self.binding, None)
+        self.clock.ran(time.perf_counter() - t0)
+        self.binding.clear_outputs()
+        return argmax[0], None if out is None else out[0]
+
+    def set_length(self, slot: int, length: int) -> None:
+        """How many tokens `slot` holds: takes back tokens a verification wrote and were not kept."""
+        self.cache.set_length(slot, length)
+
     def copy_rows(self, src: list[int], dst: list[int]) -> None:
         """Rows dst[i] become copies of rows src[i]: cache and length (beam search; the shared
         cache in host memory only)."""

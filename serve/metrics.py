@@ -76,6 +76,18 @@ class Metrics:
             ("active_slots", stats["active_slots"], "gauge", "Slots running a request."),
             ("max_batch", stats["max_batch"], "gauge", "Slots in all (--max-batch)."),
             ("max_queue", stats["max_queue"], "gauge", "Requests that may wait (--max-queue)."),
+            (
+                "draft_tokens_proposed_total",
+                stats.get("draft_tokens_proposed", 0),
+                "counter",
+                "Speculative decoding: tokens proposed (prompt_lookup).",
+            ),
+            (
+                "draft_tokens_accepted_total",
+                stats.get("draft_tokens_accepted", 0),
+                "counter",
+                "Speculative decoding: proposed tokens the model agreed with.",
+            ),
         ]:
             lines += [f"# HELP gpt2onnx_{name} {help_text}", f"# TYPE gpt2onnx_{name} {kind}",
                       f"gpt2onnx_{name} {value}"]  # fmt: skip

@@ -41,15 +41,10 @@ OPENAI_PARAMS = {
     "best_of", "suffix",
 }  # fmt: skip
 EXTENSIONS = {
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "truncate",
-    "ignore_eos",
-    "use_beam_search",
-    "length_penalty",
-    "early_stopping",
-}  # beam search: vLLM's names
+    "top_k", "min_p", "repetition_penalty", "truncate", "ignore_eos",
+    "use_beam_search", "length_penalty", "early_stopping",  # beam search: vLLM's names
+    "prompt_lookup",  # speculative decoding: the drafts a step proposes by prompt lookup
+}  # fmt: skip
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
             "frequency_penalty")  # fmt: skip
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0}  # OpenAI's: sampled unless temperature is 0
@@ -100,6 +95,7 @@ class CompletionParams:
     ignore_eos: bool = False
     sampling: dict = field(default_factory=dict)  # the engine's sampling keywords, seed and logit_bias
     beams: dict | None = None  # use_beam_search: Engine.submit's num_beams, length_penalty, ...
+    prompt_lookup: int = 0  # Engine.submit's: speculative decoding by prompt lookup
 
     @property
     def choices(self) -> int:
@@ -122,6 +118,7 @@ class CompletionParams:
             prompt_logprobs=(self.logprobs or 0) if self.scoring else self.logprobs if self.echo else None,
             ignore_eos=self.ignore_eos,
             stream=self.stream,
+            prompt_lookup=self.prompt_lookup,
         )
         if self.beams is not None:
             return [(prompt, {**keywords, **self.beams}) for prompt in self.prompts]
@@ -167,6 +164,7 @@ def parse_completion(body, model_name: str, vocab_size: int, n_positions: int) -
         truncate=checked("truncate", "truncate", given.get("truncate")),
         ignore_eos=checked("ignore_eos", FLAG, given.get("ignore_eos", False)),
         sampling=parse_sampling(given, vocab_size), beams=beams and {**beams, "num_return_sequences": n},
+        prompt_lookup=given.get("prompt_lookup", 0),
     )  # fmt: skip
 
 

@@ -1,0 +1,128 @@
+"""Speculative decoding by prompt lookup: propose the tokens that followed an earlier occurrence
+of the last n-gram in the prompt and the text so far (`lookup`), verify them all in one run of the
+target, and keep the longest prefix the target agrees with plus its own next token.
+
+Exactness. Greedy: a drafted token is kept when it is the target's argmax after the tokens
+before it, so the output is plain greedy decoding's, token for token (each argmax is the
+graph's own, from one run over the row's pending token and the drafts instead of one run per
+token). Sampled: the standard rejection rule with the draft a point mass: draft d is kept with
+probability p(d) under the row's sampling settings; on a rejection the token is drawn from p
+with d removed and renormalised; when every draft is kept, one more token is drawn from the
+target after them (the bonus). Each token so made has the target's distribution given the ones
+before it (tests/engine/test_speculation.py checks the joint distribution of the first tokens).
+
+Cost. A verification is one run over 1 + k positions of one row; it pays where the drafts are
+often kept (text that repeats the prompt: code, edits, extraction). Where they are not, a slot
+backs off: after a verification that kept no draft it skips the lookup for `backoff` steps
+(1, 2, 4, ... up to MAX_BACKOFF), decoding plainly in the batch meanwhile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .sampling import (
+    SamplingConfig,
+    apply_logit_bias,
+    apply_temperature,
+    mask_min_p,
+    mask_top_k,
+    mask_top_p,
+    softmax,
+)
+
+MAX_NGRAM, MIN_NGRAM = 3, 2  # the n-grams looked up, longest first (single tokens repeat too often to pay)
+MAX_BACKOFF = 16  # steps a slot skips the lookup after proposals that were all rejected, at most
+MAX_PROMPT_LOOKUP = 64  # tokens one verification may propose
+
+
+def lookup(history: np.ndarray, most: int) -> list[int]:
+    """Up to `most` tokens that followed an earlier occurrence of the history's last n-gram (n from
+    MAX_NGRAM down to MIN_NGRAM): the most recent occurrence with `most` tokens after it, else
+    the one with the most (in a loop, the latest occurrences have only a few after them); []
+    when none occurs."""
+    n_tokens = len(history)
+    for n in range(min(MAX_NGRAM, n_tokens - 1), MIN_NGRAM - 1, -1):
+        tail = history[n_tokens - n :]
+        best = None
+        for start in np.flatnonzero(history[: n_tokens - n] == tail[0])[::-1]:  # most recent first
+            if np.array_equal(history[start : start + n], tail):
+                follow = min(most, n_tokens - start - n)
+                if best is None or follow > best[1]:
+                    best = (start, follow)
+                if follow == most:
+                    break
+        if best is not None and best[1] > 0:
+            start = best[0] + n
+            return history[start : start + best[1]].tolist()
+    return []
+
+
+@dataclass
+class Lookup:
+    """A slot's prompt lookup: its settings, its back-off, and what it proposed and kept."""
+
+    most: int  # drafts per verification
+    skip: int = 0  # steps left without a lookup
+    backoff: int = 1
+    proposed: int = 0
+    accepted: int = 0
+
+    def propose(self, history: np.ndarray, room: int) -> list[int]:
+        """Drafts for the next step (at most `room`), or [] to decode plainly this step."""
+        if self.skip:
+            self.skip -= 1
+            return []
+        return lookup(history, min(self.most, room)) if room > 0 else []
+
+    def kept(self, proposed: int, accepted: int) -> None:
+        self.proposed, self.accepted = self.proposed + proposed, self.accepted + accepted
+        if accepted:
+            self.backoff = 1
+        else:
+            self.skip, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)
+
+
+def accept_greedy(drafts: list[int], argmax: np.ndarray) -> list[int]:
+    """argmax[i]: the target's token after the pending token and drafts[:i]. The new tokens: the
+    drafts it agrees with, then its own next one."""
+    out = []
+    for i, d in enumerate(drafts):
+        if int(argmax[i]) != d:
+            break
+        out.append(d)
+    out.append(int(argmax[len(out)]))
+    return out
+
+
+def target_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
+    """(positions, vocab) logits -> the row's sampling distribution at each (what sample_rows
+    draws from for a row without penalties), float64."""
+    x = apply_logit_bias(logits, [cfg.logit_bias] * len(logits))
+    t = 1.0 if cfg.temperature is None else cfg.temperature
+    x = mask_top_k(apply_temperature(x, np.float32(t)), cfg.top_k)
+    x = mask_min_p(mask_top_p(x, cfg.top_p), cfg.min_p)
+    return softmax(x.astype(np.float64))
+
+
+def accept_sampled(drafts: list[int], probs: np.ndarray, rng: np.random.Generator) -> list[int]:
+    """probs[i]: the target's distribution after the pending token and drafts[:i]. Rejection
+    sampling with a point-mass draft (module docstring)."""
+    out = []
+    for i, d in enumerate(drafts):
+        if rng.random() < probs[i, d]:
+            out.append(d)
+            continue
+        residual = probs[i].copy()
+        residual[d] = 0.0
+        out.append(_draw(residual, rng))
+        return out
+    out.append(_draw(probs[len(drafts)], rng))
+    return out
+
+
+def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))

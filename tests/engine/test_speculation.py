@@ -1,0 +1,198 @@
+"""Speculative decoding by prompt lookup: greedy output identical to plain decoding (alone, beside
+other requests, at EOS, stop strings and max_new_tokens), the sampling rule's distribution (a
+chi-square test that an off-by-one fails), the lookup itself, and bad arguments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import export_folder, make_varied_model, save_hf_folder
+from gpt2onnx.engine.contract import InputError
+from gpt2onnx.engine.engine import Engine
+from gpt2onnx.engine.speculation import Lookup, accept_greedy, accept_sampled, lookup
+
+CHI2_999 = {4: 18.47, 5: 20.52, 9: 27.88}  # chi-square's 0.999 quantile by degrees of freedom
+
+
+@pytest.fixture(scope="module")
+def engine(varied_shared) -> Engine:
+    return Engine.load(varied_shared, provider="cpu", max_batch=8)
+
+
+def looping_prompts(engine, n: int, seed: int) -> list[list[int]]:
+    """Prompts whose greedy continuation repeats itself (random weights fall into loops), with
+    some of the prompt said twice: prompt lookup has much to propose and much is kept."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = rng.integers(0, engine.vocab_size, int(rng.integers(3, 8))).tolist()
+        out.append(
+            base + rng.integers(0, engine.vocab_size, 2).tolist() + base[: int(rng.integers(1, len(base)))]
+        )
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_greedy_tokens_are_plain_decodings(engine, n):
+    """The varied model (weights x20): its drafts are sometimes kept, often not."""
+    before = engine.stats()
+    for prompt in looping_prompts(engine, 12, n):
+        plain = engine.generate(prompt, max_new_tokens=40).completions[0]
+        fast = engine.generate(prompt, max_new_tokens=40, prompt_lookup=n).completions[0]
+        assert (
+            fast.token_ids == plain.token_ids
+            and fast.text == plain.text
+            and fast.finish_reason == plain.finish_reason
+        )
+    after = engine.stats()
+    assert after["draft_tokens_proposed"] > before["draft_tokens_proposed"]
+
+
+def test_long_runs_of_kept_drafts_are_plain_decodings(tiny_shared):
+    """The tiny model says one token whatever the prompt: every draft of its loop is kept, so
+    each verification hands out up to N + 1 tokens."""
+    engine = Engine.load(tiny_shared, provider="cpu")
+    before = engine.stats()
+    for prompt, n in (([5, 6, 7], 4), ([9, 9, 9, 9], 8), ([1, 2, 3, 4, 5, 6], 16)):
+        plain = engine.generate(prompt, max_new_tokens=50, ignore_eos=True).completions[0]
+        fast = engine.generate(prompt, max_new_tokens=50, ignore_eos=True, prompt_lookup=n).completions[0]
+        assert fast.token_ids == plain.token_ids and len(fast.token_ids) == 50
+    after = engine.stats()
+    assert after["draft_tokens_accepted"] - before["draft_tokens_accepted"] > 100
+
+
+def test_beside_other_requests_every_one_gets_its_own_tokens(engine, vocab):
+    prompts = looping_prompts(engine, 6, 42)
+    alone = [engine.generate(p, max_new_tokens=30).completions[0].token_ids for p in prompts]
+    handles = [engine.submit(p, max_new_tokens=30, stream=False, prompt_lookup=5 if i % 2 else 0)
+               for i, p in enumerate(prompts)]  # fmt: skip
+    assert [h.result().token_ids for h in handles] == alone
+    sampled = engine.submit(
+        prompts[0], max_new_tokens=30, temperature=0.8, seed=3
+    )  # a sampled row beside them
+    together = engine.generate(prompts[1:], max_new_tokens=30, prompt_lookup=4).completions
+    assert [c.token_ids for c in together] == alone[1:] and len(sampled.result().token_ids) == 30
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 7, 33])
+def test_max_new_tokens_and_stop_strings_end_where_plain_decoding_ends(engine, max_new):
+    for prompt in looping_prompts(engine, 5, max_new):
+        plain = engine.generate(prompt, max_new_tokens=max_new).completions[0]
+        fast = engine.generate(prompt, max_new_tokens=max_new, prompt_lookup=6).completions[0]
+        assert fast.token_ids == plain.token_ids and len(fast.token_ids) <= max_new
+        if len(plain.text) > 6:  # a stop string from inside the text
+            stop = plain.text[len(plain.text) // 2 : len(plain.text) // 2 + 3]
+            a = engine.generate(prompt, max_new_tokens=max_new, stop=stop).completions[0]
+            b = engine.generate(prompt, max_new_tokens=max_new, stop=stop, prompt_lookup=6).completions[0]
+            assert (a.text, a.finish_reason) == (b.text, b.finish_reason)
+
+
+def test_an_eos_among_the_kept_drafts_ends_the_request(vocab, tokenizer_dir, tmp_path):
+    """EOS set to a token the model says in its loops, so kept drafts and the target's own next
+    token hit it: the request ends there, as plain decoding does."""
+    model = make_varied_model(vocab)
+    hf = save_hf_folder(model, tmp_path / "hf", tokenizer_dir)
+    plain_engine = Engine.load(export_folder(hf, tmp_path / "a", kv_cache="shared"), provider="cpu")
+    prompt = looping_prompts(plain_engine, 1, 5)[0]
+    loop = plain_engine.generate(prompt, max_new_tokens=30).completions[0].token_ids
+    eos = loop[12]
+    model.config.eos_token_id = eos
+    hf = save_hf_folder(model, tmp_path / "hf-eos", tokenizer_dir)
+    engine = Engine.load(export_folder(hf, tmp_path / "b", kv_cache="shared"), provider="cpu")
+    plain = engine.generate(prompt, max_new_tokens=30).completions[0]
+    fast = engine.generate(prompt, max_new_tokens=30, prompt_lookup=8).completions[0]
+    assert plain.finish_reason == "eos" and (fast.token_ids, fast.finish_reason) == (plain.token_ids, "eos")
+
+
+def test_sampled_requests_run_and_repeat_with_a_seed(engine):
+    prompt = looping_prompts(engine, 1, 9)[0]
+    runs = [engine.generate(prompt, max_new_tokens=25, temperature=0.7, top_k=20, seed=11, prompt_lookup=4)
+            .completions[0].token_ids for _ in range(2)]  # fmt: skip
+    assert runs[0] == runs[1] and len(runs[0]) == 25
+
+
+def chi2(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("drafts", [[2, 0, 3], [4, 4], [1]])
+def test_the_sampling_rule_gives_the_targets_distribution(drafts):
+    """accept_sampled over 20,000 seeded draws: its first token has the target's distribution
+    p0, and after the first draft is kept, its second token has p1 (the rule's bonus or residual
+    draw); a version that tests draft i against probs[i + 1] fails this."""
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(5), size=len(drafts) + 1)
+    firsts, seconds = np.zeros(5), np.zeros(5)
+    for _ in range(20000):
+        out = accept_sampled(drafts, probs, rng)
+        firsts[out[0]] += 1
+        if out[0] == drafts[0]:
+            seconds[out[1]] += 1
+    assert chi2(firsts, probs[0]) < CHI2_999[4]
+    assert chi2(seconds, probs[1]) < CHI2_999[4]
+
+
+def test_an_off_by_one_rule_fails_the_test():
+    """The test above has power: a rule that checks draft i against the next position's
+    distribution gives the first token the wrong law."""
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(5), size=4)
+    drafts = [2, 0]
+    counts = np.zeros(5)
+    for _ in range(20000):
+        counts[accept_sampled(drafts, probs[1:], rng)[0]] += 1  # shifted by one position
+    assert chi2(counts, probs[0]) > CHI2_999[4]
+
+
+def test_accept_greedy_keeps_the_agreeing_prefix_and_the_targets_token():
+    assert accept_greedy([5, 6, 7], np.array([5, 6, 7, 8])) == [5, 6, 7, 8]  # all kept, and the bonus
+    assert accept_greedy([5, 6, 7], np.array([5, 9, 7, 8])) == [5, 9]
+    assert accept_greedy([5], np.array([4, 1])) == [4]
+
+
+def test_lookup_takes_the_longest_n_gram_and_its_most_recent_match_with_room():
+    h = np.array([1, 2, 3, 9, 1, 2, 3, 8, 7, 1, 2, 3])
+    assert lookup(h, 3) == [8, 7, 1]  # the 3-gram (1, 2, 3) last seen before 8
+    assert lookup(np.array([4, 5, 6, 7, 5, 6]), 5) == [7, 5, 6]  # the 2-gram (5, 6)
+    assert lookup(np.array([1, 2, 3, 4]), 5) == []  # nothing repeats
+    assert lookup(np.array([7, 7, 7, 7, 7]), 2) == [
+        7,
+        7,
+    ]  # in a loop: an earlier occurrence with room after it
+    assert lookup(np.array([1, 2, 5, 1, 2, 6, 6, 1, 2]), 1) == [6]  # the most recent, with enough after it
+
+
+def test_a_slot_backs_off_after_rejections():
+    slot = Lookup(4)
+    history = np.array([1, 2, 3, 1, 2])
+    assert slot.propose(history, 10) == [3, 1, 2]
+    slot.kept(3, 0)
+    assert slot.propose(history, 10) == [] and slot.propose(history, 10) == [3, 1, 2]  # skipped one step
+    slot.kept(3, 0)
+    assert [slot.propose(history, 10) for _ in range(3)] == [[], [], [3, 1, 2]]  # then two
+    slot.kept(3, 2)
+    assert slot.propose(history, 10) == [3, 1, 2] and (slot.proposed, slot.accepted) == (9, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompt_lookup": -1}, "prompt_lookup must be an integer from 0"),
+        ({"prompt_lookup": 65}, "prompt_lookup must be an integer from 0"),
+        ({"prompt_lookup": 4, "num_beams": 2}, "does not work with beam search"),
+        ({"prompt_lookup": 4, "repetition_penalty": 1.3}, "does not work with penalties"),
+        ({"prompt_lookup": 4, "logit_bias": {5: 2.0}}, "does not work with logit_bias"),
+    ],
+)
+def test_bad_prompt_lookup_arguments_are_named(engine, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        engine.generate([1, 2, 3], max_new_tokens=4, **kwargs)
+    with pytest.raises(InputError, match="does not work with logprobs"):
+        engine.submit([1, 2, 3], max_new_tokens=4, prompt_lookup=3, logprobs=1)
+
+
+def test_prompt_lookup_needs_the_shared_cache(varied_fp32):
+    with pytest.raises(InputError, match="prompt_lookup needs the shared cache"):
+        Engine.load(varied_fp32, provider="cpu").generate([1, 2], max_new_tokens=3, prompt_lookup=2)
