@@ -195,14 +195,16 @@ class Engine:
         return Generation(completions, clock)
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 32, *, stop: str | Sequence[str] = (),
-               prepend_bos: bool = True, truncate: str | None = None,
+               prepend_bos: bool = True, truncate: str | None = None, prompt_lookup: int = 0,
                **sampling) -> Iterator[str]:  # fmt: skip
         """Yield the completion's text piece by piece; breaking out of the loop (or closing the
         iterator) cancels the request. The arguments are checked (InputError) and the request
-        submitted here, before the first piece is asked for."""
+        submitted here, before the first piece is asked for. prompt_lookup: as `generate`'s (the
+        tokens a verification keeps come out together)."""
         options = self._options("stream", max_new_tokens, stop, prepend_bos, truncate, False, sampling)
+        lookup = self._prompt_lookup(prompt_lookup, options, None, None)
         prompt = inputs.prompt("prompt", prompt, self.vocab_size)
-        handle = self.scheduler.submit(self._submission(prompt, options, stream=True))
+        handle = self.scheduler.submit(self._submission(prompt, options, stream=True, prompt_lookup=lookup))
         return _texts(handle)
 
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 16, *, stop: str | Sequence[str] = (),

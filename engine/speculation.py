@@ -12,8 +12,9 @@ target after them (the bonus). Each token so made has the target's distribution 
 before it (tests/engine/test_speculation.py checks the joint distribution of the first tokens).
 
 Cost. A verification is one run over 1 + k positions of one row; it pays where the drafts are
-often kept (text that repeats the prompt: code, edits, extraction). Where they are not, a slot
-backs off: after a verification that kept no draft it skips the lookup for `backoff` steps
+often kept (text that repeats the prompt: code, edits, extraction). The number proposed adapts:
+one more than the last verification kept (twice as many after all were kept, up to the asked
+N), and after a verification that kept none, the slot skips the lookup for `backoff` steps
 (1, 2, 4, ... up to MAX_BACKOFF), decoding plainly in the batch meanwhile.
 """
 
@@ -64,7 +65,8 @@ def lookup(history: np.ndarray, most: int) -> list[int]:
 class Lookup:
     """A slot's prompt lookup: its settings, its back-off, and what it proposed and kept."""
 
-    most: int  # drafts per verification
+    most: int  # drafts per verification, at most
+    limit: int = 0  # drafts the next verification may propose (adapts; 0: `most`)
     skip: int = 0  # steps left without a lookup
     backoff: int = 1
     proposed: int = 0
@@ -75,10 +77,14 @@ class Lookup:
         if self.skip:
             self.skip -= 1
             return []
-        return lookup(history, min(self.most, room)) if room > 0 else []
+        return lookup(history, min(self.limit or self.most, room)) if room > 0 else []
 
     def kept(self, proposed: int, accepted: int) -> None:
+        """After a verification: the next one proposes one more than this one kept (twice as many
+        when all were kept, up to `most`), and a verification that kept none starts a back-off."""
         self.proposed, self.accepted = self.proposed + proposed, self.accepted + accepted
+        limit = self.limit or self.most
+        self.limit = min(self.most, 2 * limit if accepted == proposed else accepted + 1)
         if accepted:
             self.backoff = 1
         else:

@@ -118,6 +118,15 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         default=1,
         help="beam search: how many of the best hypotheses to return (at most --num-beams)",
     )
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="speculative decoding: propose up to N tokens a step from the prompt and the text so "
+        "far, verified in one run (the same greedy tokens, the same sampling distribution; needs "
+        "--kv-cache shared, the CPU) (0 = off)",
+    )
     p.add_argument("--no-bos", action="store_true", help="do not prepend <|endoftext|> to prompts")
     p.add_argument(
         "--truncate", choices=["left"], help="drop a too-long prompt's oldest tokens instead of failing"
@@ -214,6 +223,10 @@ def check_generate_flags(args: argparse.Namespace) -> None:
             f"--num-return-sequences must be from 1 to --num-beams ({beams}), got {args.num_return_sequences}; "
             "see gpt2-onnx generate --help"
         )
+    if not 0 <= args.prompt_lookup <= 64:
+        raise UsageError(
+            f"--prompt-lookup must be from 0 (off) to 64, got {args.prompt_lookup}; see gpt2-onnx generate --help"
+        )
     if beams > 1 and args.stream:
         raise UsageError(
             "--stream does not apply to beam search (the best beams are known at the end); drop one; "
@@ -237,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
         args.dtype,
         args.tokenizer,
         args.models_dir,
-        args.kv_cache or ("shared" if args.num_beams > 1 else "concat"),
+        args.kv_cache or ("shared" if args.num_beams > 1 or args.prompt_lookup else "concat"),
     )
     engine = Engine.load(
         folder,
@@ -255,11 +268,11 @@ def run(args: argparse.Namespace) -> int:
     )
     beams = dict(num_beams=args.num_beams, length_penalty=args.length_penalty,
                  early_stopping=EARLY_STOPPING_FLAGS[args.early_stopping],
-                 num_return_sequences=args.num_return_sequences)  # fmt: skip
+                 num_return_sequences=args.num_return_sequences, prompt_lookup=args.prompt_lookup)  # fmt: skip
     if args.stream and not args.json:
         for prompt in args.prompt:
             print(prompt, end="", flush=True)
-            for piece in engine.stream(prompt, **options):
+            for piece in engine.stream(prompt, **options, prompt_lookup=args.prompt_lookup):
                 print(piece, end="", flush=True)
             print()
         return 0

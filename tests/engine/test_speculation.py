@@ -164,16 +164,21 @@ def test_lookup_takes_the_longest_n_gram_and_its_most_recent_match_with_room():
     assert lookup(np.array([1, 2, 5, 1, 2, 6, 6, 1, 2]), 1) == [6]  # the most recent, with enough after it
 
 
-def test_a_slot_backs_off_after_rejections():
+def test_a_slot_backs_off_after_rejections_and_adapts_its_drafts():
     slot = Lookup(4)
-    history = np.array([1, 2, 3, 1, 2])
-    assert slot.propose(history, 10) == [3, 1, 2]
-    slot.kept(3, 0)
-    assert slot.propose(history, 10) == [] and slot.propose(history, 10) == [3, 1, 2]  # skipped one step
-    slot.kept(3, 0)
-    assert [slot.propose(history, 10) for _ in range(3)] == [[], [], [3, 1, 2]]  # then two
-    slot.kept(3, 2)
-    assert slot.propose(history, 10) == [3, 1, 2] and (slot.proposed, slot.accepted) == (9, 2)
+    history = np.array([1, 2, 3, 4, 5, 6, 1, 2])
+    assert slot.propose(history, 10) == [3, 4, 5, 6]
+    slot.kept(4, 0)
+    assert slot.propose(history, 10) == [] and slot.propose(history, 10) == [
+        3
+    ]  # skipped one step; 0 + 1 drafts
+    slot.kept(1, 0)
+    assert [slot.propose(history, 10) for _ in range(3)] == [[], [], [3]]  # then two
+    slot.kept(1, 1)  # all kept: twice as many next time
+    assert slot.propose(history, 10) == [3, 4] and (slot.proposed, slot.accepted) == (6, 1)
+    slot.kept(2, 2)
+    assert slot.propose(history, 10) == [3, 4, 5, 6]  # up to the 4 asked for
+    assert slot.propose(history, 2) == [3, 4]  # and no more than the room
 
 
 @pytest.mark.parametrize(

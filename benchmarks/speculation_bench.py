@@ -1,0 +1,122 @@
+"""Speculative decoding by prompt lookup against plain decoding, batch 1, same run: tokens/s,
+acceptance, and whether the tokens are the same.
+
+    python -m gpt2onnx.benchmarks.speculation_bench --model FOLDER [--model FOLDER ...] --text FILE
+        --out DIR [--lookup 8] [--prompts 12] [--new-tokens 48] [--threads 2]
+
+Two kinds of prompts from the text (held-out documentation, say): "repeat" prompts hold a
+passage and then its first lines again, so the model is asked to continue something it has
+partly seen (what prompt lookup is for: code, edits, extraction); "plain" prompts are windows
+of the text with nothing in particular to look up. Each FOLDER (shared cache) runs every prompt
+greedily, plainly and with prompt_lookup, alternating. Writes DIR/speculation_bench.json and .md
+with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .machine import machine_info
+
+
+def prompt_sets(tokens: list[int], count: int, room: int, new: int) -> dict[str, list[list[int]]]:
+    """count "repeat" and "plain" prompts that leave `new` tokens of room in `room` positions."""
+    passage, again = (room - new) * 2 // 3, (room - new) // 3
+    step = max(1, (len(tokens) - room) // count)
+    starts = [i * step for i in range(count)]
+    return {
+        "repeat": [tokens[s : s + passage] + tokens[s : s + again] for s in starts],
+        "plain": [tokens[s + 7 : s + 7 + passage + again] for s in starts],
+    }
+
+
+def run(engine, prompts: list[list[int]], new: int, lookup: int) -> tuple[float, int, list[list[int]]]:
+    """(seconds, new tokens, each prompt's tokens) for the prompts one at a time."""
+    start, made, outs = time.perf_counter(), 0, []
+    for prompt in prompts:
+        c = engine.generate(prompt, max_new_tokens=new, ignore_eos=True, prompt_lookup=lookup).completions[0]
+        made, outs = made + len(c.token_ids), outs + [c.token_ids]
+    return time.perf_counter() - start, made, outs
+
+
+def measure(folder: Path, sets: dict, args) -> list[dict]:
+    from gpt2onnx.engine.engine import Engine
+
+    engine = Engine.load(folder, provider="cpu", max_batch=1, threads=args.threads)
+    rows = []
+    for kind, prompts in sets.items():
+        run(engine, prompts[:2], 4, args.lookup)  # warm-up
+        plain_s, fast_s = [], []
+        for _ in range(args.rounds):
+            s, made, plain_tokens = run(engine, prompts, args.new_tokens, 0)
+            plain_s.append(s)
+            before = engine.stats()
+            s, made_fast, fast_tokens = run(engine, prompts, args.new_tokens, args.lookup)
+            fast_s.append(s)
+            after = engine.stats()
+        proposed = after["draft_tokens_proposed"] - before["draft_tokens_proposed"]
+        accepted = after["draft_tokens_accepted"] - before["draft_tokens_accepted"]
+        plain_tps, fast_tps = made / float(np.median(plain_s)), made_fast / float(np.median(fast_s))
+        rows.append({
+            "model": str(folder), "dtype": engine.manifest.dtype, "prompts": kind, "count": len(prompts),
+            "plain_tokens_per_s": plain_tps, "lookup_tokens_per_s": fast_tps, "speedup": fast_tps / plain_tps,
+            "proposed": proposed, "accepted": accepted, "acceptance": accepted / proposed if proposed else None,
+            "same_tokens": fast_tokens == plain_tokens,
+        })  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    from gpt2onnx.engine.tokenizer import Tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", required=True, type=Path, action="append", help="a shared-cache model folder"
+    )
+    parser.add_argument("--text", required=True, type=Path, help="the text the prompts are taken from")
+    parser.add_argument("--out", required=True, type=Path, help="results folder")
+    parser.add_argument("--lookup", type=int, default=8, help="prompt_lookup: tokens proposed a step")
+    parser.add_argument("--prompts", type=int, default=12)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    rows = []
+    for folder in args.model:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        c = manifest["config"]
+        tokenizer = Tokenizer(folder / manifest["tokenizer_file"], c["bos_token_id"], c["eos_token_id"])
+        tokens = tokenizer.to_tokens(args.text.read_text(encoding="utf-8"), prepend_bos=False)
+        room = min(c["n_positions"], 256)
+        rows += measure(folder, prompt_sets(tokens, args.prompts, room, args.new_tokens), args)
+    result = {"machine": machine_info(), "lookup": args.lookup, "new_tokens": args.new_tokens,
+              "rounds": args.rounds, "threads": args.threads, "text": str(args.text), "runs": rows}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speculation_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    m = result["machine"]
+    lines = [
+        f"# Prompt lookup ({args.lookup} tokens a step) against plain decoding: batch 1, greedy, "
+        f"{args.new_tokens} new tokens, {args.threads} threads",
+        "",
+        f"CPU: {m.get('cpu')} ({', '.join(m.get('isa') or [])}), {m.get('cores')} cores",
+        "",
+        "| model | dtype | prompts | plain tokens/s | lookup tokens/s | speed-up | accepted / proposed | same tokens |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+        *[
+            f"| {Path(r['model']).name} | {r['dtype']} | {r['prompts']} ({r['count']}) | {r['plain_tokens_per_s']:.1f} | "
+            f"{r['lookup_tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['accepted']} / {r['proposed']} | "
+            f"{r['same_tokens']} |"
+            for r in rows
+        ],  # fmt: skip
+    ]
+    (args.out / "speculation_bench.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
