@@ -305,7 +305,12 @@ def parse_logit_bias(bias, vocab_size: int) -> dict[int, float]:
 
 
 # the engine's names -> OpenAI's (the beam width is best_of, or n without it)
-ENGINE_PARAMS = {"max_new_tokens": "max_tokens", "prompt": "prompt", "num_beams": "best_of"}
+ENGINE_PARAMS = {
+    "max_new_tokens": "max_tokens",
+    "prompt": "prompt",
+    "num_beams": "best_of",
+    "prompt_lookup": "prompt_lookup",
+}
 
 
 def param_of(error: InputError) -> str | None:

@@ -450,6 +450,29 @@ def test_metrics_count_requests_and_tokens(client, base_url):
     assert after["gpt2onnx_max_batch"] == 8 and after["gpt2onnx_max_queue"] == 64
 
 
+def test_prompt_lookup_gives_the_same_text_and_counts_its_drafts(client, base_url, engine):
+    """The request's prompt_lookup (an extension): greedy text as without it, and /metrics counts
+    the drafted and kept tokens (the tiny model repeats one token: its drafts are kept)."""
+    before = scrape(base_url)
+    fast = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=20, temperature=0,
+                                     extra_body={"prompt_lookup": 4, "ignore_eos": True})  # fmt: skip
+    plain = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=20, temperature=0,
+                                      extra_body={"ignore_eos": True})  # fmt: skip
+    after = scrape(base_url)
+    assert fast.choices[0].text == plain.choices[0].text and fast.usage.completion_tokens == 20
+    proposed = after["gpt2onnx_draft_tokens_proposed_total"] - before.get(
+        "gpt2onnx_draft_tokens_proposed_total", 0
+    )
+    kept = after["gpt2onnx_draft_tokens_accepted_total"] - before.get(
+        "gpt2onnx_draft_tokens_accepted_total", 0
+    )
+    assert proposed >= kept > 5
+    r = httpx.post(
+        base_url + "/v1/completions", json={"model": MODEL, "prompt": "x", "prompt_lookup": 65}, timeout=T
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_lookup"
+
+
 # -- load: queue full, disconnects ---------------------------------------------------------------
 def test_a_full_queue_is_429_and_submits_nothing(tiny_shared):
     engine, gate, stepping = load(tiny_shared, max_batch=1, max_queue=1), threading.Event(), threading.Event()
