@@ -35,39 +35,47 @@ def prompt_sets(tokens: list[int], count: int, room: int, new: int) -> dict[str,
     }
 
 
-def run(engine, prompts: list[list[int]], new: int, lookup: int) -> tuple[float, int, list[list[int]]]:
+def run(engine, prompts: list[list[int]], new: int, **speculation) -> tuple[float, int, list[list[int]]]:
     """(seconds, new tokens, each prompt's tokens) for the prompts one at a time."""
     start, made, outs = time.perf_counter(), 0, []
     for prompt in prompts:
-        c = engine.generate(prompt, max_new_tokens=new, ignore_eos=True, prompt_lookup=lookup).completions[0]
+        c = engine.generate(prompt, max_new_tokens=new, ignore_eos=True, **speculation).completions[0]
         made, outs = made + len(c.token_ids), outs + [c.token_ids]
     return time.perf_counter() - start, made, outs
 
 
 def measure(folder: Path, sets: dict, args) -> list[dict]:
+    """Each kind of prompt, plainly and with each method (prompt lookup; the draft model when
+    --draft), rounds alternating."""
     from gpt2onnx.engine.engine import Engine
 
-    engine = Engine.load(folder, provider="cpu", max_batch=1, threads=args.threads)
+    plain = Engine.load(folder, provider="cpu", max_batch=1, threads=args.threads)
+    methods = {"prompt lookup": (plain, {"prompt_lookup": args.lookup})}
+    if args.draft:
+        drafted = Engine.load(folder, provider="cpu", max_batch=1, threads=args.threads, draft=args.draft)
+        methods[f"draft {args.draft.name}"] = (drafted, {"draft_tokens": args.draft_tokens})
     rows = []
     for kind, prompts in sets.items():
-        run(engine, prompts[:2], 4, args.lookup)  # warm-up
-        plain_s, fast_s = [], []
-        for _ in range(args.rounds):
-            s, made, plain_tokens = run(engine, prompts, args.new_tokens, 0)
-            plain_s.append(s)
-            before = engine.stats()
-            s, made_fast, fast_tokens = run(engine, prompts, args.new_tokens, args.lookup)
-            fast_s.append(s)
-            after = engine.stats()
-        proposed = after["draft_tokens_proposed"] - before["draft_tokens_proposed"]
-        accepted = after["draft_tokens_accepted"] - before["draft_tokens_accepted"]
-        plain_tps, fast_tps = made / float(np.median(plain_s)), made_fast / float(np.median(fast_s))
-        rows.append({
-            "model": str(folder), "dtype": engine.manifest.dtype, "prompts": kind, "count": len(prompts),
-            "plain_tokens_per_s": plain_tps, "lookup_tokens_per_s": fast_tps, "speedup": fast_tps / plain_tps,
-            "proposed": proposed, "accepted": accepted, "acceptance": accepted / proposed if proposed else None,
-            "same_tokens": fast_tokens == plain_tokens,
-        })  # fmt: skip
+        for method, (engine, speculation) in methods.items():
+            run(engine, prompts[:2], 4, **speculation)  # warm-up
+            run(plain, prompts[:2], 4)
+            plain_s, fast_s = [], []
+            for _ in range(args.rounds):
+                s, made, plain_tokens = run(plain, prompts, args.new_tokens)
+                plain_s.append(s)
+                before = engine.stats()
+                s, made_fast, fast_tokens = run(engine, prompts, args.new_tokens, **speculation)
+                fast_s.append(s)
+                after = engine.stats()
+            proposed = after["draft_tokens_proposed"] - before["draft_tokens_proposed"]
+            accepted = after["draft_tokens_accepted"] - before["draft_tokens_accepted"]
+            plain_tps, fast_tps = made / float(np.median(plain_s)), made_fast / float(np.median(fast_s))
+            rows.append({
+                "model": str(folder), "dtype": engine.manifest.dtype, "prompts": kind, "count": len(prompts),
+                "method": method, "plain_tokens_per_s": plain_tps, "method_tokens_per_s": fast_tps,
+                "speedup": fast_tps / plain_tps, "proposed": proposed, "accepted": accepted,
+                "acceptance": accepted / proposed if proposed else None, "same_tokens": fast_tokens == plain_tokens,
+            })  # fmt: skip
     return rows
 
 
@@ -84,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--draft", type=Path, help="a draft model folder: measure it too")
+    parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes a step")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     rows = []
@@ -100,17 +110,19 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "speculation_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
     lines = [
-        f"# Prompt lookup ({args.lookup} tokens a step) against plain decoding: batch 1, greedy, "
+        f"# Speculative decoding (prompt lookup: {args.lookup} tokens a step; draft: {args.draft_tokens}) "
+        "against plain decoding: batch 1, greedy, "
         f"{args.new_tokens} new tokens, {args.threads} threads",
         "",
         f"CPU: {m.get('cpu')} ({', '.join(m.get('isa') or [])}), {m.get('cores')} cores",
         "",
-        "| model | dtype | prompts | plain tokens/s | lookup tokens/s | speed-up | accepted / proposed | same tokens |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "| model | dtype | prompts | method | plain tokens/s | its tokens/s | speed-up | accepted / proposed "
+        "| same tokens |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
         *[
-            f"| {Path(r['model']).name} | {r['dtype']} | {r['prompts']} ({r['count']}) | {r['plain_tokens_per_s']:.1f} | "
-            f"{r['lookup_tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['accepted']} / {r['proposed']} | "
-            f"{r['same_tokens']} |"
+            f"| {Path(r['model']).name} | {r['dtype']} | {r['prompts']} ({r['count']}) | {r['method']} | "
+            f"{r['plain_tokens_per_s']:.1f} | {r['method_tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['accepted']} / {r['proposed']} | {r['same_tokens']} |"
             for r in rows
         ],  # fmt: skip
     ]

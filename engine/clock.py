@@ -43,14 +43,15 @@ class Clock:
         """Whether the first tokens are in."""
         return self._last is not None
 
-    def tokens(self) -> None:
-        """A step's tokens are in."""
+    def tokens(self, positions: int = 1) -> None:
+        """A step's tokens are in: one per row, or `positions` a row (a speculative step's kept
+        tokens, counted as that many steps of equal length)."""
         now = time.perf_counter()
         if self._last is None:
             self.prefill_s += self._run_s
             self.first_token_s += now - self._start
         else:
-            self.step_s.append(now - self._last)
+            self.step_s += [(now - self._last) / positions] * positions
             self.decode_run_s += self._run_s
         self._last, self._run_s = now, 0.0
 
@@ -72,10 +73,11 @@ class Clock:
         return 1e3 * (self.decode_s - self.decode_run_s) / len(self.step_s) if self.step_s else 0.0
 
 
-def charge(clocks: list[Clock | None], run_s: float, run: str) -> None:
+def charge(clocks: list[Clock | None], run_s: float, run: str, positions: int = 1) -> None:
     """A run's time inside onnxruntime, to the calls (Engine.generate's clocks) whose rows it was
     for, once per call; `clocks` has one entry per row (None: no call's). `run` is a "decode"
-    step, a "prefill" (first tokens) or a "chunk" of a prompt (no tokens yet)."""
+    step, a "prefill" (first tokens) or a "chunk" of a prompt (no tokens yet). positions: the
+    tokens each row made (a speculative step's, more than one)."""
     rows: dict[int, list] = {}  # id(clock) -> [clock, its rows]
     for clock in clocks:
         if clock is not None:
@@ -85,6 +87,6 @@ def charge(clocks: list[Clock | None], run_s: float, run: str) -> None:
             clock.prefill_run(run_s)  # a prompt's chunk, or a later row's prompt: not a step
         else:
             clock.ran(run_s)
-            clock.tokens()
+            clock.tokens(positions)
         if run != "chunk":
-            clock.new_tokens += n
+            clock.new_tokens += n * positions

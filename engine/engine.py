@@ -23,6 +23,7 @@ from .beam import EARLY_STOPPING, BeamConfig
 from .clock import Clock
 from .completion import Completion
 from .contract import InputError, ModelFolderError
+from .draft import Draft
 from .inspection import Inspector
 from .logprobs import token_logprobs
 from .model_folder import check_tokenizer, read_manifest
@@ -67,12 +68,13 @@ class CallOptions:
 SAMPLING_KEYWORDS = tuple(f.name for f in fields(SamplingConfig))
 MAX_WHOLE_PROMPT_CHARS = 1 << 20  # truncate="left" on a text with no place to cut: tokenized whole up to this
 MAX_LOGITS = 1 << 28  # floats (1 GiB) one logits() call may return
+DRAFT_TOKENS = 4  # tokens a draft model proposes a step, when the engine has one and a call does not say
 MAX_INSPECT_ROWS = 1 << 16  # run_with_cache: the size of what it returns is bounded (engine/inspection.py)
 SCORE_LOGITS = 1 << 26  # floats (256 MiB) of logits per run while scoring (windows side by side)
 
 
 class Engine:
-    def __init__(self, folder: Path, config: SessionConfig):
+    def __init__(self, folder: Path, config: SessionConfig, draft: str | Path | None = None):
         self.folder = Path(folder)
         atomic_folder.recover(self.folder)  # an `export --force` killed mid-swap left it aside
         self.manifest = read_manifest(self.folder)
@@ -83,7 +85,16 @@ class Engine:
         self.session = Session(self.folder, self.manifest, config)  # checks the graph against the manifest
         self._probe()
         self._lock = threading.Lock()
-        self.scheduler = Scheduler(self.session, self.tokenizer, self._lock, config.max_queue)
+        self.draft = (
+            None
+            if draft is None
+            else Draft(
+                inputs.folder_path(draft), self.folder, self.tokenizer.vocab(), config, self.session.max_seq
+            )
+        )
+        self.scheduler = Scheduler(
+            self.session, self.tokenizer, self._lock, config.max_queue, draft=self.draft
+        )
         self.inspector = Inspector(self.folder, self.manifest, self.device, config.threads)
         if self.manifest.source.random_init:
             log.info(
@@ -113,17 +124,20 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", max_batch: int = 8, max_seq: int | None = None,
              threads: int | None = None, device_sampling: bool | None = None,
-             cuda_graphs: bool | None = None, max_queue: int = 64) -> Engine:  # fmt: skip
+             cuda_graphs: bool | None = None, max_queue: int = 64,
+             draft: str | Path | None = None) -> Engine:  # fmt: skip
         """Load a model folder. device_sampling: pick tokens with the sampling graph; cuda_graphs:
         decode steps of fixed shapes, captured as CUDA graphs (shared cache only). Both default
-        to on with the CUDA provider, off on the CPU.
+        to on with the CUDA provider, off on the CPU. draft: a smaller model folder (shared cache,
+        the same tokenizer) for speculative decoding; its requests then propose DRAFT_TOKENS
+        tokens a step with it unless a call says draft_tokens (engine/draft.py).
         Raises InputError (a bad argument, before the folder is read), ModelFolderError
         (missing/corrupt folder), ProviderError (cuda unavailable)."""
         folder = inputs.folder_path(path)
         config = SessionConfig(provider=provider, max_batch=max_batch, max_seq=max_seq, threads=threads,
                                device_sampling=device_sampling, cuda_graphs=cuda_graphs,
                                max_queue=max_queue)  # fmt: skip
-        return cls(folder, config)
+        return cls(folder, config, draft)
 
     @property
     def device(self) -> str:
@@ -156,7 +170,8 @@ class Engine:
                  max_new_tokens: int = 32, *, stop: str | Sequence[str] = (), prepend_bos: bool = True,
                  truncate: str | None = None, ignore_eos: bool = False, num_beams: int = 1,
                  length_penalty: float = 1.0, early_stopping: bool | str = False,
-                 num_return_sequences: int = 1, prompt_lookup: int = 0, **sampling) -> Generation:  # fmt: skip
+                 num_return_sequences: int = 1, prompt_lookup: int = 0, draft_tokens: int | None = None,
+                 **sampling) -> Generation:  # fmt: skip
         """Complete each prompt: a str, a list of token ids, or a list of prompts (all str or all
         id lists). Sampling keywords are SamplingConfig's (greedy by default); each prompt is a
         request of its own (`submit`), so with a seed each prompt's tokens are those it gets
@@ -180,11 +195,11 @@ class Engine:
         drops its oldest tokens)."""
         options = self._options("generate", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
         beams = self._beam_config(num_beams, length_penalty, early_stopping, num_return_sequences, options)
-        lookup = self._prompt_lookup(prompt_lookup, options, beams, None)
+        spec = self._speculation(prompt_lookup, draft_tokens, options, beams, None)
         prompts = inputs.prompts(prompts, self.vocab_size)
         clock = Clock()
         requests = [self._submission(p, options, stream=False, clock=clock, pieces=False, beams=beams,
-                                     prompt_lookup=lookup) for p in prompts]  # fmt: skip
+                                     **spec) for p in prompts]  # fmt: skip
         clock.begin()
         handles = self.scheduler.submit_all(requests, bounded=False)
         try:
@@ -196,22 +211,23 @@ class Engine:
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 32, *, stop: str | Sequence[str] = (),
                prepend_bos: bool = True, truncate: str | None = None, prompt_lookup: int = 0,
-               **sampling) -> Iterator[str]:  # fmt: skip
+               draft_tokens: int | None = None, **sampling) -> Iterator[str]:  # fmt: skip
         """Yield the completion's text piece by piece; breaking out of the loop (or closing the
         iterator) cancels the request. The arguments are checked (InputError) and the request
         submitted here, before the first piece is asked for. prompt_lookup: as `generate`'s (the
         tokens a verification keeps come out together)."""
         options = self._options("stream", max_new_tokens, stop, prepend_bos, truncate, False, sampling)
-        lookup = self._prompt_lookup(prompt_lookup, options, None, None)
+        spec = self._speculation(prompt_lookup, draft_tokens, options, None, None)
         prompt = inputs.prompt("prompt", prompt, self.vocab_size)
-        handle = self.scheduler.submit(self._submission(prompt, options, stream=True, prompt_lookup=lookup))
+        handle = self.scheduler.submit(self._submission(prompt, options, stream=True, **spec))
         return _texts(handle)
 
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 16, *, stop: str | Sequence[str] = (),
                prepend_bos: bool = True, truncate: str | None = None, ignore_eos: bool = False,
                logprobs: int | None = None, prompt_logprobs: int | None = None, stream: bool = True,
                num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
-               num_return_sequences: int = 1, prompt_lookup: int = 0, **sampling) -> RequestHandle:  # fmt: skip
+               num_return_sequences: int = 1, prompt_lookup: int = 0, draft_tokens: int | None = None,
+               **sampling) -> RequestHandle:  # fmt: skip
         """Queue one prompt for the running batch (continuous batching, scheduler.py) and return
         at once with its handle: iterate it for pieces (or `async for`), `result()` or await it
         for the Completion, `cancel()` it. Thread-safe. Settings as `generate`'s, each request its
@@ -240,7 +256,7 @@ class Engine:
                 "drop logprobs or use num_beams=1",
                 param="logprobs",
             )
-        lookup = self._prompt_lookup(prompt_lookup, options, beams, logprobs)
+        spec = self._speculation(prompt_lookup, draft_tokens, options, beams, logprobs)
         prompt = inputs.prompt("prompt", prompt, self.vocab_size)
         stream = inputs.check("stream", stream)
         return self.scheduler.submit(
@@ -251,7 +267,7 @@ class Engine:
                 prompt_logprobs=prompt_logprobs,
                 stream=stream,
                 beams=beams,
-                prompt_lookup=lookup,
+                **spec,
             )  # fmt: skip
         )
 
@@ -294,14 +310,26 @@ class Engine:
             )
         return BeamConfig(k, float(length_penalty), early_stopping, n)
 
-    def _prompt_lookup(self, prompt_lookup, options: CallOptions, beams, logprobs) -> int:
-        """prompt_lookup through the input gate: 0 (off) or the drafts a step may propose."""
+    def _speculation(self, prompt_lookup, draft_tokens, options: CallOptions, beams, logprobs) -> dict:
+        """Speculative decoding's settings through the input gate, as the Request's keywords:
+        prompt_lookup (0: off) and draft_tokens (None: DRAFT_TOKENS when the engine has a draft)."""
         n = inputs.Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")(
             "prompt_lookup", prompt_lookup
         )
-        if not n:
-            return 0
-        cfg = options.sampling
+        if draft_tokens is None:
+            draft_tokens = DRAFT_TOKENS if self.draft is not None and not n else 0
+        k = inputs.Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")(
+            "draft_tokens", draft_tokens
+        )
+        if k and self.draft is None:
+            raise InputError(
+                "draft_tokens needs a draft model: Engine.load(..., draft=DIR)", param="draft_tokens"
+            )
+        if n and k:
+            raise InputError("pass prompt_lookup or draft_tokens, not both", param="prompt_lookup")
+        if not (n or k):
+            return {}
+        name, cfg = "prompt_lookup" if n else "draft_tokens", options.sampling
         why = (
             "beam search" if beams is not None
             else "logprobs" if logprobs is not None
@@ -310,16 +338,14 @@ class Engine:
             else None
         )  # fmt: skip
         if why:
-            raise InputError(
-                f"prompt_lookup does not work with {why} yet; drop one of them", param="prompt_lookup"
-            )
+            raise InputError(f"{name} does not work with {why} yet; drop one of them", param=name)
         if self.manifest.kv_cache != "shared" or self.device != "cpu":
             raise InputError(
-                f"prompt_lookup needs the shared cache on the CPU provider (this engine: {self.manifest.kv_cache} "
+                f"{name} needs the shared cache on the CPU provider (this engine: {self.manifest.kv_cache} "
                 f"cache on {self.device}); export with --kv-cache shared and load with provider='cpu'",
-                param="prompt_lookup",
+                param=name,
             )
-        return n
+        return {"prompt_lookup": n, "draft_tokens": k}
 
     def _submission(self, prompt: str | list[int], options: CallOptions, **extra) -> Request:
         """A checked prompt and a call's settings as one request for the scheduler; `extra`:

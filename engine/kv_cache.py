@@ -392,15 +392,15 @@ class SharedCache:
         self._bind(binding, ids, positions, np.array([n]), n, slot, logits_at=np.array([[len(tokens) - 1]]))
         self.row_lengths.fill(slot, n, decoding)
 
-    def bind_verify(self, binding: Binding, slot: int, tokens: list[int]) -> None:
-        """Bind tokens into `slot` after what it holds, with logits (and argmax) at every one of
-        them: a speculative step's verification. The row then holds them all; `set_length` takes
-        back the ones not kept."""
+    def bind_verify(self, binding: Binding, slot: int, tokens: list[int], last: int | None = None) -> None:
+        """Bind tokens into `slot` after what it holds, with logits (and argmax) at each of them
+        (or at the `last` ones): a speculative step's verification, or a draft's run. The row
+        then holds them all; `set_length` takes back the ones not kept."""
         past = int(self.row_lengths.lengths[slot])
         n = past + len(tokens)
         assert n <= self.kv.cap_seq, f"cache holds {self.kv.cap_seq} positions, the step needs {n}"
         ids, positions = np.array([tokens], np.int64), np.arange(past, n, dtype=np.int64)[None]
-        at = np.arange(len(tokens), dtype=np.int64)[None]
+        at = np.arange(len(tokens) - (last or len(tokens)), len(tokens), dtype=np.int64)[None]
         self._bind(binding, ids, positions, np.array([n]), n, slot, logits_at=at)
         self.row_lengths.fill(slot, n)
 

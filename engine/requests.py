@@ -62,6 +62,7 @@ class Request:
     pieces: bool = True  # False: only the completion, no pieces (Engine.generate: less work a token)
     beams: BeamConfig | None = None  # beam search (beam.py); None: one row, sampling's settings
     prompt_lookup: int = 0  # speculative decoding: drafts proposed per step by prompt lookup (0: off)
+    draft_tokens: int = 0  # speculative decoding: tokens the engine's draft model proposes a step (0: off)
 
 
 class RequestHandle:

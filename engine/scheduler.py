@@ -54,6 +54,7 @@ import numpy as np
 from .beam import BeamSearch
 from .clock import Clock, charge
 from .completion import BeamResult, Completion, Continuation
+from .draft import Draft
 from .requests import EngineClosedError, Piece, QueueFullError, Request, RequestHandle
 from .sampling import SamplingConfig
 from .session import Session
@@ -83,6 +84,7 @@ class Slot:
     group: BeamGroup | None = None  # beam search: the request's beams, one slot each
     beam: int = 0  # which of them
     lookup: Lookup | None = None  # speculative decoding by prompt lookup (speculation.py)
+    draft_tokens: int = 0  # speculative decoding with the draft model (draft.py): tokens it proposes
 
     @property
     def decoding(self) -> bool:
@@ -105,8 +107,8 @@ class BeamGroup:
 
 class Scheduler:
     def __init__(self, session: Session, tokenizer: Tokenizer, lock: AbstractContextManager,
-                 max_queue: int = 64, chunk: int = CHUNK):  # fmt: skip
-        self.session, self.tokenizer, self.lock = session, tokenizer, lock
+                 max_queue: int = 64, chunk: int = CHUNK, draft: Draft | None = None):  # fmt: skip
+        self.session, self.tokenizer, self.lock, self.draft = session, tokenizer, lock, draft
         self.max_queue, self.chunk = max_queue, chunk
         self.static = not session.cache.has_slots  # the concat cache: static batches
         self.waiting: collections.deque[RequestHandle] = collections.deque()
@@ -238,6 +240,8 @@ class Scheduler:
         """(Re)start the cache, every slot free, for `rows` rows of `seq` positions."""
         self._clock = Clock()
         self.session.start(rows, seq, self._clock)
+        if self.draft is not None:
+            self.draft.start(rows, seq)
         self.rows, self.seq = rows, self.session.cache.kv.cap_seq
 
     def _admit(self) -> None:
@@ -277,7 +281,11 @@ class Scheduler:
                 slot = Slot(handle, continuation, request.prompt_ids, len(request.prompt_ids))
                 if request.prompt_lookup:
                     slot.lookup = Lookup(request.prompt_lookup)
-                self.slots[self.slots.index(None)] = slot
+                row = self.slots.index(None)
+                if request.draft_tokens:
+                    slot.draft_tokens = request.draft_tokens
+                    self.draft.admit(row)
+                self.slots[row] = slot
                 if beams is not None:
                     self._admit_beams(slot)
                 self._drop_waiting_cancelled()
@@ -391,15 +399,15 @@ class Scheduler:
         live = [(r, s) for r, s in enumerate(self.slots) if s is not None and s.decoding]
         if not live:
             return
-        drafts = {r: self._drafts(s) for r, s in live if s.lookup is not None}
-        speculating = [(r, s) for r, s in live if drafts.get(r)]
-        live = [(r, s) for r, s in live if not drafts.get(r)]
+        drafts = {r: self._drafts(r, s) for r, s in live if s.lookup is not None or s.draft_tokens}
+        speculating = [(r, s) for r, s in live if drafts.get(r, ([],))[0]]
+        live = [(r, s) for r, s in live if not drafts.get(r, ([],))[0]]
         if live:
             self._decode_rows(live)
             for r, s in speculating:  # the step wrote a dummy token in these rows too: not theirs
                 self.session.set_length(r, s.computed)
         for r, slot in speculating:
-            self._verify(r, slot, drafts[r])
+            self._verify(r, slot, *drafts[r])
 
     def _decode_rows(self, live: list[tuple[int, Slot]]) -> None:
         tokens = np.zeros(live[-1][0] + 1, np.int64)
@@ -413,32 +421,43 @@ class Scheduler:
             self._take(r, slot, picked[r], r, now)
 
     # -- speculative decoding ------------------------------------------------------------------
-    def _drafts(self, slot: Slot) -> list[int]:
-        """The tokens a prompt-lookup slot proposes this step ([]: a plain step)."""
+    def _drafts(self, r: int, slot: Slot) -> tuple[list[int], np.ndarray | None]:
+        """The tokens a speculative slot proposes this step ([]: a plain step), and the draft
+        model's distributions they were drawn from (None: greedy, or prompt lookup)."""
         request = slot.handle.request
         made = slot.continuation.token_ids
         room = request.max_new_tokens - len(made) - 1  # the step adds the target's own token too
-        return slot.lookup.propose(np.array(slot.prompt_ids + made, np.int64), room)
+        if slot.lookup is not None:
+            return slot.lookup.propose(np.array(slot.prompt_ids + made, np.int64), room), None
+        if room <= 0:
+            return [], None
+        rng = self.session.sampling.rngs[r]
+        return self.draft.propose(
+            r, slot.prompt_ids + made, min(slot.draft_tokens, room), request.sampling, rng
+        )
 
-    def _verify(self, r: int, slot: Slot, drafts: list[int]) -> None:
+    def _verify(self, r: int, slot: Slot, drafts: list[int], draft_probs: np.ndarray | None) -> None:
         """One run over the slot's pending token and its drafts; the kept ones and the target's
         next token are handed out as if decoded one by one."""
         request = slot.handle.request
         greedy = request.sampling.greedy
         run0 = self._clock.run_s
         argmax, logits = self.session.verify(r, [slot.token, *drafts], logits=not greedy)
-        charge([request.clock], self._clock.run_s - run0, "decode")
+        run_s = self._clock.run_s - run0
         if greedy:
             new = accept_greedy(drafts, argmax)
         else:
-            new = accept_sampled(
-                drafts, target_probs(logits, request.sampling), self.session.sampling.rngs[r]
-            )
+            probs = target_probs(logits, request.sampling)
+            new = accept_sampled(drafts, probs, self.session.sampling.rngs[r], draft_probs)
         kept = len(new) - 1
-        slot.lookup.kept(len(drafts), kept)
+        charge([request.clock], run_s, "decode", len(new))
+        if slot.lookup is not None:
+            slot.lookup.kept(len(drafts), kept)
         self.proposed, self.accepted = self.proposed + len(drafts), self.accepted + kept
         slot.computed += 1 + kept
         self.session.set_length(r, slot.computed)
+        if slot.draft_tokens:
+            self.draft.kept(r, slot.computed)
         now = time.perf_counter()
         for token in new:
             self._take(r, slot, token, 0, now)

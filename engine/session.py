@@ -208,18 +208,18 @@ class Session:
         self.logits_rows.discard(slot)
         self._picker_stale = True
 
-    def verify(
-        self, slot: int, tokens: list[int], logits: bool = False
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    def verify(self, slot: int, tokens: list[int], logits: bool = False,
+               last: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
         """One run of `slot` over `tokens` (its pending token, then drafted ones) after what it
         holds -> the graph's argmax after each (len(tokens),) and, with logits=True, the logits
-        there (len(tokens), vocab). The row then holds them all (`set_length` takes some back).
-        The other rows keep their state. Shared cache on the CPU provider."""
-        n = len(tokens)
+        there (len(tokens), vocab); after the `last` ones only, when given. The row then holds
+        them all (`set_length` takes some back). The other rows keep their state. Shared cache
+        on the CPU provider."""
+        n = last or len(tokens)
         self.binding.clear_outputs()  # this run's outputs have their own shapes
         self.picker = None  # the next step's picker binds its own again
         self._picker_stale = True
-        self.cache.bind_verify(self.binding, slot, tokens)
+        self.cache.bind_verify(self.binding, slot, tokens, last)
         argmax = np.empty((1, n), np.int64)
         self.binding.output("next_token", "cpu", np.int64, (1, n), argmax.ctypes.data)
         out = np.empty((1, n, self.vocab_size), np.float32) if logits else None

@@ -113,16 +113,23 @@ def target_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
     return softmax(x.astype(np.float64))
 
 
-def accept_sampled(drafts: list[int], probs: np.ndarray, rng: np.random.Generator) -> list[int]:
-    """probs[i]: the target's distribution after the pending token and drafts[:i]. Rejection
-    sampling with a point-mass draft (module docstring)."""
+def accept_sampled(drafts: list[int], probs: np.ndarray, rng: np.random.Generator,
+                   draft_probs: np.ndarray | None = None) -> list[int]:  # fmt: skip
+    """probs[i]: the target's distribution after the pending token and drafts[:i]; draft_probs[i]:
+    the draft model's, which drafts[i] was drawn from (None: prompt lookup, a point mass). Draft
+    d is kept with probability min(1, p(d) / q(d)); on a rejection the token is drawn from
+    max(0, p - q), renormalised; after every draft is kept, one more from p."""
     out = []
     for i, d in enumerate(drafts):
-        if rng.random() < probs[i, d]:
+        q_d = 1.0 if draft_probs is None else float(draft_probs[i, d])
+        if rng.random() * q_d < probs[i, d]:
             out.append(d)
             continue
-        residual = probs[i].copy()
-        residual[d] = 0.0
+        if draft_probs is None:
+            residual = probs[i].copy()
+            residual[d] = 0.0
+        else:
+            residual = np.maximum(probs[i] - draft_probs[i], 0.0)
         out.append(_draw(residual, rng))
         return out
     out.append(_draw(probs[len(drafts)], rng))

@@ -42,6 +42,10 @@ class Tokenizer:
     def max_token_id(self) -> int:
         return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
+    def vocab(self) -> dict[str, int]:
+        """Every token's text -> its id, added tokens included."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 

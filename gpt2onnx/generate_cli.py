@@ -127,6 +127,18 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "far, verified in one run (the same greedy tokens, the same sampling distribution; needs "
         "--kv-cache shared, the CPU) (0 = off)",
     )
+    p.add_argument(
+        "--draft-model",
+        metavar="DIR",
+        help="speculative decoding with a smaller exported model (shared cache, the same tokenizer) "
+        "that proposes --num-speculative-tokens tokens a step, verified in one run",
+    )
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        metavar="K",
+        help="with --draft-model: tokens it proposes a step (default: 4)",
+    )
     p.add_argument("--no-bos", action="store_true", help="do not prepend <|endoftext|> to prompts")
     p.add_argument(
         "--truncate", choices=["left"], help="drop a too-long prompt's oldest tokens instead of failing"
@@ -227,6 +239,12 @@ def check_generate_flags(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--prompt-lookup must be from 0 (off) to 64, got {args.prompt_lookup}; see gpt2-onnx generate --help"
         )
+    if args.num_speculative_tokens is not None and not args.draft_model:
+        raise UsageError("--num-speculative-tokens needs --draft-model DIR; see gpt2-onnx generate --help")
+    if args.draft_model and args.prompt_lookup:
+        raise UsageError(
+            "--draft-model and --prompt-lookup are two ways to speculate: pass one; see gpt2-onnx generate --help"
+        )
     if beams > 1 and args.stream:
         raise UsageError(
             "--stream does not apply to beam search (the best beams are known at the end); drop one; "
@@ -250,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
         args.dtype,
         args.tokenizer,
         args.models_dir,
-        args.kv_cache or ("shared" if args.num_beams > 1 or args.prompt_lookup else "concat"),
+        args.kv_cache
+        or ("shared" if args.num_beams > 1 or args.prompt_lookup or args.draft_model else "concat"),
     )
     engine = Engine.load(
         folder,
@@ -258,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         cuda_graphs=SWITCH[args.cuda_graphs],
         device_sampling=SWITCH[args.device_sampling],
+        draft=args.draft_model,
     )
     options = dict(
         max_new_tokens=args.max_new_tokens,
@@ -268,11 +288,13 @@ def run(args: argparse.Namespace) -> int:
     )
     beams = dict(num_beams=args.num_beams, length_penalty=args.length_penalty,
                  early_stopping=EARLY_STOPPING_FLAGS[args.early_stopping],
-                 num_return_sequences=args.num_return_sequences, prompt_lookup=args.prompt_lookup)  # fmt: skip
+                 num_return_sequences=args.num_return_sequences, prompt_lookup=args.prompt_lookup,
+                 draft_tokens=args.num_speculative_tokens)  # fmt: skip
     if args.stream and not args.json:
         for prompt in args.prompt:
             print(prompt, end="", flush=True)
-            for piece in engine.stream(prompt, **options, prompt_lookup=args.prompt_lookup):
+            for piece in engine.stream(prompt, **options, prompt_lookup=args.prompt_lookup,
+                                       draft_tokens=args.num_speculative_tokens):  # fmt: skip
                 print(piece, end="", flush=True)
             print()
         return 0

@@ -194,6 +194,9 @@ def test_a_long_prompt_goes_in_chunks_between_decode_steps(tiny_shared):
     prefill_slot, decode = session.prefill_slot, session.decode
     session.prefill_slot = lambda *a, **k: (events.append("prefill"), prefill_slot(*a, **k))[1]
     session.decode = lambda *a, **k: (events.append("decode"), decode(*a, **k))[1]
+    engine.scheduler.on_step = lambda: time.sleep(
+        0.002
+    )  # still decoding when the long prompt comes, on any CPU
     running = engine.submit(PROMPTS[1], max_new_tokens=30, ignore_eos=True)
     next(iter(running))  # decoding now
     joining = engine.submit(long_prompt, max_new_tokens=5, ignore_eos=True)

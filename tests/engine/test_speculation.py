@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import export_folder, make_varied_model, save_hf_folder
-from gpt2onnx.engine.contract import InputError
+from gpt2onnx.engine.contract import InputError, ModelFolderError
 from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.speculation import Lookup, accept_greedy, accept_sampled, lookup
 
@@ -201,3 +201,82 @@ def test_bad_prompt_lookup_arguments_are_named(engine, kwargs, message):
 def test_prompt_lookup_needs_the_shared_cache(varied_fp32):
     with pytest.raises(InputError, match="prompt_lookup needs the shared cache"):
         Engine.load(varied_fp32, provider="cpu").generate([1, 2], max_new_tokens=3, prompt_lookup=2)
+
+
+# -- a draft model --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def other_tiny(vocab, tokenizer_dir, tmp_path_factory):
+    """Another tiny model (seed 1, weights x20) with the same tokenizer: a draft that is often wrong."""
+    folder = save_hf_folder(
+        make_varied_model(vocab, seed=1), tmp_path_factory.mktemp("draft") / "hf", tokenizer_dir
+    )
+    return export_folder(folder, tmp_path_factory.mktemp("draft") / "shared", kv_cache="shared")
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_greedy_with_a_draft_model_is_plain_decoding(engine, varied_shared, other_tiny, k):
+    for draft in (other_tiny, varied_shared):  # often wrong; always right (the target itself)
+        fast = Engine.load(varied_shared, provider="cpu", max_batch=8, draft=draft)
+        prompts = looping_prompts(engine, 6, k)
+        plain = engine.generate(prompts, max_new_tokens=24).completions
+        got = fast.generate(prompts, max_new_tokens=24, draft_tokens=k).completions
+        assert [c.token_ids for c in got] == [c.token_ids for c in plain]
+        stats = fast.stats()
+        if draft == varied_shared:  # the target as its own draft: every proposal is kept
+            assert stats["draft_tokens_accepted"] == stats["draft_tokens_proposed"] > 0
+
+
+def test_a_draft_models_requests_beside_plain_ones(varied_shared, other_tiny, engine):
+    fast = Engine.load(varied_shared, provider="cpu", max_batch=8, draft=other_tiny)
+    prompts = looping_prompts(engine, 4, 77)
+    alone = [engine.generate(p, max_new_tokens=20).completions[0].token_ids for p in prompts]
+    handles = [
+        fast.submit(p, max_new_tokens=20, stream=False, draft_tokens=3 * (i % 2))
+        for i, p in enumerate(prompts)
+    ]
+    assert [h.result().token_ids for h in handles] == alone
+    sampled = fast.generate(prompts[0], max_new_tokens=20, temperature=0.9, seed=4).completions[
+        0
+    ]  # draft by default
+    assert len(sampled.token_ids) == 20 and fast.stats()["draft_tokens_proposed"] > 0
+
+
+@pytest.mark.parametrize("drafts", [[None] * 3, [None] * 2])
+def test_the_draft_models_rule_gives_the_targets_distribution(drafts):
+    """accept_sampled with the draft's distributions q (each draft drawn from its q, as a draft
+    model draws them): the first token has the target's p0, and after the first draft is kept,
+    the second has p1."""
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(5), size=len(drafts) + 1)
+    q = rng.dirichlet(np.ones(5), size=len(drafts))
+    firsts, seconds = np.zeros(5), np.zeros(5)
+    for _ in range(20000):
+        proposal = [int(rng.choice(5, p=q[i])) for i in range(len(drafts))]
+        out = accept_sampled(proposal, probs, rng, q)
+        firsts[out[0]] += 1
+        if out[0] == proposal[0] and len(out) > 1:
+            seconds[out[1]] += 1
+    assert chi2(firsts, probs[0]) < CHI2_999[4]
+    assert chi2(seconds, probs[1]) < CHI2_999[4]
+
+
+def test_draft_model_refusals(varied_shared, varied_fp32, engine, tmp_path):
+    import json
+    import shutil
+
+    with pytest.raises(InputError, match="draft_tokens needs a draft model"):
+        engine.generate([1, 2], max_new_tokens=3, draft_tokens=2)
+    fast = Engine.load(varied_shared, provider="cpu", draft=varied_shared)
+    with pytest.raises(InputError, match="pass prompt_lookup or draft_tokens, not both"):
+        fast.generate([1, 2], max_new_tokens=3, draft_tokens=2, prompt_lookup=2)
+    with pytest.raises(ModelFolderError, match="export it with --kv-cache shared"):
+        Engine.load(varied_shared, provider="cpu", draft=varied_fp32)
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(varied_shared, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens swap ids: the same size, another tokenizer
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ModelFolderError, match="has another tokenizer"):
+        Engine.load(varied_shared, provider="cpu", draft=other)
