@@ -75,6 +75,8 @@ SCORE_LOGITS = 1 << 26  # floats (256 MiB) of logits per run while scoring (wind
 
 class Engine:
     def __init__(self, folder: Path, config: SessionConfig, draft: str | Path | None = None):
+        if draft is not None:  # two sessions take turns: a spinning pool would hold the cores the other needs
+            config = dataclasses.replace(config, spinning=False)
         self.folder = Path(folder)
         atomic_folder.recover(self.folder)  # an `export --force` killed mid-swap left it aside
         self.manifest = read_manifest(self.folder)

@@ -166,6 +166,7 @@ RULES: dict[str, Callable] = {
     "stream": Flag(),
     "device_sampling": Flag(optional=True),
     "cuda_graphs": Flag(optional=True),
+    "spinning": Flag(),
     "truncate": Choice((None, "left")),
     "provider": Choice(("auto", "cuda", "cpu")),
 }

@@ -95,7 +95,12 @@ def load_cuda_libraries(provider: str) -> bool:
 
 
 def create_session(
-    model: Path | bytes, device: str, threads: int | None, cuda_graphs: bool = False, strict: bool = False
+    model: Path | bytes,
+    device: str,
+    threads: int | None,
+    cuda_graphs: bool = False,
+    strict: bool = False,
+    spinning: bool = True,
 ) -> tuple[ort.InferenceSession, bool]:
     """An onnxruntime session of `model` (a model file, or a serialized model such as the sampling
     graph) on a resolved `device`. cuda_graphs asks the CUDA provider to capture runs as CUDA graphs.
@@ -109,6 +114,8 @@ def create_session(
     options.log_severity_level = 2 if log.isEnabledFor(logging.DEBUG) else 4
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:  # two sessions take turns on the cores (a draft model): idle threads must sleep
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if cuda_graphs else {})

@@ -283,7 +283,7 @@ class Scheduler:
                     slot.lookup = Lookup(request.prompt_lookup)
                 row = self.slots.index(None)
                 if request.draft_tokens:
-                    slot.draft_tokens = request.draft_tokens
+                    slot.draft_tokens, slot.lookup = request.draft_tokens, Lookup(request.draft_tokens)
                     self.draft.admit(row)
                 self.slots[row] = slot
                 if beams is not None:
@@ -399,7 +399,7 @@ class Scheduler:
         live = [(r, s) for r, s in enumerate(self.slots) if s is not None and s.decoding]
         if not live:
             return
-        drafts = {r: self._drafts(r, s) for r, s in live if s.lookup is not None or s.draft_tokens}
+        drafts = {r: self._drafts(r, s) for r, s in live if s.lookup is not None}
         speculating = [(r, s) for r, s in live if drafts.get(r, ([],))[0]]
         live = [(r, s) for r, s in live if not drafts.get(r, ([],))[0]]
         if live:
@@ -427,14 +427,13 @@ class Scheduler:
         request = slot.handle.request
         made = slot.continuation.token_ids
         room = request.max_new_tokens - len(made) - 1  # the step adds the target's own token too
-        if slot.lookup is not None:
+        if not slot.draft_tokens:
             return slot.lookup.propose(np.array(slot.prompt_ids + made, np.int64), room), None
-        if room <= 0:
+        k = slot.lookup.budget(room)  # the draft model's proposals adapt as prompt lookup's do
+        if not k:
             return [], None
         rng = self.session.sampling.rngs[r]
-        return self.draft.propose(
-            r, slot.prompt_ids + made, min(slot.draft_tokens, room), request.sampling, rng
-        )
+        return self.draft.propose(r, slot.prompt_ids + made, k, request.sampling, rng)
 
     def _verify(self, r: int, slot: Slot, drafts: list[int], draft_probs: np.ndarray | None) -> None:
         """One run over the slot's pending token and its drafts; the kept ones and the target's
@@ -451,8 +450,7 @@ class Scheduler:
             new = accept_sampled(drafts, probs, self.session.sampling.rngs[r], draft_probs)
         kept = len(new) - 1
         charge([request.clock], run_s, "decode", len(new))
-        if slot.lookup is not None:
-            slot.lookup.kept(len(drafts), kept)
+        slot.lookup.kept(len(drafts), kept)
         self.proposed, self.accepted = self.proposed + len(drafts), self.accepted + kept
         slot.computed += 1 + kept
         self.session.set_length(r, slot.computed)

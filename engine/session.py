@@ -57,6 +57,7 @@ class SessionConfig:
     device_sampling: bool | None = None  # the sampling graph picks; None: on the GPU only
     cuda_graphs: bool | None = None  # fixed decode shapes, captured (shared cache only); None: on the GPU
     max_queue: int = 64  # submitted requests waiting for a slot (Engine.submit); more are refused
+    spinning: bool = True  # onnxruntime's idle threads spin; off when a draft model takes turns on the cores
 
     def __post_init__(self) -> None:
         """Every setting through the input gate (InputError names it), before any folder is read."""
@@ -78,7 +79,8 @@ class Session:
         fixed = shared and (device == "cuda" if config.cuda_graphs is None else config.cuda_graphs)
         strict = config.provider == "cuda"
         model = folder / manifest.model_file
-        self.ort_session, decode_captured = create_session(model, device, config.threads, fixed, strict)
+        self.ort_session, decode_captured = create_session(model, device, config.threads, fixed, strict,
+                                                           config.spinning)  # fmt: skip
         self.device = device_of(self.ort_session)
         outputs = self.ort_session.get_outputs()
         check_graph(self.ort_session.get_inputs(), outputs, manifest, model)

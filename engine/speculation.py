@@ -72,12 +72,17 @@ class Lookup:
     proposed: int = 0
     accepted: int = 0
 
-    def propose(self, history: np.ndarray, room: int) -> list[int]:
-        """Drafts for the next step (at most `room`), or [] to decode plainly this step."""
+    def budget(self, room: int) -> int:
+        """How many tokens to propose this step (at most `room`); 0 to decode plainly."""
         if self.skip:
             self.skip -= 1
-            return []
-        return lookup(history, min(self.limit or self.most, room)) if room > 0 else []
+            return 0
+        return max(0, min(self.limit or self.most, room))
+
+    def propose(self, history: np.ndarray, room: int) -> list[int]:
+        """Prompt lookup's drafts for the next step (at most `room`), or [] to decode plainly."""
+        n = self.budget(room)
+        return lookup(history, n) if n else []
 
     def kept(self, proposed: int, accepted: int) -> None:
         """After a verification: the next one proposes one more than this one kept (twice as many
