@@ -318,8 +318,10 @@ class Engine:
         n = inputs.Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")(
             "prompt_lookup", prompt_lookup
         )
-        if draft_tokens is None:
-            draft_tokens = DRAFT_TOKENS if self.draft is not None and not n else 0
+        if draft_tokens is None:  # the engine's draft by default, where the call allows one (else plainly)
+            cfg = options.sampling
+            plain = n or beams is not None or logprobs is not None or cfg.uses_history or cfg.logit_bias
+            draft_tokens = DRAFT_TOKENS if self.draft is not None and not plain else 0
         k = inputs.Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")(
             "draft_tokens", draft_tokens
         )

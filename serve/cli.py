@@ -52,6 +52,10 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument(
         "--max-queue", type=int, default=64, help="requests that may wait for a slot; past it, 429"
     )
+    p.add_argument("--draft-model", metavar="DIR",
+                   help="speculative decoding: a smaller exported model (shared cache, the same tokenizer) "
+                   "that proposes tokens for every request it can serve (greedy or plain sampling; the "
+                   "model's own tokens or distribution); /metrics counts proposed and accepted tokens")  # fmt: skip
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="execution provider")
     p.add_argument(
         "--served-model-name",
@@ -160,6 +164,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray and args.draft_model:
+        raise UsageError(
+            "--draft-model is not supported with --ray yet; drop one; see gpt2-onnx serve --help"
+        )
     if args.ray:
         with needs_extra("ray", "gpt2-onnx serve --ray"):
             from gpt2onnx.serve import ray_serve  # noqa: F401  (ray, and the server's own imports)
@@ -172,9 +180,8 @@ def run(args: argparse.Namespace) -> int:
                                args.models_dir, kv_cache="shared")  # fmt: skip
         if args.ray:
             return run_on_ray(args, sock, folder)
-        engine = Engine.load(
-            folder, provider=args.provider, max_batch=args.max_batch, max_queue=args.max_queue
-        )
+        engine = Engine.load(folder, provider=args.provider, max_batch=args.max_batch, max_queue=args.max_queue,
+                             draft=args.draft_model)  # fmt: skip
         check_shared(engine.manifest, engine.folder)
         name = args.served_model_name or engine.manifest.source.checkpoint
         announce(sock, name, f"max batch {args.max_batch}, max queue {args.max_queue}")

@@ -280,3 +280,31 @@ def test_draft_model_refusals(varied_shared, varied_fp32, engine, tmp_path):
     (other / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(ModelFolderError, match="has another tokenizer"):
         Engine.load(varied_shared, provider="cpu", draft=other)
+
+
+def test_a_draft_engine_runs_what_it_cannot_speculate_plainly(varied_shared, other_tiny, engine):
+    """The draft is the default only where a call allows it: penalties, logit_bias, logprobs and
+    beams run plainly (asking for draft_tokens with them is refused)."""
+    fast = Engine.load(varied_shared, provider="cpu", max_batch=8, draft=other_tiny)
+    prompt = looping_prompts(engine, 1, 5)[0]
+    for kwargs in ({"repetition_penalty": 1.3}, {"logit_bias": {5: 3.0}}, {"num_beams": 2}):
+        want = engine.generate(prompt, max_new_tokens=10, **kwargs).completions[0].token_ids
+        assert fast.generate(prompt, max_new_tokens=10, **kwargs).completions[0].token_ids == want
+    assert len(fast.submit(prompt, max_new_tokens=5, logprobs=2, stream=False).result().token_ids) == 5
+    with pytest.raises(InputError, match="draft_tokens does not work with penalties"):
+        fast.generate(prompt, max_new_tokens=4, draft_tokens=3, repetition_penalty=1.3)
+
+
+def test_generate_cli_with_a_draft_model_is_plain_decoding(varied_shared, other_tiny, capsys):
+    import json
+
+    from gpt2onnx.cli import main
+
+    argv = ["generate", "--model", str(varied_shared), "--prompt", "one two three one two", "--max-new-tokens",
+            "16", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)["completions"]
+    assert main([*argv, "--draft-model", str(other_tiny), "--num-speculative-tokens", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["completions"] == plain
+    assert main([*argv, "--num-speculative-tokens", "3"]) == 2
+    assert "--num-speculative-tokens needs --draft-model" in capsys.readouterr().err
