@@ -308,3 +308,36 @@ def test_generate_cli_with_a_draft_model_is_plain_decoding(varied_shared, other_
     assert json.loads(capsys.readouterr().out)["completions"] == plain
     assert main([*argv, "--num-speculative-tokens", "3"]) == 2
     assert "--num-speculative-tokens needs --draft-model" in capsys.readouterr().err
+
+
+def test_sampled_speculation_end_to_end_has_the_models_joint_distribution(varied_shared, other_tiny):
+    """3,000 seeded runs of 3 tokens with a draft model proposing 2 (so the 2nd and 3rd tokens
+    come out of a verification): the joint law of the 3 tokens equals the model's own, computed
+    exactly from its logits (top_k 3, temperature 3: 27 outcomes), by a chi-square test."""
+    from gpt2onnx.engine.sampling import SamplingConfig
+    from gpt2onnx.engine.speculation import target_probs
+
+    fast = Engine.load(varied_shared, provider="cpu", max_batch=1, draft=other_tiny)
+    prompt, cfg = [50256, 464, 3139], SamplingConfig(temperature=3.0, top_k=3)
+    counts: dict[tuple, int] = {}
+    for seed in range(3000):
+        c = fast.generate(prompt, max_new_tokens=3, ignore_eos=True, temperature=3.0, top_k=3, seed=seed,
+                          draft_tokens=2).completions[0]  # fmt: skip
+        counts[tuple(c.token_ids)] = counts.get(tuple(c.token_ids), 0) + 1
+    assert fast.stats()["draft_tokens_proposed"] >= 3000  # every run verified drafts
+
+    def law(prefix):
+        return target_probs(fast.logits([prompt + prefix])[0, -1:], cfg)[0]
+
+    expected = {}
+    p1 = law([])
+    for a in np.flatnonzero(p1):
+        p2 = law([int(a)])
+        for b in np.flatnonzero(p2):
+            p3 = law([int(a), int(b)])
+            for c in np.flatnonzero(p3):
+                expected[(int(a), int(b), int(c))] = p1[a] * p2[b] * p3[c]
+    assert set(counts) <= set(expected) and len(expected) == 27
+    keys = sorted(expected)
+    stat = chi2(np.array([counts.get(k, 0) for k in keys], float), np.array([expected[k] for k in keys]))
+    assert stat < 54.05  # chi-square's 0.999 quantile at 26 degrees of freedom
