@@ -43,7 +43,7 @@ OPENAI_PARAMS = {
 EXTENSIONS = {
     "top_k", "min_p", "repetition_penalty", "truncate", "ignore_eos",
     "use_beam_search", "length_penalty", "early_stopping",  # beam search: vLLM's names
-    "prompt_lookup",  # speculative decoding: the drafts a step proposes by prompt lookup
+    "prompt_lookup", "draft_tokens",  # speculative decoding: drafts a step proposes (lookup; serve --draft-model)
 }  # fmt: skip
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
             "frequency_penalty")  # fmt: skip
@@ -96,6 +96,7 @@ class CompletionParams:
     sampling: dict = field(default_factory=dict)  # the engine's sampling keywords, seed and logit_bias
     beams: dict | None = None  # use_beam_search: Engine.submit's num_beams, length_penalty, ...
     prompt_lookup: int = 0  # Engine.submit's: speculative decoding by prompt lookup
+    draft_tokens: int | None = None  # Engine.submit's: the draft model's tokens a step (None: its default)
 
     @property
     def choices(self) -> int:
@@ -119,6 +120,7 @@ class CompletionParams:
             ignore_eos=self.ignore_eos,
             stream=self.stream,
             prompt_lookup=self.prompt_lookup,
+            draft_tokens=self.draft_tokens,
         )
         if self.beams is not None:
             return [(prompt, {**keywords, **self.beams}) for prompt in self.prompts]
@@ -164,7 +166,7 @@ def parse_completion(body, model_name: str, vocab_size: int, n_positions: int) -
         truncate=checked("truncate", "truncate", given.get("truncate")),
         ignore_eos=checked("ignore_eos", FLAG, given.get("ignore_eos", False)),
         sampling=parse_sampling(given, vocab_size), beams=beams and {**beams, "num_return_sequences": n},
-        prompt_lookup=given.get("prompt_lookup", 0),
+        prompt_lookup=given.get("prompt_lookup", 0), draft_tokens=given.get("draft_tokens"),
     )  # fmt: skip
 
 
@@ -309,6 +311,7 @@ ENGINE_PARAMS = {
     "max_new_tokens": "max_tokens",
     "prompt": "prompt",
     "num_beams": "best_of",
+    "draft_tokens": "draft_tokens",
     "prompt_lookup": "prompt_lookup",
 }
 
