@@ -497,12 +497,32 @@ class Scheduler:
         if group.search.done or slot.handle.cancelled:
             self._end_beams(group, "cancelled" if slot.handle.cancelled else None)
             return
-        moves = [(group.rows[p], group.rows[i]) for i, p in enumerate(parents) if p != i]
-        if moves:
-            self.session.copy_rows([src for src, _ in moves], [dst for _, dst in moves])
+        self._place_beams(group, parents)
         for beam, s in enumerate(group.slots):
             s.token = int(tokens[beam])
         group.started, group.waiting = True, set(range(len(group.slots)))
+
+    def _place_beams(self, group: BeamGroup, parents: np.ndarray) -> None:
+        """The new beams into rows: a beam stays in its parent's row when it is that parent's first
+        child (no copy; which row holds which beam does not matter), and only a parent's further
+        children are copied, into the rows of beams that had no child. Sources are never written."""
+        old, rows = list(group.rows), [None] * len(parents)
+        claimed = set()
+        for beam, parent in enumerate(parents):
+            if parent not in claimed:
+                claimed.add(parent)
+                rows[beam] = old[parent]
+        free = [old[b] for b in range(len(old)) if b not in claimed]
+        moves = []
+        for beam, parent in enumerate(parents):
+            if rows[beam] is None:
+                rows[beam] = free.pop()
+                moves.append((old[parent], rows[beam]))
+        if moves:
+            self.session.copy_rows([src for src, _ in moves], [dst for _, dst in moves])
+        group.rows, group.slots = rows, [self.slots[r] for r in rows]
+        for beam, slot in enumerate(group.slots):
+            slot.beam = beam
 
     def _end_beams(self, group: BeamGroup, reason: str | None) -> None:
         """A beam search ends: its best hypotheses become the completion (the best one's tokens,
