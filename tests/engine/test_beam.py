@@ -240,3 +240,35 @@ def test_row_copies_read_every_row_before_writing_it(src, dst):
         else:
             rows[d] = saved if s == SAVED else rows[s]
     assert rows == want
+
+
+def test_a_cancelled_beam_search_frees_its_rows(engine, vocab):
+    import time
+
+    engine.scheduler.on_step = lambda: time.sleep(0.002)
+    try:
+        handle = engine.submit([5, 6, 7], max_new_tokens=100, num_beams=4, stream=False)
+        while not engine.stats()["active_slots"]:
+            time.sleep(0.001)
+        handle.cancel()
+        assert handle.result(30).finish_reason == "cancelled"
+    finally:
+        engine.scheduler.on_step = None
+    while engine.stats()["active_slots"]:
+        time.sleep(0.01)
+    assert engine.generate([5, 6, 7], max_new_tokens=4, num_beams=4).completions[0].beams  # serves on
+
+
+def test_a_long_prompt_in_chunks_beside_running_rows_gets_transformers_beams(varied, vocab, varied_shared):
+    """Beam 0's prompt goes in by chunks while another request decodes; the beams start after its
+    last chunk, and are still transformers'."""
+    import time
+
+    engine = Engine.load(varied_shared, provider="cpu", max_batch=8)
+    engine.scheduler.chunk = 8
+    engine.scheduler.on_step = lambda: time.sleep(0.001)  # the other request still decodes meanwhile
+    long_prompt = np.random.default_rng(3).integers(0, vocab[0], 40).tolist()
+    running = engine.submit([1, 2, 3], max_new_tokens=60, ignore_eos=True, stream=False)
+    got = engine.generate(long_prompt, max_new_tokens=8, num_beams=3, num_return_sequences=3).completions[0]
+    assert_same_beams(ours_of(got), hf_beams(varied, long_prompt, 8, 3, 1.0, False, 3, vocab[1]))
+    assert len(running.result(30).token_ids) == 60
