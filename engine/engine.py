@@ -74,7 +74,8 @@ SCORE_LOGITS = 1 << 26  # floats (256 MiB) of logits per run while scoring (wind
 
 
 class Engine:
-    def __init__(self, folder: Path, config: SessionConfig, draft: str | Path | None = None):
+    def __init__(self, folder: Path, config: SessionConfig, draft: str | Path | None = None,
+                 prompt_lookup: int = 0):  # fmt: skip
         if draft is not None:  # two sessions take turns: a spinning pool would hold the cores the other needs
             config = dataclasses.replace(config, spinning=False)
         self.folder = Path(folder)
@@ -98,6 +99,9 @@ class Engine:
             self.session, self.tokenizer, self._lock, config.max_queue, draft=self.draft
         )
         self.inspector = Inspector(self.folder, self.manifest, self.device, config.threads)
+        self.prompt_lookup = 0  # the calls' default (Engine.load's prompt_lookup), checked here as a call's
+        greedy = CallOptions(1, (), True, None, False, SamplingConfig())
+        self.prompt_lookup = self._speculation(prompt_lookup, 0, greedy, None, None).get("prompt_lookup", 0)
         if self.manifest.source.random_init:
             log.info(
                 "%s holds RANDOM weights (%s, seed %s): its text is meaningless",
@@ -127,19 +131,21 @@ class Engine:
     def load(cls, path: str | Path, provider: str = "auto", max_batch: int = 8, max_seq: int | None = None,
              threads: int | None = None, device_sampling: bool | None = None,
              cuda_graphs: bool | None = None, max_queue: int = 64,
-             draft: str | Path | None = None) -> Engine:  # fmt: skip
+             draft: str | Path | None = None, prompt_lookup: int = 0) -> Engine:  # fmt: skip
         """Load a model folder. device_sampling: pick tokens with the sampling graph; cuda_graphs:
         decode steps of fixed shapes, captured as CUDA graphs (shared cache only). Both default
         to on with the CUDA provider, off on the CPU. draft: a smaller model folder (shared cache,
         the same tokenizer) for speculative decoding; its requests then propose DRAFT_TOKENS
-        tokens a step with it unless a call says draft_tokens (engine/draft.py).
+        tokens a step with it unless a call says draft_tokens (engine/draft.py). prompt_lookup:
+        the calls' default for speculative decoding by prompt lookup (0: off), applied where a
+        call allows it (the server's --prompt-lookup).
         Raises InputError (a bad argument, before the folder is read), ModelFolderError
         (missing/corrupt folder), ProviderError (cuda unavailable)."""
         folder = inputs.folder_path(path)
         config = SessionConfig(provider=provider, max_batch=max_batch, max_seq=max_seq, threads=threads,
                                device_sampling=device_sampling, cuda_graphs=cuda_graphs,
                                max_queue=max_queue)  # fmt: skip
-        return cls(folder, config, draft)
+        return cls(folder, config, draft, prompt_lookup)
 
     @property
     def device(self) -> str:
@@ -172,7 +178,7 @@ class Engine:
                  max_new_tokens: int = 32, *, stop: str | Sequence[str] = (), prepend_bos: bool = True,
                  truncate: str | None = None, ignore_eos: bool = False, num_beams: int = 1,
                  length_penalty: float = 1.0, early_stopping: bool | str = False,
-                 num_return_sequences: int = 1, prompt_lookup: int = 0, draft_tokens: int | None = None,
+                 num_return_sequences: int = 1, prompt_lookup: int | None = None, draft_tokens: int | None = None,
                  **sampling) -> Generation:  # fmt: skip
         """Complete each prompt: a str, a list of token ids, or a list of prompts (all str or all
         id lists). Sampling keywords are SamplingConfig's (greedy by default); each prompt is a
@@ -212,7 +218,7 @@ class Engine:
         return Generation(completions, clock)
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 32, *, stop: str | Sequence[str] = (),
-               prepend_bos: bool = True, truncate: str | None = None, prompt_lookup: int = 0,
+               prepend_bos: bool = True, truncate: str | None = None, prompt_lookup: int | None = None,
                draft_tokens: int | None = None, **sampling) -> Iterator[str]:  # fmt: skip
         """Yield the completion's text piece by piece; breaking out of the loop (or closing the
         iterator) cancels the request. The arguments are checked (InputError) and the request
@@ -228,7 +234,7 @@ class Engine:
                prepend_bos: bool = True, truncate: str | None = None, ignore_eos: bool = False,
                logprobs: int | None = None, prompt_logprobs: int | None = None, stream: bool = True,
                num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
-               num_return_sequences: int = 1, prompt_lookup: int = 0, draft_tokens: int | None = None,
+               num_return_sequences: int = 1, prompt_lookup: int | None = None, draft_tokens: int | None = None,
                **sampling) -> RequestHandle:  # fmt: skip
         """Queue one prompt for the running batch (continuous batching, scheduler.py) and return
         at once with its handle: iterate it for pieces (or `async for`), `result()` or await it
@@ -314,14 +320,18 @@ class Engine:
 
     def _speculation(self, prompt_lookup, draft_tokens, options: CallOptions, beams, logprobs) -> dict:
         """Speculative decoding's settings through the input gate, as the Request's keywords:
-        prompt_lookup (0: off) and draft_tokens (None: DRAFT_TOKENS when the engine has a draft)."""
+        prompt_lookup (None: the engine's default, Engine.load's prompt_lookup) and draft_tokens
+        (None: DRAFT_TOKENS when the engine has a draft). A default applies only where the call
+        allows speculation (else it runs plainly); a value asked for where it cannot is refused."""
+        cfg = options.sampling
+        plain = beams is not None or logprobs is not None or cfg.uses_history or cfg.logit_bias
+        if prompt_lookup is None:
+            prompt_lookup = self.prompt_lookup if not plain and draft_tokens in (None, 0) else 0
         n = inputs.Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")(
             "prompt_lookup", prompt_lookup
         )
         if draft_tokens is None:  # the engine's draft by default, where the call allows one (else plainly)
-            cfg = options.sampling
-            plain = n or beams is not None or logprobs is not None or cfg.uses_history or cfg.logit_bias
-            draft_tokens = DRAFT_TOKENS if self.draft is not None and not plain else 0
+            draft_tokens = DRAFT_TOKENS if self.draft is not None and not (plain or n) else 0
         k = inputs.Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")(
             "draft_tokens", draft_tokens
         )

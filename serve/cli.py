@@ -52,6 +52,14 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument(
         "--max-queue", type=int, default=64, help="requests that may wait for a slot; past it, 429"
     )
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="speculative decoding by prompt lookup for every request that allows it (greedy or "
+        "plain sampling) and does not say its own prompt_lookup: up to N tokens a step (0 = off)",
+    )
     p.add_argument("--draft-model", metavar="DIR",
                    help="speculative decoding: a smaller exported model (shared cache, the same tokenizer) "
                    "that proposes tokens for every request it can serve (greedy or plain sampling; the "
@@ -164,9 +172,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ray and args.draft_model:
+    if args.ray and (args.draft_model or args.prompt_lookup):
         raise UsageError(
-            "--draft-model is not supported with --ray yet; drop one; see gpt2-onnx serve --help"
+            "--draft-model and --prompt-lookup are not supported with --ray yet; drop them; see "
+            "gpt2-onnx serve --help"
         )
     if args.ray:
         with needs_extra("ray", "gpt2-onnx serve --ray"):
@@ -181,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         if args.ray:
             return run_on_ray(args, sock, folder)
         engine = Engine.load(folder, provider=args.provider, max_batch=args.max_batch, max_queue=args.max_queue,
-                             draft=args.draft_model)  # fmt: skip
+                             draft=args.draft_model, prompt_lookup=args.prompt_lookup)  # fmt: skip
         check_shared(engine.manifest, engine.folder)
         name = args.served_model_name or engine.manifest.source.checkpoint
         announce(sock, name, f"max batch {args.max_batch}, max queue {args.max_queue}")

@@ -95,7 +95,9 @@ class CompletionParams:
     ignore_eos: bool = False
     sampling: dict = field(default_factory=dict)  # the engine's sampling keywords, seed and logit_bias
     beams: dict | None = None  # use_beam_search: Engine.submit's num_beams, length_penalty, ...
-    prompt_lookup: int = 0  # Engine.submit's: speculative decoding by prompt lookup
+    prompt_lookup: int | None = (
+        None  # Engine.submit's: speculative decoding by prompt lookup (None: the server's)
+    )
     draft_tokens: int | None = None  # Engine.submit's: the draft model's tokens a step (None: its default)
 
     @property
@@ -166,7 +168,7 @@ def parse_completion(body, model_name: str, vocab_size: int, n_positions: int) -
         truncate=checked("truncate", "truncate", given.get("truncate")),
         ignore_eos=checked("ignore_eos", FLAG, given.get("ignore_eos", False)),
         sampling=parse_sampling(given, vocab_size), beams=beams and {**beams, "num_return_sequences": n},
-        prompt_lookup=given.get("prompt_lookup", 0), draft_tokens=given.get("draft_tokens"),
+        prompt_lookup=given.get("prompt_lookup"), draft_tokens=given.get("draft_tokens"),
     )  # fmt: skip
 
 

@@ -341,3 +341,24 @@ def test_sampled_speculation_end_to_end_has_the_models_joint_distribution(varied
     keys = sorted(expected)
     stat = chi2(np.array([counts.get(k, 0) for k in keys], float), np.array([expected[k] for k in keys]))
     assert stat < 54.05  # chi-square's 0.999 quantile at 26 degrees of freedom
+
+
+def test_an_engine_default_prompt_lookup_applies_where_calls_allow_it(tiny_shared, varied_shared):
+    """Engine.load(prompt_lookup=N) (serve --prompt-lookup): calls that say nothing speculate,
+    calls that cannot (penalties) run plainly, and a call may turn it off. The tiny model loops,
+    so there is always something to propose."""
+    engine = Engine.load(tiny_shared, provider="cpu", max_batch=8)
+    fast = Engine.load(tiny_shared, provider="cpu", max_batch=8, prompt_lookup=4)
+    prompts = [[5, 6, 7], [9, 9, 9, 9], [1, 2, 3, 4, 5, 6]]
+    want = [c.token_ids for c in engine.generate(prompts, max_new_tokens=20).completions]
+    assert [c.token_ids for c in fast.generate(prompts, max_new_tokens=20).completions] == want
+    assert fast.stats()["draft_tokens_proposed"] > 0
+    before = fast.stats()["draft_tokens_proposed"]
+    plain = engine.generate(prompts[0], max_new_tokens=10, repetition_penalty=1.3).completions[0].token_ids
+    assert (
+        fast.generate(prompts[0], max_new_tokens=10, repetition_penalty=1.3).completions[0].token_ids == plain
+    )
+    fast.generate(prompts[0], max_new_tokens=10, prompt_lookup=0)
+    assert fast.stats()["draft_tokens_proposed"] == before
+    with pytest.raises(InputError, match="prompt_lookup must be"):
+        Engine.load(varied_shared, provider="cpu", prompt_lookup=-2)

@@ -655,3 +655,9 @@ def test_sigterm_lets_the_running_request_finish_and_exits_0(tiny_shared):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+@pytest.mark.parametrize("flags", [["--prompt-lookup", "4"], ["--draft-model", "somewhere"]])
+def test_speculation_flags_are_refused_with_ray(capsys, tmp_path, flags):
+    code, err = run_flags(capsys, "serve", "--model", tmp_path / "m", "--ray", *flags)
+    assert code == 2 and "not supported with --ray yet" in err
