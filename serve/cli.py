@@ -229,6 +229,10 @@ def check_shared(manifest: Manifest, folder: Path) -> None:
 
 
 def announce(sock: socket.socket, name: str, settings: str) -> None:
+    """The line that says the server is up; from here a connection waits in the socket's backlog
+    until uvicorn accepts it, rather than being refused (a client that starts on the line, as the
+    load benchmark does, used to find nothing listening yet)."""
+    sock.listen(socket.SOMAXCONN)  # uvicorn's own listen() on the same socket only sets the backlog
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"gpt2-onnx: serving {name!r} on http://{shown}:{port}/v1 ({settings}); SIGTERM or Ctrl-C drains "
