@@ -14,25 +14,15 @@ transformers' beam search. Writes DIR/beam_bench.json and .md with the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from .machine import machine_info
+from .measure import median_s
 from .reference import hf_checkpoint
-
-
-def median_s(fn, repeats: int):
-    result = fn()  # warm-up, and the output to check
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), result
+from .report import cpu_line, dtype_label, write_small
 
 
 def ours(folder: Path, args) -> tuple:
@@ -95,28 +85,24 @@ def main(argv: list[str] | None = None) -> None:
         })  # fmt: skip
     result = {"machine": machine_info(), "beams": k, "new_tokens": new, "prompt_tokens": args.prompt_tokens,
               "threads": args.threads, "repeats": args.repeats, "runs": rows}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "beam_bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    m = result["machine"]
     lines = [
         f"# Beam search: {k} beams, batch 1, {new} new tokens, {args.prompt_tokens}-token prompt, "
         f"{args.threads} threads",
         "",
-        f"CPU: {m.get('cpu')} ({', '.join(m.get('isa') or [])}), {m.get('cores')} cores",
+        cpu_line(result["machine"]),
         "",
         "| model | dtype | ours, beams (s) | ours, greedy (s) | transformers, beams (s) | transformers / ours "
         "| beam step / greedy step | tokens = transformers' |",
         "|---|---|---:|---:|---:|---:|---:|---|",
         *[
-            f"| {Path(r['model']).name} | {r['dtype']}{'-' + r['int8_kernel'] if r['int8_kernel'] else ''} | "
+            f"| {Path(r['model']).name} | {dtype_label(r['dtype'], r['int8_kernel'])} | "
             f"{r['beam_s']:.2f} | {r['greedy_s']:.2f} | {r['transformers_beam_s']:.2f} | "
             f"{r['transformers_over_ours']:.1f}x | {r['beam_step_over_greedy_step']:.2f}x | "
             f"{r['tokens_equal_transformers']} |"
             for r in rows
         ],  # fmt: skip
     ]
-    (args.out / "beam_bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_small(args.out, "beam_bench", result, lines)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,14 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from .machine import machine_info
+from .measure import median_s
 from .reference import hf_checkpoint
+from .report import cpu_line, write_small
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = Path(__file__).with_name("transformer_lens_runner.py")
@@ -76,16 +77,6 @@ def differences(logits: np.ndarray, cache, reference, only=None) -> dict[str, fl
     return worst
 
 
-def median_s(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def main(argv: list[str] | None = None) -> None:
     from gpt2onnx.engine.engine import Engine
 
@@ -111,11 +102,11 @@ def main(argv: list[str] | None = None) -> None:
         run_transformer_lens(python, hf, small, work, out=work / "reference.npz")
         worst = differences(*engine.run_with_cache(small), np.load(work / "reference.npz"))
         ours = {
-            "logits": median_s(lambda: engine.logits(tokens), args.repeats),
-            "run_with_cache, every name": median_s(lambda: engine.run_with_cache(tokens), args.repeats),
+            "logits": median_s(lambda: engine.logits(tokens), args.repeats)[0],
+            "run_with_cache, every name": median_s(lambda: engine.run_with_cache(tokens), args.repeats)[0],
             f"run_with_cache, {len(args.names)} names": median_s(
                 lambda: engine.run_with_cache(tokens, names_filter=args.names), args.repeats
-            ),
+            )[0],
         }
         theirs = {
             key: float(np.median(run_transformer_lens(python, hf, tokens, work, names=names,
@@ -133,14 +124,11 @@ def main(argv: list[str] | None = None) -> None:
         "largest_relative_difference": max(worst.values()),
         "worst_names": sorted(worst, key=worst.get)[-3:],
     }  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "inspect_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# run_with_cache: ours against TransformerLens ({c.n_layer} layers, {c.n_embd} wide, "
         f"{engine.manifest.dtype}; {args.batch} x {args.seq} tokens; {args.threads} threads)",
         "",
-        f"CPU: {result['machine'].get('cpu', '?')} ({', '.join(result['machine'].get('isa') or [])}), "
-        f"{result['machine'].get('cores')} cores",
+        cpu_line(result["machine"]),
         "",
         "| call | seconds (median) |",
         "|---|---:|",
@@ -151,8 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         f"ours filtered / logits: {result['filtered_over_logits']:.2f}x; largest difference from "
         f"TransformerLens over the tensor's largest value: {result['largest_relative_difference']:.2g}.",
     ]
-    (args.out / "inspect_bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_small(args.out, "inspect_bench", result, lines)
 
 
 if __name__ == "__main__":

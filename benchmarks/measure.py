@@ -53,6 +53,17 @@ class ConfigResult:
     tokens: list[list[int]] = field(default_factory=list)
 
 
+def median_s(fn, repeats: int):
+    """(median seconds of `repeats` calls of fn after a warm-up call, the warm-up's result)."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), result
+
+
 def summarize(values: list[float]) -> dict[str, float]:
     return {"min": float(np.min(values)), "median": float(np.median(values)), "max": float(np.max(values))}
 

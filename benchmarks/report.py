@@ -11,6 +11,19 @@ from gpt2onnx.engine.extras import MissingExtraError, require
 log = logging.getLogger(__name__)
 
 
+def cpu_line(machine: dict) -> str:
+    """The machine as a results table's heading says it: CPU, its instruction sets, cores."""
+    return f"CPU: {machine.get('cpu')} ({', '.join(machine.get('isa') or [])}), {machine.get('cores')} cores"
+
+
+def write_small(out: Path, name: str, result: dict, lines: list[str]) -> None:
+    """A small benchmark's OUT/NAME.json and OUT/NAME.md (printed too)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def dtype_label(dtype: str, int8_kernel: str | None) -> str:
     """ "int8 rows", "fp32": a model's dtype with its int8 kernel when it has one."""
     return f"{dtype} {int8_kernel}" if int8_kernel else dtype

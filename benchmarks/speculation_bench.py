@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .machine import machine_info
+from .report import cpu_line, write_small
 
 
 def prompt_sets(tokens: list[int], count: int, room: int, new: int) -> dict[str, list[list[int]]]:
@@ -106,15 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         rows += measure(folder, prompt_sets(tokens, args.prompts, room, args.new_tokens), args)
     result = {"machine": machine_info(), "lookup": args.lookup, "new_tokens": args.new_tokens,
               "rounds": args.rounds, "threads": args.threads, "text": str(args.text), "runs": rows}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speculation_bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    m = result["machine"]
     lines = [
         f"# Speculative decoding (prompt lookup: {args.lookup} tokens a step; draft: {args.draft_tokens}) "
         "against plain decoding: batch 1, greedy, "
         f"{args.new_tokens} new tokens, {args.threads} threads",
         "",
-        f"CPU: {m.get('cpu')} ({', '.join(m.get('isa') or [])}), {m.get('cores')} cores",
+        cpu_line(result["machine"]),
         "",
         "| model | dtype | prompts | method | plain tokens/s | its tokens/s | speed-up | accepted / proposed "
         "| same tokens |",
@@ -126,8 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             for r in rows
         ],  # fmt: skip
     ]
-    (args.out / "speculation_bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_small(args.out, "speculation_bench", result, lines)
 
 
 if __name__ == "__main__":

@@ -310,12 +310,7 @@ class Engine:
             raise InputError(
                 "stop strings do not apply to beam search; drop stop or use num_beams=1", param="stop"
             )
-        if self.manifest.kv_cache != "shared" or self.device != "cpu":
-            raise InputError(
-                f"beam search needs the shared cache on the CPU provider (this engine: {self.manifest.kv_cache} "
-                f"cache on {self.device}); export with --kv-cache shared and load with provider='cpu'",
-                param="num_beams",
-            )
+        self._needs_rows_on_host("beam search", "num_beams")
         return BeamConfig(k, float(length_penalty), early_stopping, n)
 
     def _speculation(self, prompt_lookup, draft_tokens, options: CallOptions, beams, logprobs) -> dict:
@@ -353,13 +348,18 @@ class Engine:
         )  # fmt: skip
         if why:
             raise InputError(f"{name} does not work with {why} yet; drop one of them", param=name)
+        self._needs_rows_on_host(name, name)
+        return {"prompt_lookup": n, "draft_tokens": k}
+
+    def _needs_rows_on_host(self, what: str, param: str) -> None:
+        """Beam search and speculative decoding copy and roll back cache rows in host memory: the
+        shared cache on the CPU provider."""
         if self.manifest.kv_cache != "shared" or self.device != "cpu":
             raise InputError(
-                f"{name} needs the shared cache on the CPU provider (this engine: {self.manifest.kv_cache} "
+                f"{what} needs the shared cache on the CPU provider (this engine: {self.manifest.kv_cache} "
                 f"cache on {self.device}); export with --kv-cache shared and load with provider='cpu'",
-                param=name,
+                param=param,
             )
-        return {"prompt_lookup": n, "draft_tokens": k}
 
     def _submission(self, prompt: str | list[int], options: CallOptions, **extra) -> Request:
         """A checked prompt and a call's settings as one request for the scheduler; `extra`:

@@ -170,9 +170,14 @@ def sample_rows(
     if greedy.any():
         out[greedy] = logits[greedy].argmax(axis=-1)
     rows = np.flatnonzero(~greedy)
-    picked = [cfgs[r] for r in rows]
-    temperature = np.array([[1.0 if c.temperature is None else c.temperature] for c in picked], np.float32)
-    x = mask_top_k(apply_temperature(logits[rows], temperature), np.array([c.top_k for c in picked]))
-    x = mask_min_p(mask_top_p(x, np.array([c.top_p for c in picked])), np.array([c.min_p for c in picked]))
-    out[rows] = sample_from(softmax(x), [rngs[r] for r in rows])
+    out[rows] = sample_from(distributions(logits[rows], [cfgs[r] for r in rows]), [rngs[r] for r in rows])
     return out
+
+
+def distributions(logits: np.ndarray, cfgs: list[SamplingConfig]) -> np.ndarray:
+    """(rows, vocab) logits (biased and penalised already) -> each sampled row's distribution under
+    its settings: temperature, then top_k, top_p and min_p."""
+    temperature = np.array([[1.0 if c.temperature is None else c.temperature] for c in cfgs], np.float32)
+    x = mask_top_k(apply_temperature(logits, temperature), np.array([c.top_k for c in cfgs]))
+    x = mask_min_p(mask_top_p(x, np.array([c.top_p for c in cfgs])), np.array([c.min_p for c in cfgs]))
+    return softmax(x)

@@ -24,15 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sampling import (
-    SamplingConfig,
-    apply_logit_bias,
-    apply_temperature,
-    mask_min_p,
-    mask_top_k,
-    mask_top_p,
-    softmax,
-)
+from .sampling import SamplingConfig, apply_logit_bias, distributions
 
 MAX_NGRAM, MIN_NGRAM = 3, 2  # the n-grams looked up, longest first (single tokens repeat too often to pay)
 MAX_BACKOFF = 16  # steps a slot skips the lookup after proposals that were all rejected, at most
@@ -111,11 +103,8 @@ def accept_greedy(drafts: list[int], argmax: np.ndarray) -> list[int]:
 def target_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
     """(positions, vocab) logits -> the row's sampling distribution at each (what sample_rows
     draws from for a row without penalties), float64."""
-    x = apply_logit_bias(logits, [cfg.logit_bias] * len(logits))
-    t = 1.0 if cfg.temperature is None else cfg.temperature
-    x = mask_top_k(apply_temperature(x, np.float32(t)), cfg.top_k)
-    x = mask_min_p(mask_top_p(x, cfg.top_p), cfg.min_p)
-    return softmax(x.astype(np.float64))
+    n = len(logits)
+    return distributions(apply_logit_bias(logits, [cfg.logit_bias] * n), [cfg] * n).astype(np.float64)
 
 
 def accept_sampled(drafts: list[int], probs: np.ndarray, rng: np.random.Generator,
