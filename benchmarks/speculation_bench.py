@@ -55,6 +55,7 @@ def measure(folder: Path, sets: dict, args) -> list[dict]:
     if args.draft:
         drafted = Engine.load(folder, provider="cpu", max_batch=1, threads=args.threads, draft=args.draft)
         methods[f"draft {args.draft.name}"] = (drafted, {"draft_tokens": args.draft_tokens})
+        cost = drafted.draft.step_cost(drafted.session)  # what Engine.load judged its default by
     rows = []
     for kind, prompts in sets.items():
         for method, (engine, speculation) in methods.items():
@@ -76,11 +77,14 @@ def measure(folder: Path, sets: dict, args) -> list[dict]:
                 "method": method, "plain_tokens_per_s": plain_tps, "method_tokens_per_s": fast_tps,
                 "speedup": fast_tps / plain_tps, "proposed": proposed, "accepted": accepted,
                 "acceptance": accepted / proposed if proposed else None, "same_tokens": fast_tokens == plain_tokens,
+                "draft_run_cost": cost if method.startswith("draft") else None,
+                "default": bool(engine.draft_tokens) if method.startswith("draft") else None,
             })  # fmt: skip
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
+    from gpt2onnx.engine.draft import DRAFT_PAYS
     from gpt2onnx.engine.tokenizer import Tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -123,6 +127,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['accepted']} / {r['proposed']} | {r['same_tokens']} |"
             for r in rows
         ],  # fmt: skip
+        *[
+            f"\nDraft {args.draft.name}: a run costs {r['draft_run_cost']:.0%} of the target's at batch 1, so "
+            f"{'every greedy call uses it by default' if r['default'] else 'calls use it only when they ask'} "
+            f"(the default at most {DRAFT_PAYS:.0%}; the rows above asked)."
+            for r in rows[-1:]
+            if r["draft_run_cost"] is not None
+        ],
     ]
     write_small(args.out, "speculation_bench", result, lines)
 

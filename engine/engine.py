@@ -23,7 +23,7 @@ from .beam import EARLY_STOPPING, BeamConfig
 from .clock import Clock
 from .completion import Completion
 from .contract import InputError, ModelFolderError
-from .draft import Draft
+from .draft import DRAFT_PAYS, Draft
 from .inspection import Inspector
 from .logprobs import token_logprobs
 from .model_folder import check_tokenizer, read_manifest
@@ -95,6 +95,13 @@ class Engine:
                 inputs.folder_path(draft), self.folder, self.tokenizer.vocab(), config, self.session.max_seq
             )
         )
+        self.draft_tokens = 0  # the calls' default: DRAFT_TOKENS where the draft pays (draft.py)
+        if self.draft is not None:
+            cost = self.draft.step_cost(self.session)
+            self.draft_tokens = DRAFT_TOKENS if cost <= DRAFT_PAYS else 0
+            log.info("draft model %s: a run costs %.0f%% of the target's; %s", self.draft.folder, 100 * cost,
+                     "calls use it by default" if self.draft_tokens else
+                     f"above {DRAFT_PAYS:.0%} it rarely pays, so only calls that pass draft_tokens use it")  # fmt: skip
         self.scheduler = Scheduler(
             self.session, self.tokenizer, self._lock, config.max_queue, draft=self.draft
         )
@@ -135,8 +142,9 @@ class Engine:
         """Load a model folder. device_sampling: pick tokens with the sampling graph; cuda_graphs:
         decode steps of fixed shapes, captured as CUDA graphs (shared cache only). Both default
         to on with the CUDA provider, off on the CPU. draft: a smaller model folder (shared cache,
-        the same tokenizer) for speculative decoding; its requests then propose DRAFT_TOKENS
-        tokens a step with it unless a call says draft_tokens (engine/draft.py). prompt_lookup:
+        the same tokenizer) for speculative decoding: calls that pass draft_tokens use it, and
+        greedy calls propose DRAFT_TOKENS tokens a step with it when a draft run costs at most
+        DRAFT_PAYS of a target run (measured here; engine/draft.py). prompt_lookup:
         the calls' default for speculative decoding by prompt lookup (0: off), applied where a
         call allows it (the server's --prompt-lookup).
         Raises InputError (a bad argument, before the folder is read), ModelFolderError
@@ -316,7 +324,7 @@ class Engine:
     def _speculation(self, prompt_lookup, draft_tokens, options: CallOptions, beams, logprobs) -> dict:
         """Speculative decoding's settings through the input gate, as the Request's keywords:
         prompt_lookup (None: the engine's default, Engine.load's prompt_lookup) and draft_tokens
-        (None: DRAFT_TOKENS when the engine has a draft). A default applies only where the call
+        (None: the engine's default, DRAFT_TOKENS when its draft pays). A default applies only where the call
         allows speculation (else it runs plainly); a value asked for where it cannot is refused."""
         cfg = options.sampling
         plain = beams is not None or logprobs is not None or cfg.uses_history or cfg.logit_bias
@@ -325,8 +333,10 @@ class Engine:
         n = inputs.Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")(
             "prompt_lookup", prompt_lookup
         )
-        if draft_tokens is None:  # the engine's draft by default, where the call allows one (else plainly)
-            draft_tokens = DRAFT_TOKENS if self.draft is not None and not (plain or n) else 0
+        # the engine's draft by default for greedy calls that allow one (else plainly): the default is
+        # measured (draft.py), and a seeded sampled call must draw the same tokens on every load
+        if draft_tokens is None:
+            draft_tokens = self.draft_tokens if not (plain or n) and cfg.greedy else 0
         k = inputs.Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")(
             "draft_tokens", draft_tokens
         )

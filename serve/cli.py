@@ -63,7 +63,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--draft-model", metavar="DIR",
                    help="speculative decoding: a smaller exported model (shared cache, the same tokenizer) "
                    "that proposes tokens for every request it can serve (greedy or plain sampling; the "
-                   "model's own tokens or distribution); /metrics counts proposed and accepted tokens")  # fmt: skip
+                   "model's own tokens or distribution) when a draft run costs at most 20%% of the "
+                   "target's (measured at load; else only requests that pass draft_tokens); /metrics "
+                   "counts proposed and accepted tokens")  # fmt: skip
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="execution provider")
     p.add_argument(
         "--served-model-name",

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import export_folder, make_varied_model, save_hf_folder
 from gpt2onnx.engine.contract import InputError, ModelFolderError
-from gpt2onnx.engine.engine import Engine
+from gpt2onnx.engine.draft import DRAFT_PAYS, Draft
+from gpt2onnx.engine.engine import DRAFT_TOKENS, Engine
 from gpt2onnx.engine.speculation import Lookup, accept_greedy, accept_sampled, lookup
 
 CHI2_999 = {4: 18.47, 5: 20.52, 9: 27.88}  # chi-square's 0.999 quantile by degrees of freedom
@@ -235,10 +236,32 @@ def test_a_draft_models_requests_beside_plain_ones(varied_shared, other_tiny, en
         for i, p in enumerate(prompts)
     ]
     assert [h.result().token_ids for h in handles] == alone
-    sampled = fast.generate(prompts[0], max_new_tokens=20, temperature=0.9, seed=4).completions[
-        0
-    ]  # draft by default
-    assert len(sampled.token_ids) == 20 and fast.stats()["draft_tokens_proposed"] > 0
+    before = fast.stats()["draft_tokens_proposed"]
+    sampled = fast.generate(prompts[0], max_new_tokens=20, temperature=0.9, seed=4, draft_tokens=2)
+    assert len(sampled.completions[0].token_ids) == 20 and fast.stats()["draft_tokens_proposed"] > before
+
+
+def test_the_draft_is_the_default_only_where_it_pays(varied_shared, other_tiny, engine, monkeypatch):
+    """A draft the target's size costs what the target costs: calls use it only when they ask.
+    One measured at most DRAFT_PAYS of the target is every greedy call's default."""
+    prompt = looping_prompts(engine, 1, 9)[0]
+    same_size = Engine.load(varied_shared, provider="cpu", draft=other_tiny)
+    assert same_size.draft_tokens == 0
+    same_size.generate(prompt, max_new_tokens=12)
+    assert same_size.stats()["draft_tokens_proposed"] == 0
+    same_size.generate(prompt, max_new_tokens=12, draft_tokens=3)
+    assert same_size.stats()["draft_tokens_proposed"] > 0
+    monkeypatch.setattr(Draft, "step_cost", lambda self, target: DRAFT_PAYS)
+    cheap = Engine.load(varied_shared, provider="cpu", draft=other_tiny)
+    assert cheap.draft_tokens == DRAFT_TOKENS
+    plain = engine.generate(prompt, max_new_tokens=12).completions[0].token_ids
+    assert cheap.generate(prompt, max_new_tokens=12).completions[0].token_ids == plain
+    assert cheap.stats()["draft_tokens_proposed"] > 0
+    before = cheap.stats()[
+        "draft_tokens_proposed"
+    ]  # sampled calls: only when asked (the same draws on every load)
+    cheap.generate(prompt, max_new_tokens=12, temperature=0.8, seed=1)
+    assert cheap.stats()["draft_tokens_proposed"] == before
 
 
 @pytest.mark.parametrize("drafts", [[None] * 3, [None] * 2])
@@ -282,10 +305,12 @@ def test_draft_model_refusals(varied_shared, varied_fp32, engine, tmp_path):
         Engine.load(varied_shared, provider="cpu", draft=other)
 
 
-def test_a_draft_engine_runs_what_it_cannot_speculate_plainly(varied_shared, other_tiny, engine):
+def test_a_draft_engine_runs_what_it_cannot_speculate_plainly(varied_shared, other_tiny, engine, monkeypatch):
     """The draft is the default only where a call allows it: penalties, logit_bias, logprobs and
     beams run plainly (asking for draft_tokens with them is refused)."""
+    monkeypatch.setattr(Draft, "step_cost", lambda self, target: 0.1)  # a draft that pays: the default
     fast = Engine.load(varied_shared, provider="cpu", max_batch=8, draft=other_tiny)
+    assert fast.draft_tokens > 0
     prompt = looping_prompts(engine, 1, 5)[0]
     for kwargs in ({"repetition_penalty": 1.3}, {"logit_bias": {5: 3.0}}, {"num_beams": 2}):
         want = engine.generate(prompt, max_new_tokens=10, **kwargs).completions[0].token_ids
@@ -362,3 +387,27 @@ def test_an_engine_default_prompt_lookup_applies_where_calls_allow_it(tiny_share
     assert fast.stats()["draft_tokens_proposed"] == before
     with pytest.raises(InputError, match="prompt_lookup must be"):
         Engine.load(varied_shared, provider="cpu", prompt_lookup=-2)
+
+
+NEAR_TIE = 0.1  # logits this close are within an 8-bit step's arithmetic noise (see the test below)
+
+
+def test_int8_greedy_is_plain_decoding_except_at_near_ties(varied_int8_shared, engine):
+    """A verification runs attention over several positions, a plain step over one, and onnxruntime
+    multiplies one query row by another kernel (MLAS's single-row path) whose results differ in the
+    last bits; 8-bit activations (rounded per row) can turn those bits into logits that differ by
+    up to a few hundredths. So on an int8 model the tokens are plain decoding's except where its
+    top two logits are that close, and there the output may take the other one. Nothing else may
+    differ: at each prompt's first difference, plain decoding's own choice must be a near-tie."""
+    int8 = Engine.load(varied_int8_shared, provider="cpu", max_batch=8)
+    prompts, same = looping_prompts(engine, 24, 11), 0
+    for prompt in prompts:
+        plain = int8.submit(prompt, max_new_tokens=32, logprobs=2, stream=False).result()
+        fast = int8.generate(prompt, max_new_tokens=32, prompt_lookup=6).completions[0]
+        if fast.token_ids == plain.token_ids:
+            same += 1
+            continue
+        i = next(i for i, (a, b) in enumerate(zip(fast.token_ids, plain.token_ids)) if a != b)
+        first, second = sorted(plain.top_logprobs[i].values(), reverse=True)[:2]
+        assert first - second < NEAR_TIE, (prompt, i, first - second)
+    assert same >= len(prompts) * 3 // 4 and int8.stats()["draft_tokens_accepted"] > 0
