@@ -108,7 +108,7 @@ class Engine:
         self.inspector = Inspector(self.folder, self.manifest, self.device, config.threads)
         self.prompt_lookup = 0  # the calls' default (Engine.load's prompt_lookup), checked here as a call's
         greedy = CallOptions(1, (), True, None, False, SamplingConfig())
-        self.prompt_lookup = self._speculation(prompt_lookup, 0, greedy, None, None).get("prompt_lookup", 0)
+        self.prompt_lookup = self._speculation(prompt_lookup, 0, greedy, None).get("prompt_lookup", 0)
         if self.manifest.source.random_init:
             log.info(
                 "%s holds RANDOM weights (%s, seed %s): its text is meaningless",
@@ -204,14 +204,15 @@ class Engine:
         prompt_lookup=N: speculative decoding that proposes up to N tokens a step from the prompt
         and the text so far and verifies them in one run (engine/speculation.py): greedy gives
         plain greedy decoding's tokens, sampling the same distribution (not the same draws for a
-        seed). No penalties, logit_bias or logprobs with it; the shared cache on the CPU provider.
+        seed), with penalties, logit_bias and logprobs as without it (greedy with int8 weights:
+        see docs/engine.md on near-ties); not with beams; the shared cache on the CPU provider.
 
         Raises InputError (a ValueError) naming the argument for any bad argument, an empty
         prompt without BOS, or a prompt that does not fit the context (unless truncate="left"
         drops its oldest tokens)."""
         options = self._options("generate", max_new_tokens, stop, prepend_bos, truncate, ignore_eos, sampling)
         beams = self._beam_config(num_beams, length_penalty, early_stopping, num_return_sequences, options)
-        spec = self._speculation(prompt_lookup, draft_tokens, options, beams, None)
+        spec = self._speculation(prompt_lookup, draft_tokens, options, beams)
         prompts = inputs.prompts(prompts, self.vocab_size)
         clock = Clock()
         requests = [self._submission(p, options, stream=False, clock=clock, pieces=False, beams=beams,
@@ -233,7 +234,7 @@ class Engine:
         submitted here, before the first piece is asked for. prompt_lookup: as `generate`'s (the
         tokens a verification keeps come out together)."""
         options = self._options("stream", max_new_tokens, stop, prepend_bos, truncate, False, sampling)
-        spec = self._speculation(prompt_lookup, draft_tokens, options, None, None)
+        spec = self._speculation(prompt_lookup, draft_tokens, options, None)
         prompt = inputs.prompt("prompt", prompt, self.vocab_size)
         handle = self.scheduler.submit(self._submission(prompt, options, stream=True, **spec))
         return _texts(handle)
@@ -272,7 +273,7 @@ class Engine:
                 "drop logprobs or use num_beams=1",
                 param="logprobs",
             )
-        spec = self._speculation(prompt_lookup, draft_tokens, options, beams, logprobs)
+        spec = self._speculation(prompt_lookup, draft_tokens, options, beams)
         prompt = inputs.prompt("prompt", prompt, self.vocab_size)
         stream = inputs.check("stream", stream)
         return self.scheduler.submit(
@@ -321,13 +322,13 @@ class Engine:
         self._needs_rows_on_host("beam search", "num_beams")
         return BeamConfig(k, float(length_penalty), early_stopping, n)
 
-    def _speculation(self, prompt_lookup, draft_tokens, options: CallOptions, beams, logprobs) -> dict:
+    def _speculation(self, prompt_lookup, draft_tokens, options: CallOptions, beams) -> dict:
         """Speculative decoding's settings through the input gate, as the Request's keywords:
         prompt_lookup (None: the engine's default, Engine.load's prompt_lookup) and draft_tokens
         (None: the engine's default, DRAFT_TOKENS when its draft pays). A default applies only where the call
         allows speculation (else it runs plainly); a value asked for where it cannot is refused."""
         cfg = options.sampling
-        plain = beams is not None or logprobs is not None or cfg.uses_history or cfg.logit_bias
+        plain = beams is not None
         if prompt_lookup is None:
             prompt_lookup = self.prompt_lookup if not plain and draft_tokens in (None, 0) else 0
         n = inputs.Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")(
@@ -348,16 +349,9 @@ class Engine:
             raise InputError("pass prompt_lookup or draft_tokens, not both", param="prompt_lookup")
         if not (n or k):
             return {}
-        name, cfg = "prompt_lookup" if n else "draft_tokens", options.sampling
-        why = (
-            "beam search" if beams is not None
-            else "logprobs" if logprobs is not None
-            else "penalties" if cfg.uses_history
-            else "logit_bias" if cfg.logit_bias
-            else None
-        )  # fmt: skip
-        if why:
-            raise InputError(f"{name} does not work with {why} yet; drop one of them", param=name)
+        name = "prompt_lookup" if n else "draft_tokens"
+        if beams is not None:
+            raise InputError(f"{name} does not work with beam search; drop one of them", param=name)
         self._needs_rows_on_host(name, name)
         return {"prompt_lookup": n, "draft_tokens": k}
 

@@ -12,6 +12,8 @@ decode always return token ids. `choose_picker` is the one place that decides wh
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnxruntime as ort
 
@@ -55,6 +57,32 @@ class RowSampling:
         if self.seen is not None:
             r = np.arange(rows.start, rows.stop)
             self.seen[r, tokens], self.counts[r, tokens] = True, self.counts[r, tokens] + 1
+
+    def record_row(self, row: int, tokens: list[int]) -> None:
+        """Several tokens of one row, in order (a speculative step's), into its history."""
+        if self.seen is not None:
+            for token in tokens:
+                self.seen[row, token], self.counts[row, token] = True, self.counts[row, token] + 1
+
+    def history(self, row: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The row's (seen, counts), or (None, None) when no row keeps a history."""
+        return (None, None) if self.seen is None else (self.seen[row], self.counts[row])
+
+    @contextlib.contextmanager
+    def aside(self, rows: list[int]):
+        """Rows that sit a step out (a speculative row between rows that decode plainly): in it they
+        pick greedily, draw nothing from their generator and record nothing in their history."""
+        saved = [(r, self.configs[r], self.rngs[r]) for r in rows]
+        history = None if self.seen is None else (self.seen[rows], self.counts[rows])  # copies
+        for r in rows:
+            self.configs[r], self.rngs[r] = GREEDY, None
+        try:
+            yield
+        finally:
+            for r, cfg, rng in saved:
+                self.configs[r], self.rngs[r] = cfg, rng
+            if history is not None:
+                self.seen[rows], self.counts[rows] = history
 
 
 GREEDY = SamplingConfig()

@@ -55,10 +55,11 @@ from .beam import BeamSearch
 from .clock import Clock, charge
 from .completion import BeamResult, Completion, Continuation
 from .draft import Draft
+from .logprobs import token_logprobs
 from .requests import EngineClosedError, Piece, QueueFullError, Request, RequestHandle
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, distributions
 from .session import Session
-from .speculation import Lookup, accept_greedy, accept_sampled, target_probs
+from .speculation import Lookup, accept_greedy, accept_sampled, picker_logits
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -403,7 +404,8 @@ class Scheduler:
         speculating = [(r, s) for r, s in live if drafts.get(r, ([],))[0]]
         live = [(r, s) for r, s in live if not drafts.get(r, ([],))[0]]
         if live:
-            self._decode_rows(live)
+            with self.session.sampling.aside([r for r, _ in speculating if r < live[-1][0]]):
+                self._decode_rows(live)
             for r, s in speculating:  # the step wrote a dummy token in these rows too: not theirs
                 self.session.set_length(r, s.computed)
         for r, slot in speculating:
@@ -438,16 +440,19 @@ class Scheduler:
     def _verify(self, r: int, slot: Slot, drafts: list[int], draft_probs: np.ndarray | None) -> None:
         """One run over the slot's pending token and its drafts; the kept ones and the target's
         next token are handed out as if decoded one by one."""
-        request = slot.handle.request
-        greedy = request.sampling.greedy
+        request, sampling = slot.handle.request, self.session.sampling
+        cfg = request.sampling
+        argmax_only = cfg.greedy and not (cfg.logit_bias or cfg.uses_history) and request.logprobs is None
         run0 = self._clock.run_s
-        argmax, logits = self.session.verify(r, [slot.token, *drafts], logits=not greedy)
+        argmax, logits = self.session.verify(r, [slot.token, *drafts], logits=not argmax_only)
         run_s = self._clock.run_s - run0
-        if greedy:
-            new = accept_greedy(drafts, argmax)
+        picked = None if argmax_only else picker_logits(logits, drafts, cfg, *sampling.history(r))
+        if cfg.greedy:
+            new = accept_greedy(drafts, argmax if picked is None else picked.argmax(axis=-1))
         else:
-            probs = target_probs(logits, request.sampling)
-            new = accept_sampled(drafts, probs, self.session.sampling.rngs[r], draft_probs)
+            probs = distributions(picked, [cfg] * len(picked)).astype(np.float64)
+            new = accept_sampled(drafts, probs, sampling.rngs[r], draft_probs)
+        sampling.record_row(r, new)
         kept = len(new) - 1
         charge([request.clock], run_s, "decode", len(new))
         slot.lookup.kept(len(drafts), kept)
@@ -457,15 +462,17 @@ class Scheduler:
         if slot.draft_tokens:
             self.draft.kept(r, slot.computed)
         now = time.perf_counter()
-        for token in new:
-            self._take(r, slot, token, 0, now)
+        for i, token in enumerate(new):
+            self._take(r, slot, token, 0, now, None if request.logprobs is None else logits[i : i + 1])
             if self.slots[r] is not slot:  # it ended (EOS, a stop string, its length)
                 return
 
     # -- handing out ---------------------------------------------------------------------------
-    def _take(self, r: int, slot: Slot, token: int, logits_row: int, now: float) -> None:
+    def _take(self, r: int, slot: Slot, token: int, logits_row: int, now: float,
+              logits: np.ndarray | None = None) -> None:  # fmt: skip
         """A slot's new token: pushed to its continuation and handed to its caller; the slot is
-        freed when the request ends."""
+        freed when the request ends. Its log-probabilities come from row `logits_row` of the last
+        step's logits, or from `logits` (1, vocab) when given (a speculative step's)."""
         if slot.group is not None:
             self._beam_logits(slot, logits_row)
             return
@@ -476,8 +483,11 @@ class Scheduler:
         if request.pieces:
             piece = Piece(text, [token])
             if request.logprobs is not None:
-                logprob, top = self.session.token_logprobs(logits_row, token, request.logprobs)
-                piece.token_logprobs, piece.top_logprobs = [logprob], [top]
+                if logits is None:
+                    logprob, top = self.session.token_logprobs(logits_row, token, request.logprobs)
+                else:
+                    (logprob,), (top,) = token_logprobs(logits, [token], request.logprobs)
+                piece.token_logprobs, piece.top_logprobs = [float(logprob)], [top]
             handle.push(piece, now)
         if continuation.finish_reason is not None or handle.cancelled:
             self._end(handle, continuation, continuation.finish_reason or "cancelled")

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sampling import SamplingConfig, apply_logit_bias, distributions
+from .sampling import (
+    SamplingConfig,
+    apply_logit_bias,
+    apply_presence_frequency,
+    apply_repetition_penalty,
+    distributions,
+)
 
 MAX_NGRAM, MIN_NGRAM = 3, 2  # the n-grams looked up, longest first (single tokens repeat too often to pay)
 MAX_BACKOFF = 16  # steps a slot skips the lookup after proposals that were all rejected, at most
@@ -100,9 +106,28 @@ def accept_greedy(drafts: list[int], argmax: np.ndarray) -> list[int]:
     return out
 
 
+def picker_logits(logits: np.ndarray, drafts: list[int], cfg: SamplingConfig, seen: np.ndarray | None,
+                  counts: np.ndarray | None) -> np.ndarray:  # fmt: skip
+    """A verification's logits (1 + k, vocab), after the pending token and drafts[:i] at row i ->
+    what the row's picker would see there (sampling.sample_rows' order): the logit bias, then the
+    penalties over the row's history (seen, counts: (vocab,), as RowSampling keeps them) with
+    drafts[:i] added as made tokens."""
+    n = len(logits)
+    logits = apply_logit_bias(logits, [cfg.logit_bias] * n)
+    if not cfg.uses_history:
+        return logits
+    seen, counts = np.repeat(seen[None], n, axis=0), np.repeat(counts[None], n, axis=0)
+    for i, d in enumerate(drafts):
+        seen[i + 1 :, d] = True
+        counts[i + 1 :, d] += 1
+    logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    return apply_presence_frequency(logits, counts, cfg.presence_penalty, cfg.frequency_penalty)
+
+
 def target_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
-    """(positions, vocab) logits -> the row's sampling distribution at each (what sample_rows
-    draws from for a row without penalties), float64."""
+    """(positions, vocab) logits -> the distribution a draft model draws its proposals from under
+    the row's settings (logit bias, temperature, top-k/p, min-p; penalties left out: the rule
+    needs only that each draft is drawn from the q it is judged by), float64."""
     n = len(logits)
     return distributions(apply_logit_bias(logits, [cfg.logit_bias] * n), [cfg] * n).astype(np.float64)
 

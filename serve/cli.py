@@ -22,6 +22,7 @@ from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.extras import needs_extra
 from gpt2onnx.engine.model_folder import read_manifest
 from gpt2onnx.engine.runtime import resolve_device
+from gpt2onnx.engine.speculation import MAX_PROMPT_LOOKUP
 from gpt2onnx.export.cli import HelpFormatter
 from gpt2onnx.export.model_source import resolve_model
 
@@ -120,6 +121,9 @@ def check_flags(args: argparse.Namespace) -> None:
         inputs.Count(1, 1 << 20, "an integer from 1 to 1048576", optional=True)(
             "--max-connections", args.max_connections
         )
+        inputs.Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")(
+            "--prompt-lookup", args.prompt_lookup
+        )
         if args.ray:
             args.scaling = scaling(args)
             inputs.Real(0.01, 1024.0, "a number of CPUs from 0.01 to 1024")(
@@ -174,11 +178,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ray and (args.draft_model or args.prompt_lookup):
-        raise UsageError(
-            "--draft-model and --prompt-lookup are not supported with --ray yet; drop them; see "
-            "gpt2-onnx serve --help"
-        )
     if args.ray:
         with needs_extra("ray", "gpt2-onnx serve --ray"):
             from gpt2onnx.serve import ray_serve  # noqa: F401  (ray, and the server's own imports)
@@ -255,7 +254,13 @@ def run_on_ray(args: argparse.Namespace, sock: socket.socket, folder: Path) -> i
     check_shared(manifest, folder)
     name = args.served_model_name or manifest.source.checkpoint
     threads = max(1, int(args.replica_cpus))
-    load = dict(provider=args.provider, max_batch=args.max_batch, max_queue=args.max_queue, threads=threads)
+    load = dict(provider=args.provider, max_batch=args.max_batch, max_queue=args.max_queue, threads=threads,
+                prompt_lookup=args.prompt_lookup)  # fmt: skip
+    if args.draft_model:  # each replica loads it too: checked here first, so a bad one is one line
+        draft = Path(args.draft_model).resolve()
+        if read_manifest(draft).kv_cache != "shared":
+            raise UsageError(f"--draft-model {draft} has the concat cache; export it with --kv-cache shared")
+        load["draft"] = str(draft)
     settings = (f"Ray Serve, {args.scaling}, max batch {args.max_batch}, max queue {args.max_queue} per "
                 "replica")  # fmt: skip
     ray_serve.serve_replicas(

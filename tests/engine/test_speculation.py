@@ -188,15 +188,109 @@ def test_a_slot_backs_off_after_rejections_and_adapts_its_drafts():
         ({"prompt_lookup": -1}, "prompt_lookup must be an integer from 0"),
         ({"prompt_lookup": 65}, "prompt_lookup must be an integer from 0"),
         ({"prompt_lookup": 4, "num_beams": 2}, "does not work with beam search"),
-        ({"prompt_lookup": 4, "repetition_penalty": 1.3}, "does not work with penalties"),
-        ({"prompt_lookup": 4, "logit_bias": {5: 2.0}}, "does not work with logit_bias"),
+        ({"prompt_lookup": 2.5}, "prompt_lookup must be an integer from 0"),
     ],
 )
 def test_bad_prompt_lookup_arguments_are_named(engine, kwargs, message):
     with pytest.raises(InputError, match=message):
         engine.generate([1, 2, 3], max_new_tokens=4, **kwargs)
-    with pytest.raises(InputError, match="does not work with logprobs"):
-        engine.submit([1, 2, 3], max_new_tokens=4, prompt_lookup=3, logprobs=1)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"frequency_penalty": 0.02},
+        {"frequency_penalty": 0.005},
+        {"repetition_penalty": 1.05},
+        {"repetition_penalty": 1.2, "frequency_penalty": 0.01},
+        {"logit_bias": {7: 2.5, 11: -3.0}},
+    ],
+)
+def test_penalties_and_logit_bias_speculate_to_plain_decodings_tokens(tiny_shared, settings):
+    """A verification's argmax is taken after the logit bias and the penalties, with each
+    position's history holding the drafts before it (the graph's own argmax knows neither). The
+    tiny model repeats a token until its frequency penalty outweighs it, so where a run ends
+    depends on the kept drafts being counted."""
+    engine = Engine.load(tiny_shared, provider="cpu")
+    for prompt in looping_prompts(engine, 6, 21):
+        plain = engine.generate(prompt, max_new_tokens=30, **settings).completions[0]
+        fast = engine.generate(prompt, max_new_tokens=30, prompt_lookup=6, **settings).completions[0]
+        assert fast.token_ids == plain.token_ids, settings
+    assert engine.stats()["draft_tokens_accepted"] > 0
+
+
+def streamed_logprobs(engine, prompt, **kw) -> tuple[list[int], list[float], list[dict]]:
+    """A streamed request's token ids, their log-probabilities and the top ones, piece by piece."""
+    ids, logprobs, tops = [], [], []
+    for piece in engine.submit(prompt, max_new_tokens=24, logprobs=3, **kw):
+        ids += piece.token_ids
+        logprobs += piece.token_logprobs
+        tops += piece.top_logprobs
+    return ids, logprobs, tops
+
+
+@pytest.mark.parametrize("model", ["tiny_shared", "varied_shared"])  # every draft kept; few
+def test_logprobs_with_prompt_lookup_are_plain_decodings(model, request):
+    """Each token's log-probability and top ones come from the verification's logits at its
+    position: the same tokens, values within float32's rounding of plain decoding's."""
+    engine = Engine.load(request.getfixturevalue(model), provider="cpu")
+    for prompt in looping_prompts(engine, 6, 31):
+        ids, logprobs, tops = streamed_logprobs(engine, prompt)
+        fast_ids, fast_logprobs, fast_tops = streamed_logprobs(engine, prompt, prompt_lookup=5)
+        assert fast_ids == ids and len(fast_logprobs) == len(ids)
+        np.testing.assert_allclose(fast_logprobs, logprobs, atol=1e-4)
+        for got, want in zip(fast_tops, tops):
+            assert list(got) == list(want)
+            np.testing.assert_allclose(list(got.values()), list(want.values()), atol=1e-4)
+    assert engine.stats()["draft_tokens_proposed"] > 0
+
+
+def test_a_seeded_sampled_speculative_request_draws_as_it_does_alone(tiny_shared):
+    """Between rows that decode plainly, a speculative row sits their steps out: the step's
+    picker neither draws from its generator nor records in its history. (The tiny model at top_k
+    2 and a high temperature draws among few tokens: its text repeats, so the lookup proposes
+    at most steps and some of it is kept.)"""
+    engine = Engine.load(tiny_shared, provider="cpu")
+    prompts = looping_prompts(engine, 4, 41)
+    settings = dict(max_new_tokens=40, temperature=3.0, top_k=2, seed=5, prompt_lookup=4)
+    alone = engine.generate(prompts[0], **settings).completions[0].token_ids
+    assert engine.stats()["draft_tokens_accepted"] > 0
+    for first in (True, False):  # its row below theirs (in their steps), then above
+        mine = engine.submit(prompts[0], stream=False, **settings) if first else None
+        others = [engine.submit(p, max_new_tokens=40, stream=False) for p in prompts[1:]]
+        mine = mine or engine.submit(prompts[0], stream=False, **settings)
+        assert mine.result().token_ids == alone
+        [h.result() for h in others]
+
+
+def test_picker_logits_are_what_the_picker_sees_after_each_draft():
+    """Row i: sample_rows' logit bias and penalties, with the history after the pending token and
+    drafts[:i]; checked against sampling's own functions one position at a time."""
+    from gpt2onnx.engine.sampling import (
+        SamplingConfig,
+        apply_logit_bias,
+        apply_presence_frequency,
+        apply_repetition_penalty,
+    )
+    from gpt2onnx.engine.speculation import picker_logits
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 12)).astype(np.float32)
+    cfg = SamplingConfig(
+        repetition_penalty=1.4, presence_penalty=0.3, frequency_penalty=0.2, logit_bias={2: 1.0}
+    )
+    seen, counts = np.zeros(12, bool), np.zeros(12, np.int32)
+    seen[[1, 5]], counts[5] = True, 2
+    drafts = [5, 7, 5]
+    got = picker_logits(logits, drafts, cfg, seen, counts)
+    for i in range(4):
+        s, c = seen.copy(), counts.copy()
+        for d in drafts[:i]:
+            s[d], c[d] = True, c[d] + 1
+        z = apply_logit_bias(logits[i : i + 1], [cfg.logit_bias])
+        z = apply_presence_frequency(apply_repetition_penalty(z, s[None], 1.4), c[None], 0.3, 0.2)
+        np.testing.assert_array_equal(got[i], z[0])
+    assert seen.sum() == 2 and counts.sum() == 2  # the row's own history is left as it was
 
 
 def test_prompt_lookup_needs_the_shared_cache(varied_fp32):
@@ -305,19 +399,25 @@ def test_draft_model_refusals(varied_shared, varied_fp32, engine, tmp_path):
         Engine.load(varied_shared, provider="cpu", draft=other)
 
 
-def test_a_draft_engine_runs_what_it_cannot_speculate_plainly(varied_shared, other_tiny, engine, monkeypatch):
-    """The draft is the default only where a call allows it: penalties, logit_bias, logprobs and
-    beams run plainly (asking for draft_tokens with them is refused)."""
+def test_a_draft_engine_speculates_what_it_can(varied_shared, other_tiny, engine, monkeypatch):
+    """The draft is the default wherever a greedy call allows it: with penalties, logit_bias and
+    logprobs too (plain decoding's tokens); beams run plainly, and asking for draft_tokens with
+    them is refused."""
     monkeypatch.setattr(Draft, "step_cost", lambda self, target: 0.1)  # a draft that pays: the default
     fast = Engine.load(varied_shared, provider="cpu", max_batch=8, draft=other_tiny)
     assert fast.draft_tokens > 0
     prompt = looping_prompts(engine, 1, 5)[0]
     for kwargs in ({"repetition_penalty": 1.3}, {"logit_bias": {5: 3.0}}, {"num_beams": 2}):
+        before = fast.stats()["draft_tokens_proposed"]
         want = engine.generate(prompt, max_new_tokens=10, **kwargs).completions[0].token_ids
         assert fast.generate(prompt, max_new_tokens=10, **kwargs).completions[0].token_ids == want
-    assert len(fast.submit(prompt, max_new_tokens=5, logprobs=2, stream=False).result().token_ids) == 5
-    with pytest.raises(InputError, match="draft_tokens does not work with penalties"):
-        fast.generate(prompt, max_new_tokens=4, draft_tokens=3, repetition_penalty=1.3)
+        assert (fast.stats()["draft_tokens_proposed"] > before) == ("num_beams" not in kwargs)
+    ids, logprobs, _ = streamed_logprobs(engine, prompt)
+    fast_ids, fast_logprobs, _ = streamed_logprobs(fast, prompt)
+    assert fast_ids == ids
+    np.testing.assert_allclose(fast_logprobs, logprobs, atol=1e-4)
+    with pytest.raises(InputError, match="draft_tokens does not work with beam search"):
+        fast.generate(prompt, max_new_tokens=4, draft_tokens=3, num_beams=2)
 
 
 def test_generate_cli_with_a_draft_model_is_plain_decoding(varied_shared, other_tiny, capsys):
@@ -402,12 +502,12 @@ def test_int8_greedy_is_plain_decoding_except_at_near_ties(varied_int8_shared, e
     int8 = Engine.load(varied_int8_shared, provider="cpu", max_batch=8)
     prompts, same = looping_prompts(engine, 24, 11), 0
     for prompt in prompts:
-        plain = int8.submit(prompt, max_new_tokens=32, logprobs=2, stream=False).result()
-        fast = int8.generate(prompt, max_new_tokens=32, prompt_lookup=6).completions[0]
-        if fast.token_ids == plain.token_ids:
+        ids, _, tops = streamed_logprobs(int8, prompt)
+        fast = int8.generate(prompt, max_new_tokens=24, prompt_lookup=6).completions[0]
+        if fast.token_ids == ids:
             same += 1
             continue
-        i = next(i for i, (a, b) in enumerate(zip(fast.token_ids, plain.token_ids)) if a != b)
-        first, second = sorted(plain.top_logprobs[i].values(), reverse=True)[:2]
+        i = next(i for i, (a, b) in enumerate(zip(fast.token_ids, ids)) if a != b)
+        first, second = sorted(tops[i].values(), reverse=True)[:2]
         assert first - second < NEAR_TIE, (prompt, i, first - second)
     assert same >= len(prompts) * 3 // 4 and int8.stats()["draft_tokens_accepted"] > 0

@@ -66,7 +66,7 @@ def cluster(tiny_shared, tmp_path_factory):
         proc = subprocess.Popen(
             [sys.executable, "-m", "gpt2onnx", "serve", "--ray", "--replicas", "2", "--model", str(tiny_shared),
              "--port", str(port), "--max-batch", "8", "--served-model-name", MODEL, "--drain-timeout", "10",
-             "--read-timeout", str(READ_TIMEOUT_S)],
+             "--read-timeout", str(READ_TIMEOUT_S), "--prompt-lookup", "4"],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -162,6 +162,23 @@ def test_completions_streaming_and_errors_through_ray(cluster):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="Hello")
     assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_replicas_speculate_by_prompt_lookup_when_the_server_says(cluster):
+    """serve --ray --prompt-lookup 4: each replica's engine proposes for the requests that allow
+    it (greedy text as without it); a replica's /metrics counts its drafts."""
+    client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="none", max_retries=0, timeout=T)
+    for prompt in ("one two one two", "three four three", "a b a b a", "x y x y"):
+        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                        logit_bias=NO_EOS)  # fmt: skip
+        assert got.choices[0].text == alone(cluster.engine, prompt, 12)
+    proposed = [
+        float(line.split()[-1])
+        for _ in range(6)
+        for line in httpx.get(cluster.url + "/metrics", timeout=T).text.splitlines()
+        if line.startswith("gpt2onnx_draft_tokens_proposed_total")
+    ]
+    assert max(proposed) > 0
 
 
 def test_the_front_cuts_off_a_client_that_stalls_after_the_read_timeout(cluster):

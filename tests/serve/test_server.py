@@ -657,7 +657,8 @@ def test_sigterm_lets_the_running_request_finish_and_exits_0(tiny_shared):
         proc.stderr.close()
 
 
-@pytest.mark.parametrize("flags", [["--prompt-lookup", "4"], ["--draft-model", "somewhere"]])
-def test_speculation_flags_are_refused_with_ray(capsys, tmp_path, flags):
-    code, err = run_flags(capsys, "serve", "--model", tmp_path / "m", "--ray", *flags)
-    assert code == 2 and "not supported with --ray yet" in err
+@pytest.mark.parametrize("ray", [[], ["--ray"]])
+def test_a_bad_prompt_lookup_flag_is_one_line_before_anything_starts(capsys, tmp_path, ray):
+    code, err = run_flags(capsys, "serve", "--model", tmp_path / "m", "--prompt-lookup", "65", *ray)
+    assert code == 2 and "--prompt-lookup must be an integer from 0 (off) to 64" in err
+    assert "Traceback" not in err
