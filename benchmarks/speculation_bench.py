@@ -55,7 +55,6 @@ def measure(folder: Path, sets: dict, args) -> list[dict]:
     if args.draft:
         drafted = Engine.load(folder, provider="cpu", max_batch=1, threads=args.threads, draft=args.draft)
         methods[f"draft {args.draft.name}"] = (drafted, {"draft_tokens": args.draft_tokens})
-        cost = drafted.draft.step_cost(drafted.session)  # what Engine.load judged its default by
     rows = []
     for kind, prompts in sets.items():
         for method, (engine, speculation) in methods.items():
@@ -77,14 +76,13 @@ def measure(folder: Path, sets: dict, args) -> list[dict]:
                 "method": method, "plain_tokens_per_s": plain_tps, "method_tokens_per_s": fast_tps,
                 "speedup": fast_tps / plain_tps, "proposed": proposed, "accepted": accepted,
                 "acceptance": accepted / proposed if proposed else None, "same_tokens": fast_tokens == plain_tokens,
-                "draft_run_cost": cost if method.startswith("draft") else None,
+                "draft_run_cost": engine.draft_cost if method.startswith("draft") else None,
                 "default": bool(engine.draft_tokens) if method.startswith("draft") else None,
             })  # fmt: skip
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gpt2onnx.engine.draft import DRAFT_PAYS
     from gpt2onnx.engine.tokenizer import Tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -110,32 +108,39 @@ def main(argv: list[str] | None = None) -> None:
         room = min(c["n_positions"], 256)
         rows += measure(folder, prompt_sets(tokens, args.prompts, room, args.new_tokens), args)
     result = {"machine": machine_info(), "lookup": args.lookup, "new_tokens": args.new_tokens,
-              "rounds": args.rounds, "threads": args.threads, "text": str(args.text), "runs": rows}  # fmt: skip
-    lines = [
-        f"# Speculative decoding (prompt lookup: {args.lookup} tokens a step; draft: {args.draft_tokens}) "
-        "against plain decoding: batch 1, greedy, "
-        f"{args.new_tokens} new tokens, {args.threads} threads",
+              "rounds": args.rounds, "threads": args.threads, "text": str(args.text),
+              "draft_tokens": args.draft_tokens, "runs": rows}  # fmt: skip
+    write_small(args.out, "speculation_bench", result, table(result))
+
+
+def table(result: dict) -> list[str]:
+    """The Markdown report of a result (its JSON holds everything it shows)."""
+    from gpt2onnx.engine.draft import DRAFT_PAYS
+
+    def cost(r: dict) -> str:
+        if r["draft_run_cost"] is None:
+            return "-"
+        return f"{r['draft_run_cost']:.0%} ({'default' if r['default'] else 'when asked'})"
+
+    return [
+        f"# Speculative decoding (prompt lookup: {result['lookup']} tokens a step; draft: {result['draft_tokens']}) "
+        f"against plain decoding: batch 1, greedy, {result['new_tokens']} new tokens, {result['threads']} threads",
         "",
         cpu_line(result["machine"]),
         "",
         "| model | dtype | prompts | method | plain tokens/s | its tokens/s | speed-up | accepted / proposed "
-        "| same tokens |",
-        "|---|---|---|---|---:|---:|---:|---:|---|",
+        "| same tokens | draft run / target run |",
+        "|---|---|---|---|---:|---:|---:|---:|---|---:|",
         *[
             f"| {Path(r['model']).name} | {r['dtype']} | {r['prompts']} ({r['count']}) | {r['method']} | "
             f"{r['plain_tokens_per_s']:.1f} | {r['method_tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
-            f"{r['accepted']} / {r['proposed']} | {r['same_tokens']} |"
-            for r in rows
+            f"{r['accepted']} / {r['proposed']} | {r['same_tokens']} | {cost(r)} |"
+            for r in result["runs"]
         ],  # fmt: skip
-        *[
-            f"\nDraft {args.draft.name}: a run costs {r['draft_run_cost']:.0%} of the target's at batch 1, so "
-            f"{'every greedy call uses it by default' if r['default'] else 'calls use it only when they ask'} "
-            f"(the default at most {DRAFT_PAYS:.0%}; the rows above asked)."
-            for r in rows[-1:]
-            if r["draft_run_cost"] is not None
-        ],
+        "",
+        f"Draft run / target run: one token at batch 1, timed at load (Engine.load); at most "
+        f"{DRAFT_PAYS:.0%} makes the draft every greedy call's default. The rows above asked for it.",
     ]
-    write_small(args.out, "speculation_bench", result, lines)
 
 
 if __name__ == "__main__":

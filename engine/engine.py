@@ -96,8 +96,9 @@ class Engine:
             )
         )
         self.draft_tokens = 0  # the calls' default: DRAFT_TOKENS where the draft pays (draft.py)
+        self.draft_cost = None  # a draft run's time over the target's, timed here
         if self.draft is not None:
-            cost = self.draft.step_cost(self.session)
+            self.draft_cost = cost = self.draft.step_cost(self.session)
             self.draft_tokens = DRAFT_TOKENS if cost <= DRAFT_PAYS else 0
             log.info("draft model %s: a run costs %.0f%% of the target's; %s", self.draft.folder, 100 * cost,
                      "calls use it by default" if self.draft_tokens else
