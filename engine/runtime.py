@@ -101,9 +101,11 @@ def create_session(
     cuda_graphs: bool = False,
     strict: bool = False,
     spinning: bool = True,
+    external_data: Path | None = None,
 ) -> tuple[ort.InferenceSession, bool]:
     """An onnxruntime session of `model` (a model file, or a serialized model such as the sampling
-    graph) on a resolved `device`. cuda_graphs asks the CUDA provider to capture runs as CUDA graphs.
+    graph; `external_data`: the model file whose folder holds its external data) on a resolved
+    `device`. cuda_graphs asks the CUDA provider to capture runs as CUDA graphs.
     Returns (session, whether graphs are on); `device_of(session)` says where it really runs. A CUDA
     session that fell back to the CPU raises ProviderError when `strict` (the GPU was asked for by
     name) and is logged otherwise."""
@@ -121,7 +123,11 @@ def create_session(
         cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if cuda_graphs else {})
         providers = [cuda, "CPUExecutionProvider"]
     source = model if isinstance(model, bytes) else str(model)
-    what = model if isinstance(model, Path) else "an in-memory graph"
+    what = model if isinstance(model, Path) else external_data or "an in-memory graph"
+    if isinstance(model, bytes) and external_data is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(external_data.parent)
+        )
     try:
         # enable_fallback=0: onnxruntime's Python session would otherwise answer a provider failure
         # (at creation, or in any later run) by printing "EP Error" banners to stdout and switching
@@ -135,7 +141,9 @@ def create_session(
         if device == "cuda" and cuda_graphs:
             # Capture needs every compute node on the CUDA provider; run without graphs rather than fail.
             log.warning("CUDA graphs are off: onnxruntime cannot capture this graph (%s)", first_line(e))
-            return create_session(model, device, threads, strict=strict)[0], False
+            return create_session(model, device, threads, strict=strict, external_data=external_data)[
+                0
+            ], False
         if device == "cuda":
             raise ProviderError(
                 f"the CUDA execution provider could not run {what} ({first_line(e)}); "
