@@ -20,10 +20,12 @@ import numpy as np
 from .machine import machine_info
 
 
-def step_ms(folder: Path, rows: int, new_tokens: int) -> float:
+def step_ms(folder: Path, rows: int, new_tokens: int, signed_int8: bool = True) -> float:
     from gpt2onnx.engine.engine import Engine
+    from gpt2onnx.engine.session import SessionConfig
 
-    engine = Engine.load(folder, provider="cpu", max_batch=max(rows, 1), threads=2)
+    config = SessionConfig(provider="cpu", max_batch=max(rows, 1), threads=2, signed_int8=signed_int8)
+    engine = Engine(folder, config)
     prompts = [list(range(1000 + r, 1032 + r)) for r in range(rows)]
     engine.generate(prompts, max_new_tokens=4, ignore_eos=True)  # warm-up
     runs = [engine.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True) for _ in range(3)]
@@ -45,16 +47,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--text", type=Path, help="a text for the perplexity of each folder")
+    parser.add_argument("--unsigned", action="store_true",
+                        help="also time each int8 folder with its weights kept u8 (as NAME-u8): on a CPU "
+                        "with VNNI the engine multiplies them as s8 (engine/signed_int8.py)")  # fmt: skip
     args = parser.parse_args(argv)
-    folders = dict(args.folders)
+    folders = {name: (folder, True) for name, folder in args.folders}
+    if args.unsigned:
+        folders |= {f"{name}-u8": (folder, False) for name, folder in args.folders
+                    if json.loads((folder / "manifest.json").read_text())["dtype"] == "int8"}  # fmt: skip
     rows = [int(r) for r in args.rows.split(",")]
     times: dict[str, dict[int, list[float]]] = {name: {r: [] for r in rows} for name in folders}
     for _ in range(args.rounds):
         for r in rows:
-            for name, folder in folders.items():
-                times[name][r].append(step_ms(folder, r, args.new_tokens))
+            for name, (folder, signed) in folders.items():
+                times[name][r].append(step_ms(folder, r, args.new_tokens, signed))
     steps = {name: {r: float(np.median(v)) for r, v in t.items()} for name, t in times.items()}
     result = {"machine": machine_info(), "ms_per_step": steps, "rounds": args.rounds,
+              "signed_int8": {name: signed for name, (_, signed) in folders.items()},
               "most_over_one_row": {n: s[max(rows)] / s[min(rows)] for n, s in steps.items()}}  # fmt: skip
     if args.text:
         from gpt2onnx.engine.engine import Engine
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         text = args.text.read_text()
         result["perplexity"] = {
             name: Engine.load(f, provider="cpu").score(text, prepend_bos=False, stride=64).perplexity
-            for name, f in folders.items()
+            for name, (f, _) in folders.items()
         }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "row_steps.json").write_text(json.dumps(result, indent=1))

@@ -167,6 +167,7 @@ RULES: dict[str, Callable] = {
     "device_sampling": Flag(optional=True),
     "cuda_graphs": Flag(optional=True),
     "spinning": Flag(),
+    "signed_int8": Flag(),
     "truncate": Choice((None, "left")),
     "provider": Choice(("auto", "cuda", "cpu")),
 }

@@ -59,6 +59,7 @@ class SessionConfig:
     cuda_graphs: bool | None = None  # fixed decode shapes, captured (shared cache only); None: on the GPU
     max_queue: int = 64  # submitted requests waiting for a slot (Engine.submit); more are refused
     spinning: bool = True  # onnxruntime's idle threads spin; off when a draft model takes turns on the cores
+    signed_int8: bool = True  # int8 weights as s8 where that is exact and faster (signed_int8.py); False: u8
 
     def __post_init__(self) -> None:
         """Every setting through the input gate (InputError names it), before any folder is read."""
@@ -82,7 +83,8 @@ class Session:
         model = folder / manifest.model_file
         # int8 weights multiplied as s8 where that is exact and faster (VNNI; signed_int8.py)
         self.signed_int8 = (
-            device == "cpu"
+            config.signed_int8
+            and device == "cpu"
             and manifest.dtype == "int8"
             and manifest.int8_kernel == "rows"
             and signed_is_exact()

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gpt2onnx.engine.session as session_module
 from conftest import export_folder
 from gpt2onnx.engine.engine import Engine
+from gpt2onnx.engine.session import SessionConfig
 from gpt2onnx.engine.signed_int8 import signed_is_exact
 
 VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # vpdpbusd: u8 x s8 summed in 32 bits
@@ -48,13 +48,12 @@ def int8_external(varied_hf_folder, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("model", ["tiny_int8_shared", "varied_int8_shared", "int8_external"])
-def test_signed_weights_give_the_same_bits_as_unsigned(model, request, monkeypatch):
+def test_signed_weights_give_the_same_bits_as_unsigned(model, request):
     folder = request.getfixturevalue(model)
     digest = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
     signed = Engine.load(folder, provider="cpu")
     assert signed.session.signed_int8 == signed_is_exact()
-    monkeypatch.setattr(session_module, "signed_is_exact", lambda: False)
-    unsigned = Engine.load(folder, provider="cpu")
+    unsigned = Engine(folder, SessionConfig(provider="cpu", signed_int8=False))
     assert not unsigned.session.signed_int8
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, signed.vocab_size, int(n)).tolist() for n in (3, 9, 17)]
