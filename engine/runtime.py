@@ -14,6 +14,7 @@ import ctypes
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf, NoSuchFile
 
@@ -102,10 +103,11 @@ def create_session(
     strict: bool = False,
     spinning: bool = True,
     external_data: Path | None = None,
+    memory_files: dict[str, np.ndarray] | None = None,
 ) -> tuple[ort.InferenceSession, bool]:
     """An onnxruntime session of `model` (a model file, or a serialized model such as the sampling
-    graph; `external_data`: the model file whose folder holds its external data) on a resolved
-    `device`. cuda_graphs asks the CUDA provider to capture runs as CUDA graphs.
+    graph; `external_data`: the model file whose folder holds its external data; `memory_files`:
+    external data files held in memory, by the name the graph uses) on a resolved `device`. cuda_graphs asks the CUDA provider to capture runs as CUDA graphs.
     Returns (session, whether graphs are on); `device_of(session)` says where it really runs. A CUDA
     session that fell back to the CPU raises ProviderError when `strict` (the GPU was asked for by
     name) and is logged otherwise."""
@@ -128,6 +130,9 @@ def create_session(
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(external_data.parent)
         )
+    if memory_files:
+        names, buffers = list(memory_files), list(memory_files.values())
+        options.add_external_initializers_from_files_in_memory(names, buffers, [b.nbytes for b in buffers])
     try:
         # enable_fallback=0: onnxruntime's Python session would otherwise answer a provider failure
         # (at creation, or in any later run) by printing "EP Error" banners to stdout and switching
@@ -141,9 +146,9 @@ def create_session(
         if device == "cuda" and cuda_graphs:
             # Capture needs every compute node on the CUDA provider; run without graphs rather than fail.
             log.warning("CUDA graphs are off: onnxruntime cannot capture this graph (%s)", first_line(e))
-            return create_session(model, device, threads, strict=strict, external_data=external_data)[
-                0
-            ], False
+            again = create_session(model, device, threads, strict=strict, external_data=external_data,
+                                   memory_files=memory_files)  # fmt: skip
+            return again[0], False
         if device == "cuda":
             raise ProviderError(
                 f"the CUDA execution provider could not run {what} ({first_line(e)}); "

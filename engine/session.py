@@ -89,9 +89,10 @@ class Session:
             and manifest.int8_kernel == "rows"
             and signed_is_exact()
         )
-        source = signed_graph(model) if self.signed_int8 else model
+        source, files = signed_graph(model) if self.signed_int8 else (model, {})
         self.ort_session, decode_captured = create_session(source, device, config.threads, fixed, strict,
-                                                           config.spinning, external_data=model)  # fmt: skip
+                                                           config.spinning, model, files)  # fmt: skip
+        del files  # onnxruntime copied them
         self.device = device_of(self.ort_session)
         outputs = self.ort_session.get_outputs()
         check_graph(self.ort_session.get_inputs(), outputs, manifest, model)

@@ -9,10 +9,10 @@ products and every output are the same, bit for bit.
 
 So at load, where `signed_is_exact` finds u8 x s8 equal to u8 x u8 on this CPU (a probe of
 full-range values that overflows the 16-bit path), the session runs `signed_graph`: each
-MatMulIntegerToFloat's weight goes through Cast, Sub 128 and Cast to int8, which onnxruntime
-folds into s8 initializers when it loads the graph (the file is not touched), and its zero point
-becomes 0. The token embedding keeps gathering the u8 bytes, so the tied head is held twice (u8
-for the Gather, s8 for the product: 39 MB more at the 124M shape).
+MatMulIntegerToFloat reads an s8 twin of its weight (the bytes XOR 0x80, made here and handed to
+onnxruntime as an in-memory file; the model folder is not touched) with zero point 0. The token
+embedding keeps gathering the u8 bytes, so the tied head is held twice (u8 for the Gather, s8 for
+the product: 39 MB more at the 124M shape).
 """
 
 from __future__ import annotations
@@ -31,35 +31,51 @@ from .device_sampling import IR_VERSION
 log = logging.getLogger(__name__)
 
 S8_ZERO = "rows_s8_zero_point"
+SIGNED_FILE = "signed-int8.in-memory"  # the name the graph's s8 weights point into (never on disk)
+ALIGN = 64  # bytes between the twins' starts
 PROBE_K = 512  # long enough for saturated 16-bit pair sums to show on a CPU without VNNI
 
 
-def signed_graph(model: Path) -> bytes:
-    """The graph of `model` (an int8 "rows" export; its external data stays where it is) with
-    every MatMulIntegerToFloat's u8 weight turned s8 by nodes that load-time folding removes."""
+def signed_graph(model: Path) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The graph of `model` (an int8 "rows" export) with every MatMulIntegerToFloat's u8 weight
+    replaced by its s8 twin, and the twins' bytes: one in-memory file (SIGNED_FILE) that the
+    graph's external data points into, for the session to copy at creation. The u8 weights stay
+    where they are; only the tied head's is still read (by the token embedding's Gather)."""
     proto = onnx.load(str(model), load_external_data=False)
     graph = proto.graph
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array(0, np.int8), S8_ZERO),
-        numpy_helper.from_array(np.array(128, np.int32), f"{S8_ZERO}_128"),
-    ])  # fmt: skip
-    nodes, signed = [], {}
+    inits = {t.name: t for t in graph.initializer}
+    graph.initializer.append(numpy_helper.from_array(np.array(0, np.int8), S8_ZERO))
+    chunks, offset, signed = [], 0, {}
     for node in graph.node:
-        if node.op_type == "MatMulIntegerToFloat":
-            weight = node.input[1]
-            if weight not in signed:
-                signed[weight] = f"{weight}_s8"
-                p, make = f"{weight}/signed", helper.make_node
-                nodes += [
-                    make("Cast", [weight], [f"{p}_i32"], name=f"{p}/Cast", to=TensorProto.INT32),
-                    make("Sub", [f"{p}_i32", f"{S8_ZERO}_128"], [f"{p}_centred"], name=f"{p}/Sub"),
-                    make("Cast", [f"{p}_centred"], [signed[weight]], name=f"{p}/CastS8", to=TensorProto.INT8),
-                ]
-            node.input[1], node.input[5] = signed[weight], S8_ZERO
-        nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return proto.SerializeToString()
+        if node.op_type != "MatMulIntegerToFloat":
+            continue
+        weight = node.input[1]
+        if weight not in signed:
+            u8 = numpy_helper.to_array(inits[weight], base_dir=str(model.parent))
+            s8 = (u8 ^ np.uint8(0x80)).view(np.int8)  # u8 - 128, the same integers with zero point 0
+            twin = onnx.TensorProto(name=f"{weight}_s8", data_type=TensorProto.INT8, dims=u8.shape)
+            twin.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", SIGNED_FILE), ("offset", offset), ("length", s8.nbytes)):
+                twin.external_data.add(key=key, value=str(value))
+            graph.initializer.append(twin)
+            chunks.append(s8.reshape(-1))
+            pad = -(offset + s8.nbytes) % ALIGN
+            chunks.append(np.zeros(pad, np.int8))
+            offset += s8.nbytes + pad
+            signed[weight] = twin.name
+        node.input[1], node.input[5] = signed[weight], S8_ZERO
+    used = {name for n in graph.node for name in n.input}
+    for weight in signed:
+        if weight not in used:  # read by no one now: onnxruntime need not load it
+            graph.initializer.remove(inits[weight])
+    files = {SIGNED_FILE: np.concatenate(chunks) if chunks else np.zeros(0, np.int8)}
+    # onnxruntime takes every external file from memory once one is: the model's own, mapped
+    for t in graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            name = next(e.value for e in t.external_data if e.key == "location")
+            if name not in files:
+                files[name] = np.memmap(model.parent / name, dtype=np.uint8, mode="r")
+    return proto.SerializeToString(), files
 
 
 @functools.cache
