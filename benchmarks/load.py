@@ -59,20 +59,30 @@ async def stream_one(client, model: str, job: Job, sent: float, clock) -> Done:
     body = {"model": model, "prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True}  # fmt: skip
     done, finished = Done(sent, None, [], 0), None
-    try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                done.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return done
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                choice = (json.loads(line[6:]).get("choices") or [{}])[0]
-                if choice and (choice.get("finish_reason") is None or choice.get("text")):
-                    done.times.append(clock())  # a chunk per token (the last may carry the finish)
-                finished = finished or choice.get("finish_reason")
-    except httpx.HTTPError as e:
-        done.error = f"{type(e).__name__}: {e}"
+    for attempt in (1, 2):
+        responded = False
+        try:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                responded = True
+                if response.status_code != 200:
+                    done.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                    return done
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+                    if choice and (choice.get("finish_reason") is None or choice.get("text")):
+                        done.times.append(clock())  # a chunk per token (the last may carry the finish)
+                    finished = finished or choice.get("finish_reason")
+        except httpx.RemoteProtocolError as e:
+            if attempt == 1 and not responded:
+                # a kept-alive connection the server had closed as the request went out (llama.cpp's
+                # llama-server, a few times in 48): sent again on a fresh one, its time still counted
+                continue
+            done.error = f"{type(e).__name__}: {e}"
+        except httpx.HTTPError as e:
+            done.error = f"{type(e).__name__}: {e}"
+        break
     # A server may hold back a token that ends inside a UTF-8 character and send it with the next
     # (llama.cpp): chunks can be fewer than tokens. EOS is ignored, so "length" means all of them.
     done.tokens = job.max_tokens if finished == "length" else len(done.times)
