@@ -38,37 +38,36 @@ PROBE_K = 512  # long enough for saturated 16-bit pair sums to show on a CPU wit
 
 def signed_graph(model: Path) -> tuple[bytes, dict[str, np.ndarray]]:
     """The graph of `model` (an int8 "rows" export) with every MatMulIntegerToFloat's u8 weight
-    replaced by its s8 twin, and the twins' bytes: one in-memory file (SIGNED_FILE) that the
-    graph's external data points into, for the session to copy at creation. The u8 weights stay
-    where they are; only the tied head's is still read (by the token embedding's Gather)."""
+    replaced by its s8 twin, and the files its external data is in: the twins' bytes, one buffer
+    (SIGNED_FILE), and the model's own data file, mapped; the session copies them at creation.
+    Of the u8 weights only the tied head's is still read (by the token embedding's Gather)."""
     proto = onnx.load(str(model), load_external_data=False)
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     graph.initializer.append(numpy_helper.from_array(np.array(0, np.int8), S8_ZERO))
-    chunks, offset, signed = [], 0, {}
+    weights = list(dict.fromkeys(n.input[1] for n in graph.node if n.op_type == "MatMulIntegerToFloat"))
+    offsets, total = {}, 0
+    for weight in weights:
+        offsets[weight] = total
+        total += -(-int(np.prod(inits[weight].dims)) // ALIGN) * ALIGN
+    signed = np.empty(total, np.uint8)  # the twins, one after another: the in-memory file
+    for weight in weights:
+        u8 = numpy_helper.to_array(inits[weight], base_dir=str(model.parent))
+        at = offsets[weight]
+        np.bitwise_xor(u8.reshape(-1), np.uint8(0x80), out=signed[at : at + u8.size])  # u8 - 128 as s8
+        twin = onnx.TensorProto(name=f"{weight}_s8", data_type=TensorProto.INT8, dims=u8.shape)
+        twin.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", SIGNED_FILE), ("offset", at), ("length", u8.size)):
+            twin.external_data.add(key=key, value=str(value))
+        graph.initializer.append(twin)
     for node in graph.node:
-        if node.op_type != "MatMulIntegerToFloat":
-            continue
-        weight = node.input[1]
-        if weight not in signed:
-            u8 = numpy_helper.to_array(inits[weight], base_dir=str(model.parent))
-            s8 = (u8 ^ np.uint8(0x80)).view(np.int8)  # u8 - 128, the same integers with zero point 0
-            twin = onnx.TensorProto(name=f"{weight}_s8", data_type=TensorProto.INT8, dims=u8.shape)
-            twin.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", SIGNED_FILE), ("offset", offset), ("length", s8.nbytes)):
-                twin.external_data.add(key=key, value=str(value))
-            graph.initializer.append(twin)
-            chunks.append(s8.reshape(-1))
-            pad = -(offset + s8.nbytes) % ALIGN
-            chunks.append(np.zeros(pad, np.int8))
-            offset += s8.nbytes + pad
-            signed[weight] = twin.name
-        node.input[1], node.input[5] = signed[weight], S8_ZERO
+        if node.op_type == "MatMulIntegerToFloat":
+            node.input[1], node.input[5] = f"{node.input[1]}_s8", S8_ZERO
     used = {name for n in graph.node for name in n.input}
-    for weight in signed:
+    for weight in weights:
         if weight not in used:  # read by no one now: onnxruntime need not load it
             graph.initializer.remove(inits[weight])
-    files = {SIGNED_FILE: np.concatenate(chunks) if chunks else np.zeros(0, np.int8)}
+    files = {SIGNED_FILE: signed}
     # onnxruntime takes every external file from memory once one is: the model's own, mapped
     for t in graph.initializer:
         if t.data_location == TensorProto.EXTERNAL:
