@@ -12,7 +12,7 @@ full-range values that overflows the 16-bit path), the session runs `signed_grap
 MatMulIntegerToFloat reads an s8 twin of its weight (the bytes XOR 0x80, made here and handed to
 onnxruntime as an in-memory file; the model folder is not touched) with zero point 0. The token
 embedding keeps gathering the u8 bytes, so the tied head is held twice (u8 for the Gather, s8 for
-the product: 39 MB more at the 124M shape).
+the product: 27 MB more at the 124M shape).
 """
 
 from __future__ import annotations
