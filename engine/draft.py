@@ -10,11 +10,11 @@ token's id and text, BOS and EOS) and hold the engine's context.
 
 Whether it pays. A step proposing k tokens costs k draft runs and one verification over k + 1
 positions, and makes 1 to k + 1 tokens. On this project's 2-core CPU the pairs we can measure
-do not pay reliably: the trained fixtures (a draft run 32-44% of the target's) 0.75-0.85x, the
-target's own int4 export as draft (22-28%) 0.85-1.25x from run to run, with 80-99% kept.
-A draft about a fifth of the target's cost or less (a large target, a small draft) is what
-pays, so `step_cost` is measured at load and the engine makes the draft every call's default
-only at or below DRAFT_PAYS; any call can still ask for it (draft_tokens).
+do not pay reliably (docs/engine.md, "A draft model": 0.61-1.39x for drafts whose run costs
+27-49% of the target's, 80-96% kept). A draft about a fifth of the target's cost or less (a
+large target, a small draft) is what pays, so `step_cost` is measured at load and the engine
+makes the draft every greedy call's default only at or below DRAFT_PAYS; any call can still
+ask for it (draft_tokens).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 from .clock import Clock
 from .contract import ModelFolderError
 from .model_folder import read_manifest
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, sample_from
 from .session import Session, SessionConfig
 from .speculation import target_probs
 
@@ -96,7 +96,7 @@ class Draft:
             else:
                 q = target_probs(logits[-1:], sampling)[0]
                 qs.append(q)
-                token = int(min(np.searchsorted(np.cumsum(q), rng.random(), side="right"), len(q) - 1))
+                token = int(sample_from(q[None], [rng])[0])
             drafts.append(token)
             feed = [token]
         return drafts, (np.stack(qs) if qs else None)

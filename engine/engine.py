@@ -31,7 +31,7 @@ from .requests import Request, RequestHandle
 from .sampling import SamplingConfig
 from .scheduler import Scheduler
 from .session import Session, SessionConfig
-from .speculation import MAX_PROMPT_LOOKUP
+from .speculation import DRAFTS_A_STEP
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -328,20 +328,15 @@ class Engine:
         prompt_lookup (None: the engine's default, Engine.load's prompt_lookup) and draft_tokens
         (None: the engine's default, DRAFT_TOKENS when its draft pays). A default applies only where the call
         allows speculation (else it runs plainly); a value asked for where it cannot is refused."""
-        cfg = options.sampling
-        plain = beams is not None
+        beam = beams is not None
         if prompt_lookup is None:
-            prompt_lookup = self.prompt_lookup if not plain and draft_tokens in (None, 0) else 0
-        n = inputs.Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")(
-            "prompt_lookup", prompt_lookup
-        )
+            prompt_lookup = self.prompt_lookup if not beam and draft_tokens in (None, 0) else 0
+        n = DRAFTS_A_STEP("prompt_lookup", prompt_lookup)
         # the engine's draft by default for greedy calls that allow one (else plainly): the default is
         # measured (draft.py), and a seeded sampled call must draw the same tokens on every load
         if draft_tokens is None:
-            draft_tokens = self.draft_tokens if not (plain or n) and cfg.greedy else 0
-        k = inputs.Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")(
-            "draft_tokens", draft_tokens
-        )
+            draft_tokens = self.draft_tokens if not (beam or n) and options.sampling.greedy else 0
+        k = DRAFTS_A_STEP("draft_tokens", draft_tokens)
         if k and self.draft is None:
             raise InputError(
                 "draft_tokens needs a draft model: Engine.load(..., draft=DIR)", param="draft_tokens"
@@ -351,7 +346,7 @@ class Engine:
         if not (n or k):
             return {}
         name = "prompt_lookup" if n else "draft_tokens"
-        if beams is not None:
+        if beam:
             raise InputError(f"{name} does not work with beam search; drop one of them", param=name)
         self._needs_rows_on_host(name, name)
         return {"prompt_lookup": n, "draft_tokens": k}

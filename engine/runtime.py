@@ -107,7 +107,8 @@ def create_session(
 ) -> tuple[ort.InferenceSession, bool]:
     """An onnxruntime session of `model` (a model file, or a serialized model such as the sampling
     graph; `external_data`: the model file whose folder holds its external data; `memory_files`:
-    external data files held in memory, by the name the graph uses) on a resolved `device`. cuda_graphs asks the CUDA provider to capture runs as CUDA graphs.
+    external data files held in memory, by the name the graph uses) on a resolved `device`.
+    cuda_graphs asks the CUDA provider to capture runs as CUDA graphs.
     Returns (session, whether graphs are on); `device_of(session)` says where it really runs. A CUDA
     session that fell back to the CPU raises ProviderError when `strict` (the GPU was asked for by
     name) and is logged otherwise."""

@@ -401,8 +401,9 @@ class Scheduler:
         if not live:
             return
         drafts = {r: self._drafts(r, s) for r, s in live if s.lookup is not None}
-        speculating = [(r, s) for r, s in live if drafts.get(r, ([],))[0]]
-        live = [(r, s) for r, s in live if not drafts.get(r, ([],))[0]]
+        drafts = {r: d for r, d in drafts.items() if d[0]}  # the rows that speculate this step
+        speculating = [(r, s) for r, s in live if r in drafts]
+        live = [(r, s) for r, s in live if r not in drafts]
         if live:
             with self.session.sampling.aside([r for r, _ in speculating if r < live[-1][0]]):
                 self._decode_rows(live)

@@ -24,17 +24,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .inputs import Count
 from .sampling import (
     SamplingConfig,
     apply_logit_bias,
     apply_presence_frequency,
     apply_repetition_penalty,
     distributions,
+    sample_from,
 )
 
 MAX_NGRAM, MIN_NGRAM = 3, 2  # the n-grams looked up, longest first (single tokens repeat too often to pay)
 MAX_BACKOFF = 16  # steps a slot skips the lookup after proposals that were all rejected, at most
 MAX_PROMPT_LOOKUP = 64  # tokens one verification may propose
+# prompt_lookup and draft_tokens (and --prompt-lookup) through the input gate
+DRAFTS_A_STEP = Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")
 
 
 def lookup(history: np.ndarray, most: int) -> list[int]:
@@ -149,12 +153,7 @@ def accept_sampled(drafts: list[int], probs: np.ndarray, rng: np.random.Generato
             residual[d] = 0.0
         else:
             residual = np.maximum(probs[i] - draft_probs[i], 0.0)
-        out.append(_draw(residual, rng))
+        out.append(int(sample_from(residual[None], [rng])[0]))
         return out
-    out.append(_draw(probs[len(drafts)], rng))
+    out.append(int(sample_from(probs[None, len(drafts)], [rng])[0]))
     return out
-
-
-def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
-    cdf = np.cumsum(probs)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))

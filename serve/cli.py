@@ -22,7 +22,7 @@ from gpt2onnx.engine.engine import Engine
 from gpt2onnx.engine.extras import needs_extra
 from gpt2onnx.engine.model_folder import read_manifest
 from gpt2onnx.engine.runtime import resolve_device
-from gpt2onnx.engine.speculation import MAX_PROMPT_LOOKUP
+from gpt2onnx.engine.speculation import DRAFTS_A_STEP
 from gpt2onnx.export.cli import HelpFormatter
 from gpt2onnx.export.model_source import resolve_model
 
@@ -121,9 +121,7 @@ def check_flags(args: argparse.Namespace) -> None:
         inputs.Count(1, 1 << 20, "an integer from 1 to 1048576", optional=True)(
             "--max-connections", args.max_connections
         )
-        inputs.Count(0, MAX_PROMPT_LOOKUP, f"an integer from 0 (off) to {MAX_PROMPT_LOOKUP}")(
-            "--prompt-lookup", args.prompt_lookup
-        )
+        DRAFTS_A_STEP("--prompt-lookup", args.prompt_lookup)
         if args.ray:
             args.scaling = scaling(args)
             inputs.Real(0.01, 1024.0, "a number of CPUs from 0.01 to 1024")(
