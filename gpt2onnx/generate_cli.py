@@ -17,6 +17,7 @@ import sys
 from gpt2onnx.engine import inputs
 from gpt2onnx.engine.contract import DTYPES, KV_CACHES, InputError, UsageError
 from gpt2onnx.engine.engine import Engine
+from gpt2onnx.engine.speculation import DRAFTS_A_STEP
 from gpt2onnx.export.model_source import resolve_model
 
 log = logging.getLogger("gpt2onnx")
@@ -223,6 +224,7 @@ def check_generate_flags(args: argparse.Namespace) -> None:
             setattr(args, name, inputs.check(name, getattr(args, name), "--" + name.replace("_", "-")))
         args.logit_bias = inputs.logit_bias(dict(args.logit_bias), label="--logit-bias")
         args.stop = inputs.stop_strings(args.stop, label="--stop")
+        DRAFTS_A_STEP("--prompt-lookup", args.prompt_lookup)
     except InputError as e:
         raise UsageError(f"{e}; see gpt2-onnx generate --help") from None
     beams = args.num_beams
@@ -235,10 +237,6 @@ def check_generate_flags(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--num-return-sequences must be from 1 to --num-beams ({beams}), got {args.num_return_sequences}; "
             "see gpt2-onnx generate --help"
-        )
-    if not 0 <= args.prompt_lookup <= 64:
-        raise UsageError(
-            f"--prompt-lookup must be from 0 (off) to 64, got {args.prompt_lookup}; see gpt2-onnx generate --help"
         )
     if args.num_speculative_tokens is not None and not args.draft_model:
         raise UsageError("--num-speculative-tokens needs --draft-model DIR; see gpt2-onnx generate --help")
